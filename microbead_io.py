@@ -1,0 +1,699 @@
+"""Image I/O and preprocessing shared by every microbead script.
+
+Every script (generate, analyze, train, predict, evaluate) reads and writes images only
+through this module, so the form an image takes on its way into a network is identical by
+construction. The old pipeline mixed BGR and RGB, resized masks bicubically and normalised
+differently at predict time; each of those traps has one function here and a test by name.
+
+Conventions
+-----------
+* Images are ``float32`` arrays of shape ``(H, W, C)``; ``C`` is the configured channel count
+  (default 1 = luminance, ITU-R BT.601 weights). Channel order is always RGB.
+  :func:`read_image` keeps the file's value range; :func:`normalize_image` maps to ``[0, 1]``.
+* Masks are ``uint8`` arrays of shape ``(H, W)`` with values ``{0, 1}``.
+* Label images are integer arrays ``(H, W)``: 0 background, 1..N instances.
+
+Nothing here imports TensorFlow.
+
+Example
+-------
+>>> pairs = pair_files("dataset_microscope/images", "dataset_microscope/masks")  # doctest: +SKIP
+>>> img = normalize_image(read_image(pairs.pairs[0][0]))                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+log = logging.getLogger("microbead.io")
+
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+MASK_SUFFIXES = ("_mask", "-mask", "_masks", "-masks", "_label", "_labels")
+# Default percentile normalisation: robust to hot pixels and to 8- vs 16-bit storage.
+DEFAULT_NORMALIZATION = {"method": "percentile", "low": 1.0, "high": 99.8}
+_DILUTION_RE = re.compile(r"(?:^|[_\-])(\d+)x(?=[_\-])", re.IGNORECASE)
+
+cv2.setNumThreads(max(1, (os.cpu_count() or 1)))
+
+
+class ImageReadError(Exception):
+    """A file could not be read as an image; ``str(err)`` is one line naming the file."""
+
+
+class PairingError(Exception):
+    """Images and masks do not pair up; the message names every unpaired file."""
+
+
+class SizeMismatchError(Exception):
+    """An image and its mask differ in size; the message names both files."""
+
+
+# --------------------------------------------------------------------------- listing / pairing
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for a regular, non-hidden file with a supported image extension."""
+    p = Path(path)
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(directory: str | os.PathLike) -> list[Path]:
+    """Sorted image files directly inside ``directory`` (not recursive).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``directory`` does not exist (the message names it).
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: folder not found")
+    return sorted(p for p in d.iterdir() if is_image_file(p))
+
+
+def stem_key(path: str | os.PathLike) -> str:
+    """Pairing key of a file: its stem without a trailing mask suffix (``_mask``, ``-mask`` ...).
+
+    ``a_mask.png``, ``a-mask.tif`` and ``a.tif`` all give ``"a"``.
+    """
+    stem = Path(path).stem
+    low = stem.lower()
+    for suffix in MASK_SUFFIXES:
+        if low.endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+@dataclass
+class Pairing:
+    """Result of :func:`pair_files`.
+
+    Attributes
+    ----------
+    pairs : list of (Path, Path)
+        ``(image, mask)`` sorted by key.
+    unpaired_images, unpaired_masks : list of Path
+        Files with no partner; never silently dropped.
+    duplicates : list of str
+        Keys that matched more than one file in one folder (e.g. ``a.png`` and ``a.tif``).
+    """
+
+    pairs: list[tuple[Path, Path]] = field(default_factory=list)
+    unpaired_images: list[Path] = field(default_factory=list)
+    unpaired_masks: list[Path] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unpaired_images or self.unpaired_masks or self.duplicates)
+
+    def problems(self) -> list[str]:
+        """One human-readable line per problem, naming the file."""
+        out = [f"{p}: image has no mask" for p in self.unpaired_images]
+        out += [f"{p}: mask has no image" for p in self.unpaired_masks]
+        out += [f"{k}: more than one file with this stem in one folder" for k in self.duplicates]
+        return out
+
+
+def _index_by_key(files: list[Path]) -> tuple[dict[str, Path], list[str]]:
+    index: dict[str, Path] = {}
+    dups: list[str] = []
+    for f in files:
+        k = stem_key(f)
+        if k in index:
+            dups.append(k)
+        else:
+            index[k] = f
+    return index, dups
+
+
+def pair_files(
+    image_dir: str | os.PathLike, mask_dir: str | os.PathLike, *, strict: bool = False
+) -> Pairing:
+    """Pair images with masks by :func:`stem_key`, tolerating suffixes and extensions.
+
+    Parameters
+    ----------
+    image_dir, mask_dir : path
+        Folders of images and masks.
+    strict : bool
+        If True, raise :class:`PairingError` when anything is unpaired or duplicated.
+        Otherwise unpaired files are returned (and logged) so the caller skips them
+        explicitly; pairs are never shifted.
+    """
+    images, dup_i = _index_by_key(list_images(image_dir))
+    masks, dup_m = _index_by_key(list_images(mask_dir))
+    result = Pairing(
+        pairs=[(images[k], masks[k]) for k in sorted(images.keys() & masks.keys())],
+        unpaired_images=[images[k] for k in sorted(images.keys() - masks.keys())],
+        unpaired_masks=[masks[k] for k in sorted(masks.keys() - images.keys())],
+        duplicates=sorted(set(dup_i + dup_m)),
+    )
+    for line in result.problems():
+        log.warning(line)
+    if strict and not result.ok:
+        raise PairingError("; ".join(result.problems()))
+    return result
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    """Pixel array as stored (uint8/uint16/float), ``(H, W)`` or ``(H, W, C)`` RGB(A) order."""
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ImageReadError(f"{path}: unsupported extension (use {', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            arr = tifffile.imread(path)
+            # Multi-page / z-stacks: take the first plane, say so.
+            if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4):
+                log.warning("%s: %d pages, using the first", path, arr.shape[0])
+                arr = arr[0]
+            elif arr.ndim > 3:
+                raise ImageReadError(f"{path}: unsupported TIFF shape {arr.shape}")
+        else:
+            arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if arr is None:
+                raise ImageReadError(f"{path}: not a readable image (corrupt or wrong format)")
+            if arr.ndim == 3:
+                # OpenCV decodes to BGR(A); the project is RGB everywhere.
+                code = cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB
+                arr = cv2.cvtColor(arr, code)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # tifffile/cv2 raise many types on corrupt data
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageReadError(f"{path}: not a readable image ({msg})") from None
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ImageReadError(f"{path}: unsupported image shape {arr.shape}")
+    return arr
+
+
+def to_channels(arr: np.ndarray, channels: int = 1) -> np.ndarray:
+    """Convert a ``(H, W)`` or ``(H, W, 3|4)`` RGB(A) array to float32 ``(H, W, channels)``.
+
+    Alpha is dropped. ``channels=1`` gives luminance (0.299 R + 0.587 G + 0.114 B);
+    ``channels=3`` replicates a grayscale image. Value range is unchanged.
+    """
+    a = np.asarray(arr, dtype=np.float32)
+    if a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]
+    if channels == 1:
+        if a.ndim == 3:
+            a = a @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return a[..., None]
+    if channels == 3:
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=-1)
+        return np.ascontiguousarray(a)
+    raise ValueError(f"channels must be 1 or 3, got {channels}")
+
+
+def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
+    """Read an image file as float32 ``(H, W, channels)`` in its stored value range.
+
+    8- and 16-bit, grayscale, RGB and RGBA are accepted (.tif/.tiff/.png/.jpg/.jpeg/.bmp).
+    Use :func:`normalize_image` to map to ``[0, 1]``.
+
+    Raises
+    ------
+    ImageReadError
+        One-line message naming the file, for missing, corrupt or unsupported files.
+    """
+    return to_channels(_read_raw(Path(path)), channels)
+
+
+def binarize_mask(raw: np.ndarray) -> np.ndarray:
+    """Binarize a mask at half its maximum: ``uint8 (H, W)`` in ``{0, 1}``.
+
+    Accepts {0,1}, {0,255}, {0,65535}, anti-aliased grayscale and 3/4-channel masks (any
+    channel set counts). An all-zero mask stays all-zero.
+    """
+    a = np.asarray(raw)
+    if a.ndim == 3:
+        a = a[..., :3].max(axis=-1) if a.shape[-1] in (3, 4) else a[..., 0]
+    a = a.astype(np.float32)
+    top = float(a.max()) if a.size else 0.0
+    if top <= 0:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return (a >= top / 2.0).astype(np.uint8)
+
+
+def mask_levels(raw: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a raw mask (all channels)."""
+    return np.unique(np.asarray(raw))
+
+
+def read_mask(path: str | os.PathLike, *, warn: bool = True) -> np.ndarray:
+    """Read and binarize a mask file: ``uint8 (H, W)`` in ``{0, 1}``.
+
+    Warns (naming the file) when the file holds more than two levels, e.g. an anti-aliased
+    or resampled mask, since that usually means it was resized with a smooth interpolator.
+    """
+    p = Path(path)
+    raw = _read_raw(p)
+    if warn:
+        levels = mask_levels(raw)
+        if levels.size > 2:
+            log.warning(
+                "%s: mask has %d grey levels (anti-aliased or resampled?); binarized at half max",
+                p, levels.size,
+            )
+    return binarize_mask(raw)
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def normalize_image(
+    image: np.ndarray, low: float = 1.0, high: float = 99.8, *, clip: bool = True
+) -> np.ndarray:
+    """Per-image percentile normalisation to ``[0, 1]`` (float32, same shape).
+
+    ``(x - p_low) / (p_high - p_low)``, percentiles over all pixels and channels. The result
+    does not depend on the storage bit depth (an 8-bit image and its 16-bit copy ``x * 257``
+    normalise identically) or on exposure gain. A constant image maps to all zeros (never
+    NaN). Prediction applies this once per whole frame, never per tile.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if x.size == 0:
+        return x.copy()
+    lo, hi = np.percentile(x, [low, high])
+    scale = float(hi - lo)
+    if scale <= 1e-12:
+        return np.zeros_like(x, dtype=np.float32)
+    out = (x - np.float32(lo)) / np.float32(scale)
+    if clip:
+        np.clip(out, 0.0, 1.0, out=out)
+    return out.astype(np.float32, copy=False)
+
+
+def apply_normalization(image: np.ndarray, spec: dict | None = None) -> np.ndarray:
+    """Normalise with a config dict ``{"method": "percentile", "low": .., "high": ..}``.
+
+    The trainer stores this dict in ``config.json``; the predictor passes it back here, so
+    both sides run exactly this function.
+    """
+    spec = dict(DEFAULT_NORMALIZATION if spec is None else spec)
+    method = spec.pop("method", "percentile")
+    if method != "percentile":
+        raise ValueError(f"unknown normalization method {method!r}")
+    unknown = set(spec) - {"low", "high"}
+    if unknown:
+        raise ValueError(f"unknown normalization keys {sorted(unknown)}")
+    return normalize_image(image, spec.get("low", 1.0), spec.get("high", 99.8))
+
+
+# --------------------------------------------------------------------------- resizing
+
+
+def _as_hw(size) -> tuple[int, int]:
+    if isinstance(size, int | np.integer):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def resize_image(image: np.ndarray, size) -> np.ndarray:
+    """Resize an image to ``size`` (int or ``(H, W)``) keeping its channel axis.
+
+    Area interpolation when shrinking (no aliasing), bilinear when enlarging. Returns float32
+    ``(H', W', C)`` (or ``(H', W')`` if the input had no channel axis).
+    """
+    h, w = _as_hw(size)
+    x = np.asarray(image, dtype=np.float32)
+    if x.shape[:2] == (h, w):
+        return x.copy()
+    shrink = h * w < x.shape[0] * x.shape[1]
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    out = cv2.resize(x, (w, h), interpolation=interp)
+    if x.ndim == 3 and out.ndim == 2:
+        out = out[..., None]
+    return out.astype(np.float32, copy=False)
+
+
+def resize_mask(mask: np.ndarray, size) -> np.ndarray:
+    """Resize a binary mask with nearest-neighbour and re-binarize: ``uint8 {0,1}`` ``(H', W')``.
+
+    Never uses a smooth interpolator, so the result stays two-level; when shrinking a lot,
+    nearest-neighbour still keeps bead shapes and the output is exactly binary.
+    """
+    h, w = _as_hw(size)
+    m = binarize_mask(mask)
+    if m.shape == (h, w):
+        return m
+    out = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+    return (out > 0).astype(np.uint8)
+
+
+def resize_labels(labels: np.ndarray, size) -> np.ndarray:
+    """Nearest-neighbour resize of an instance label image (ids preserved)."""
+    h, w = _as_hw(size)
+    lab = np.asarray(labels)
+    if lab.shape[:2] == (h, w):
+        return lab.copy()
+    return cv2.resize(lab.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST).astype(
+        lab.dtype
+    )
+
+
+def scaled_shape(shape, scale: float, multiple: int = 1) -> tuple[int, int]:
+    """``(H, W)`` multiplied by ``scale`` and rounded, at least ``multiple`` each."""
+    h, w = shape[:2]
+    return (
+        max(multiple, int(round(h * scale))),
+        max(multiple, int(round(w * scale))),
+    )
+
+
+# --------------------------------------------------------------------------- dataset loading
+
+
+@dataclass
+class LoadedPairs:
+    """Arrays ready for training, plus what happened on the way."""
+
+    images: np.ndarray  # float32 (N, H, W, C) in [0, 1]
+    masks: np.ndarray  # uint8 (N, H, W) in {0, 1}
+    files: list[str]  # image file names, same order
+    failures: list[str]  # one line per skipped pair, naming the file
+
+
+def load_pair(
+    image_path,
+    mask_path,
+    *,
+    image_size=None,
+    channels: int = 1,
+    normalization: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read, check and preprocess one image/mask pair.
+
+    The image is normalised at its stored resolution, then resized (area); the mask is
+    binarized, resized nearest-neighbour and re-binarized. Returns
+    ``(float32 (H, W, C), uint8 (H, W))``.
+
+    Raises
+    ------
+    ImageReadError, SizeMismatchError
+        Naming the file(s).
+    """
+    img = read_image(image_path, channels)
+    mask = read_mask(mask_path)
+    if img.shape[:2] != mask.shape[:2]:
+        raise SizeMismatchError(
+            f"{image_path} is {img.shape[1]}x{img.shape[0]} but its mask {mask_path} is "
+            f"{mask.shape[1]}x{mask.shape[0]}"
+        )
+    img = apply_normalization(img, normalization)
+    if image_size is not None:
+        img = resize_image(img, image_size)
+        mask = resize_mask(mask, image_size)
+    return img, mask
+
+
+def load_pairs(
+    pairs,
+    *,
+    image_size=None,
+    channels: int = 1,
+    normalization: dict | None = None,
+    progress: bool = False,
+) -> LoadedPairs:
+    """Load many pairs; bad ones are skipped and listed in ``failures`` (never shifted).
+
+    With ``image_size=None`` all images must already share one size.
+    """
+    imgs, masks, files, failures = [], [], [], []
+    it = pairs
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(pairs, desc="loading", unit="img")
+    for ip, mp in it:
+        try:
+            img, m = load_pair(
+                ip, mp, image_size=image_size, channels=channels, normalization=normalization
+            )
+        except (ImageReadError, SizeMismatchError) as exc:
+            failures.append(str(exc))
+            log.error("%s", exc)
+            continue
+        if imgs and img.shape != imgs[0].shape:
+            failures.append(
+                f"{ip}: size {img.shape[1]}x{img.shape[0]} differs from the first image "
+                f"{imgs[0].shape[1]}x{imgs[0].shape[0]}; pass image_size to resize"
+            )
+            log.error("%s", failures[-1])
+            continue
+        imgs.append(img)
+        masks.append(m)
+        files.append(Path(ip).name)
+    if not imgs:
+        c = channels
+        return LoadedPairs(
+            np.zeros((0, 0, 0, c), np.float32), np.zeros((0, 0, 0), np.uint8), [], failures
+        )
+    return LoadedPairs(np.stack(imgs), np.stack(masks), files, failures)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _atomic_write(path: Path, writer) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write uint8/uint16 ``(H, W)`` or RGB ``(H, W, 3)`` to .png/.tif/... (atomic)."""
+    p = Path(path)
+    arr = np.asarray(image)
+    if p.suffix.lower() in (".tif", ".tiff"):
+        _atomic_write(p, lambda t: tifffile.imwrite(t, arr, compression="zlib"))
+        return
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+
+    def _w(t):
+        if not cv2.imwrite(t, arr):
+            raise OSError(f"{p}: could not write image")
+
+    _atomic_write(p, _w)
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
+    """Write a binary mask as 8-bit 0/255 (PNG recommended)."""
+    write_image(path, (binarize_mask(mask) * 255).astype(np.uint8))
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Write an instance label image as a zlib-compressed uint16 (or uint32) TIFF."""
+    lab = np.asarray(labels)
+    dtype = np.uint16 if lab.size == 0 or lab.max() < 65536 else np.uint32
+    write_image(path, lab.astype(dtype))
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """Read an instance label image as int32 ``(H, W)``."""
+    raw = _read_raw(Path(path))
+    if raw.ndim == 3:
+        raise ImageReadError(f"{path}: label image must be single-channel, got shape {raw.shape}")
+    return raw.astype(np.int32)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Display helper: scale to [0, 1] if needed, convert to uint8 ``(H, W)`` or ``(H, W, 3)``."""
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.size and (x.min() < 0 or x.max() > 1):
+        x = normalize_image(x)
+    return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- file names
+
+
+def parse_dilution(name: str | os.PathLike) -> int | None:
+    """Dilution factor from a name like ``640x_2025-05-16_..._grid_r1_c1.tif`` -> 640.
+
+    Returns None when the name carries no ``NNNx_`` token.
+    """
+    m = _DILUTION_RE.search(Path(name).name)
+    return int(m.group(1)) if m else None
+
+
+def unique_path(path: str | os.PathLike) -> Path:
+    """``path`` if free, else ``path_2``, ``path_3`` ... (never overwrite a result)."""
+    p = Path(path)
+    if not p.exists():
+        return p
+    i = 2
+    while True:
+        cand = p.with_name(f"{p.stem}_{i}{p.suffix}")
+        if not cand.exists():
+            return cand
+        i += 1
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with >= ``overlap``.
+
+    The last tile is aligned to the end, so every pixel is covered and no tile leaves the
+    image (callers pad images smaller than one tile first).
+    """
+    if tile <= 0 or overlap < 0 or overlap >= tile:
+        raise ValueError(f"need 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    n = int(np.ceil((length - tile) / stride)) + 1
+    # Spread tiles evenly between 0 and length - tile (overlaps equal, >= requested).
+    return [int(round(i * (length - tile) / (n - 1))) for i in range(n)]
+
+
+def blend_window(tile: int, overlap: int) -> np.ndarray:
+    """2-D blending weight ``(tile, tile)`` float32: 1 in the centre, raised-cosine ramps of
+    width ``overlap`` at the borders, strictly positive everywhere.
+
+    Weighted averaging of overlapping tile probabilities with this window removes seams; the
+    threshold is applied once, after blending.
+    """
+    w = np.ones(tile, dtype=np.float64)
+    if overlap > 0:
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
+        w[:overlap] = ramp
+        w[tile - overlap :] = ramp[::-1]
+    w = np.maximum(w, 1e-3)
+    return np.outer(w, w).astype(np.float32)
+
+
+@dataclass
+class TilePlan:
+    """Where :func:`predict_tiled` puts its tiles for one image."""
+
+    tile_h: int
+    tile_w: int
+    pad_h: int  # rows of reflect padding added at the bottom
+    pad_w: int  # columns added at the right
+    ys: list[int]
+    xs: list[int]
+    overlap_h: int
+    overlap_w: int
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+
+def plan_tiles(shape, tile_size: int = 256, overlap: int = 32, pad_multiple: int = 16) -> TilePlan:
+    """Tile layout for an image of ``shape`` ``(H, W, ...)``.
+
+    A side shorter than ``tile_size`` gets one tile, padded up to the next multiple of
+    ``pad_multiple`` (the network's downsampling factor); longer sides get evenly spread
+    tiles overlapping by at least ``overlap``.
+    """
+    if tile_size % pad_multiple:
+        raise ValueError(f"tile_size {tile_size} must be a multiple of {pad_multiple}")
+    h, w = int(shape[0]), int(shape[1])
+
+    def side(n):
+        t = tile_size if n >= tile_size else int(np.ceil(n / pad_multiple) * pad_multiple)
+        ov = min(overlap, t - 1) if n > t else 0
+        return t, t - n if n < t else 0, tile_starts(max(n, t), t, ov), ov
+
+    th, ph, ys, ovh = side(h)
+    tw, pw, xs, ovw = side(w)
+    return TilePlan(th, tw, ph, pw, ys, xs, ovh, ovw)
+
+
+def predict_tiled(
+    image: np.ndarray,
+    predict_fn,
+    *,
+    tile_size: int = 256,
+    overlap: int = 32,
+    batch_size: int = 8,
+    pad_multiple: int = 16,
+    progress=None,
+) -> np.ndarray:
+    """Run ``predict_fn`` over overlapping tiles of a large image and blend the outputs.
+
+    Parameters
+    ----------
+    image : float32 ``(H, W, C)`` or ``(H, W)``
+        Already normalised (once, for the whole frame).
+    predict_fn : callable
+        ``(B, th, tw, C) float32 -> (B, th, tw) or (B, th, tw, 1)`` probabilities.
+    tile_size, overlap : int
+        Tile edge and minimum overlap in pixels (``tile_size`` must be a multiple of
+        ``pad_multiple``). Sides smaller than one tile are reflect-padded up to the next
+        multiple of ``pad_multiple`` and the padding is cropped off the result.
+    batch_size : int
+        Tiles per call; memory is bounded by this, not by the image size.
+    progress : callable or None
+        Called with the number of tiles done after each batch.
+
+    Returns
+    -------
+    float32 ``(H, W)`` probabilities, blended with :func:`blend_window` weights before any
+    threshold is applied.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[..., None]
+    h, w = x.shape[:2]
+    plan = plan_tiles(x.shape, tile_size, overlap, pad_multiple)
+    if plan.pad_h or plan.pad_w:
+        mode = "reflect" if (plan.pad_h < h and plan.pad_w < w) else "symmetric"
+        x = np.pad(x, ((0, plan.pad_h), (0, plan.pad_w), (0, 0)), mode=mode)
+    th, tw = plan.tile_h, plan.tile_w
+    window = blend_window(th, plan.overlap_h)[:, :1] * blend_window(tw, plan.overlap_w)[:1, :]
+    window = (window / window.max()).astype(np.float32)
+    acc = np.zeros(x.shape[:2], np.float32)
+    wsum = np.zeros(x.shape[:2], np.float32)
+    coords = [(y, xx) for y in plan.ys for xx in plan.xs]
+    for i in range(0, len(coords), batch_size):
+        chunk = coords[i : i + batch_size]
+        batch = np.stack([x[y : y + th, xx : xx + tw] for y, xx in chunk])
+        out = np.asarray(predict_fn(batch), dtype=np.float32)
+        if out.ndim == 4:
+            out = out[..., 0]
+        for (y, xx), p in zip(chunk, out):
+            acc[y : y + th, xx : xx + tw] += p * window
+            wsum[y : y + th, xx : xx + tw] += window
+        if progress is not None:
+            progress(len(chunk))
+    return (acc / np.maximum(wsum, 1e-12))[:h, :w]
+
+
+def suppress_tiff_warnings() -> None:
+    """Silence tifffile's chatty metadata warnings for odd vendor TIFFs."""
+    warnings.filterwarnings("ignore", module="tifffile")
