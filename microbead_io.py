@@ -481,6 +481,10 @@ def _atomic_write(path: Path, writer) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

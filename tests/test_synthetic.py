@@ -1,0 +1,360 @@
+"""Tests for make_synthetic_dataset.py: densities, exact masks, counts == labels, layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import make_synthetic_dataset as syn  # noqa: E402
+import microbead_io as mio  # noqa: E402
+
+EIGHT = np.ones((3, 3), bool)
+STEM_RE = re.compile(r"^(\d+)x_2025-05-16_\d\d-\d\d-\d\d_\d{3}_grid_r\d_c\d$")
+LARGE_RE = re.compile(r"^(\d+)x_2025-05-16_\d\d-\d\d-\d\d_\d{3}$")
+
+
+def read_counts(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def touching_ids(labels: np.ndarray) -> set[int]:
+    """Ids 8-adjacent to a different id (computed independently of the generator)."""
+    out: set[int] = set()
+    h, w = labels.shape
+    pad = np.pad(labels, 1)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == dx == 0:
+                continue
+            nb = pad[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+            hit = (labels > 0) & (nb > 0) & (nb != labels)
+            out.update(np.unique(labels[hit]).tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn") / "ds"
+    summary = syn.generate_dataset(out, n=14, size=128, seed=0, large=2, large_size=(512, 384))
+    return out, summary
+
+
+# --------------------------------------------------------------------------- densities
+
+
+def test_allocation_favours_dense_end_and_gives_users_mean():
+    alloc = syn.allocate_tiles(73)
+    assert sum(alloc) == 73 and len(alloc) == len(syn.DILUTIONS)
+    assert all(a >= b for a, b in zip(alloc, alloc[1:]))
+    assert min(alloc) >= 1
+    requested = [syn.expected_beads(d) for d in syn.DILUTIONS]
+    assert requested[0] == 270 and requested[-1] == pytest.approx(270 / 64)
+    mean = sum(a * e for a, e in zip(alloc, requested)) / 73
+    assert abs(mean - 109) / 109 < 0.05  # users' mean is 109 beads/tile
+    assert syn.expected_beads(10240, beads_at_160x=20) == 3  # floor of 3
+
+
+@pytest.mark.parametrize("beads_at_160x", [270.0, 135.0])
+def test_requested_density_comes_out(tmp_path, beads_at_160x):
+    # 42 tiles request ~4500 (270) or ~2300 (135) beads in total. The realised total is
+    # Poisson around that (sd = sqrt(total): 1.5 % / 2.1 %), so +-10 % is >= 4.7 sd and
+    # cannot fail by chance for this fixed seed; it fails if placement loses beads or the
+    # density formula drifts. Per dilution only groups asking >= 1000 beads are checked
+    # (sd <= 3.2 %, 10 % >= 3 sd); sparse groups are too noisy for a 10 % test.
+    summary = syn.generate_dataset(tmp_path / "d", n=42, size=64, seed=0,
+                                   beads_at_160x=beads_at_160x, log_file=False)
+    rows = read_counts(tmp_path / "d" / "counts.csv")
+    requested = np.array([float(r["requested_beads"]) for r in rows])
+    realised = np.array([int(r["n_beads"]) for r in rows])
+    assert requested.mean() == pytest.approx(summary["requested_mean_beads"])
+    assert abs(realised.mean() - requested.mean()) / requested.mean() < 0.10
+    dil = np.array([int(r["dilution"]) for r in rows])
+    for d in syn.DILUTIONS:
+        sel = dil == d
+        assert requested[sel] == pytest.approx(max(3.0, beads_at_160x * 160 / d))
+        if requested[sel].sum() >= 1000:
+            assert abs(realised[sel].sum() / requested[sel].sum() - 1) < 0.10
+    assert realised.min() >= 3
+
+
+def test_densest_tile_places_every_bead():
+    # Placement must not silently drop beads at 160x (270 beads, ~28 % cover).
+    rng = np.random.default_rng(0)
+    beads = syn.sample_beads(rng, (512, 512), 300)
+    assert len(beads) == 300
+    d = np.hypot(beads.y[:, None] - beads.y, beads.x[:, None] - beads.x)
+    rsum = beads.r[:, None] + beads.r
+    off = ~np.eye(len(beads), dtype=bool)
+    assert np.all(d[off] >= rsum[off] - syn.TOUCH_TOLERANCE - 1e-9)  # touch, never overlap
+    assert np.all((beads.y >= 0) & (beads.y < 512) & (beads.x >= 0) & (beads.x < 512))
+
+
+def test_default_positive_ratio_near_users(tmp_path):
+    # Users' tiles: ~11.5 % foreground at 109 beads/tile of ~69 px. Size 128 keeps this
+    # fast; the expected pixel count of a randomly placed disc equals its area at any scale.
+    summary = syn.generate_dataset(tmp_path / "d", size=128, seed=0, log_file=False)
+    assert summary["n"] == 73
+    assert 0.10 <= summary["mean_positive_ratio"] <= 0.13  # got 0.1144 (seed 0)
+    assert 100 <= summary["mean_beads"] <= 120
+    # Median single-bead area at 128 px: pi * (4.7 * 128 / 256) ** 2 = 17.3 px.
+    assert summary["median_bead_area_px"] == pytest.approx(math.pi * 2.35**2, rel=0.2)
+
+
+# --------------------------------------------------------------------------- files and truth
+
+
+def test_layout_and_names(small):
+    out, summary = small
+    rows = read_counts(out / "counts.csv")
+    assert len(rows) == 14
+    pairing = mio.pair_files(out / "images", out / "masks", strict=True)
+    assert len(pairing.pairs) == 14
+    loaded = mio.load_pairs(pairing.pairs)  # the trainer's loader reads PNGs and TIFFs alike
+    assert loaded.failures == [] and loaded.images.shape == (14, 128, 128, 1)
+    assert np.isfinite(loaded.images).all() and set(np.unique(loaded.masks)) == {0, 1}
+    stems = {r["stem"] for r in rows}
+    assert {p.stem for p in (out / "labels").iterdir()} == stems
+    assert {syn.DILUTIONS[0], syn.DILUTIONS[-1]} <= {int(r["dilution"]) for r in rows}
+    for r in rows:
+        m = STEM_RE.match(r["stem"])
+        assert m, r["stem"]
+        assert mio.parse_dilution(r["file"]) == int(r["dilution"]) == int(m.group(1))
+        assert int(r["dilution"]) in syn.DILUTIONS
+        assert r["file"].startswith(r["stem"] + ".")
+    assert summary["pixel_scale"] == 128 / 512
+    assert summary["bead_radius_px"] == pytest.approx(4.7 * 128 / 256)
+    assert json.loads((out / "dataset.json").read_text())["generator"] == syn.GENERATOR
+    assert (out / syn.LOG_NAME).is_file()
+
+
+def test_some_images_are_16bit_tiffs(small):
+    out, summary = small
+    tifs = sorted((out / "images").glob("*.tif"))
+    pngs = sorted((out / "images").glob("*.png"))
+    assert len(tifs) == summary["n_tiff16"] >= 14 // 5
+    assert len(tifs) + len(pngs) == 14
+    for t in tifs:
+        arr = tifffile.imread(t)
+        assert arr.dtype == np.uint16 and arr.shape == (128, 128)
+        assert arr.max() > 255  # uses the 16-bit range, not 8-bit values in a 16-bit file
+    arr = cv2.imread(str(pngs[0]), cv2.IMREAD_UNCHANGED)
+    assert arr.dtype == np.uint8 and arr.shape == (128, 128)
+
+
+def test_masks_exactly_0_255_and_labels_match(small):
+    out, _ = small
+    rows = read_counts(out / "counts.csv")
+    for r in rows:
+        raw = cv2.imread(str(out / "masks" / f"{r['stem']}.png"), cv2.IMREAD_UNCHANGED)
+        assert raw.dtype == np.uint8 and raw.ndim == 2
+        assert set(np.unique(raw).tolist()) == {0, 255}
+        labels = mio.read_labels(out / "labels" / f"{r['stem']}.tif")
+        ids = np.unique(labels[labels > 0])
+        n = int(r["n_beads"])
+        assert ids.tolist() == list(range(1, n + 1))  # count == distinct ids, consecutive
+        np.testing.assert_array_equal(labels > 0, raw == 255)
+        assert float(r["positive_ratio"]) == pytest.approx((raw == 255).mean(), abs=1e-6)
+        assert int(r["n_touching"]) == len(touching_ids(labels))
+
+
+def test_touching_pairs_exist(small):
+    out, _ = small
+    rows = read_counts(out / "counts.csv")
+    total = sum(int(r["n_touching"]) for r in rows)
+    assert total >= 2
+    dense = max(rows, key=lambda r: int(r["n_beads"]))
+    labels = mio.read_labels(out / "labels" / f"{dense['stem']}.tif")
+    assert len(touching_ids(labels)) >= 2  # at least one pair of different ids adjacent
+    # ... so a plain connected-component count undercounts this tile.
+    _, n_comp = ndimage.label(labels > 0, structure=EIGHT)
+    assert n_comp < int(dense["n_beads"])
+
+
+def test_clusters_touch_but_do_not_overlap():
+    rng = np.random.default_rng(3)
+    beads = syn.sample_beads(rng, (512, 512), 60, cluster_fraction=1.0)
+    assert len(beads) == 60 and np.all(beads.group >= 0)
+    d = np.hypot(beads.y[:, None] - beads.y, beads.x[:, None] - beads.x)
+    rsum = beads.r[:, None] + beads.r
+    np.fill_diagonal(d, np.inf)
+    assert np.all(d >= rsum - syn.TOUCH_TOLERANCE - 1e-9)
+    same = beads.group[:, None] == beads.group
+    touching = (d <= rsum + 1e-9) & same
+    assert np.all(touching.any(axis=1))  # every clustered bead touches a group mate
+
+
+def test_isolated_beads_count_equals_connected_components():
+    rng = np.random.default_rng(1)
+    scale = 0.25
+    # Edges >= 1.5 output px apart: pixel centres of two discs are then > sqrt(2) apart,
+    # so no two discs can be 8-adjacent and components == beads.
+    beads = syn.sample_beads(rng, (512, 512), 60, cluster_fraction=0.0, min_gap=1.5 / scale)
+    assert len(beads) == 60
+    mask, labels = syn.render_masks(beads, (128, 128), scale)
+    _, n_comp = ndimage.label(mask, structure=EIGHT)
+    assert n_comp == 60 == labels.max() == len(np.unique(labels)) - 1
+    assert syn.touching_count(labels) == 0
+    assert set(np.unique(mask).tolist()) == {0, 1}
+
+
+def test_mask_disc_area_matches_radius():
+    beads = syn.BeadLayout(np.array([100.3]), np.array([200.7]), np.array([9.4]),
+                           np.array([-1]))
+    mask, labels = syn.render_masks(beads, (256, 256), 0.5)
+    # Lattice points in a disc of radius 4.7 px: close to pi r^2 = 69.4.
+    assert abs(int(mask.sum()) - math.pi * 4.7**2) <= 6
+    ys, xs = np.nonzero(labels == 1)
+    assert abs(ys.mean() + 0.5 - 50.15) < 0.3 and abs(xs.mean() + 0.5 - 100.35) < 0.3
+
+
+def test_debris_darkens_image_but_is_not_in_mask():
+    shape = (256, 256)
+    beads = syn.sample_beads(np.random.default_rng(2), shape, 25)
+    debris = syn.sample_debris(np.random.default_rng(3), shape, 30, beads=beads)
+    assert len(debris) >= 20
+    assert {d.kind for d in debris} >= {"blob", "speck"}
+    ap = syn.sample_appearance(np.random.default_rng(4))
+    # Same rng seed for both renders: debris geometry is fixed up front, so the only
+    # difference between the two images is the debris itself.
+    with_d = syn.render_brightfield(np.random.default_rng(5), beads, shape, appearance=ap,
+                                    debris=debris, noise=False)
+    without = syn.render_brightfield(np.random.default_rng(5), beads, shape, appearance=ap,
+                                     noise=False)
+    diff = with_d - without
+    assert diff.max() <= 1e-6  # debris never brightens: no bright core, not a ring
+    dark = diff < -0.05
+    assert dark.sum() > 50
+    mask, _ = syn.render_masks(beads, shape, 1.0)
+    assert not np.any(mask[dark])
+
+
+def test_beads_are_rings_dark_rim_bright_core():
+    shape = (256, 256)
+    beads = syn.sample_beads(np.random.default_rng(0), shape, 20, cluster_fraction=0.0,
+                             min_gap=10.0)
+    ap = syn.sample_appearance(np.random.default_rng(1))
+    img = syn.render_brightfield(np.random.default_rng(2), beads, shape, appearance=ap,
+                                 noise=False)
+    mask, _ = syn.render_masks(beads, shape, 1.0)
+    grown = ndimage.binary_dilation(mask, iterations=4)
+    background = float(np.median(img[~grown]))
+    inner = ((beads.y > 12) & (beads.y < 244) & (beads.x > 12) & (beads.x < 244))
+    cy, cx, r = beads.y[inner], beads.x[inner], beads.r[inner]
+    centre = img[cy.astype(int), cx.astype(int)]
+    rim = img[(cy + 0.8 * r).astype(int), cx.astype(int)]
+    assert np.all(centre > rim + 0.1)
+    assert np.mean(rim) < background - 0.12  # dark rim
+    assert np.mean(centre) > background  # slightly brighter core
+
+
+def test_render_values_in_unit_range():
+    rng = np.random.default_rng(0)
+    beads = syn.sample_beads(rng, (128, 96), 15)
+    img = syn.render_brightfield(rng, beads, (128, 96))
+    assert img.dtype == np.float32 and img.shape == (128, 96)
+    assert img.min() >= 0.0 and img.max() <= 1.0 and img.std() > 0.01
+    assert len(syn.sample_beads(rng, (64, 64), 0)) == 0
+
+
+# --------------------------------------------------------------------------- large frames
+
+
+def test_large_frames(small):
+    out, summary = small
+    rows = read_counts(out / "large" / "counts.csv")
+    assert [int(r["dilution"]) for r in rows] == [640, 2560]
+    for r in rows:
+        assert LARGE_RE.match(r["stem"]) and mio.parse_dilution(r["stem"]) == int(r["dilution"])
+        img = cv2.imread(str(out / "large" / "images" / r["file"]), cv2.IMREAD_UNCHANGED)
+        assert img.shape == (384, 512) and img.dtype == np.uint8
+        raw = cv2.imread(str(out / "large" / "masks" / f"{r['stem']}.png"), cv2.IMREAD_UNCHANGED)
+        assert set(np.unique(raw).tolist()) <= {0, 255}
+        labels = mio.read_labels(out / "large" / "labels" / f"{r['stem']}.tif")
+        np.testing.assert_array_equal(labels > 0, raw == 255)
+        assert labels.max() == int(r["n_beads"]) == len(np.unique(labels)) - 1
+        # Density per native area equals the tiles': 512 x 384 is 0.75 of a 512^2 tile.
+        assert float(r["requested_beads"]) == pytest.approx(
+            0.75 * 270 * 160 / int(r["dilution"]), rel=1e-4)
+    assert summary["large"]["dilutions"] == [640, 2560]
+    assert syn.large_dilutions(1) == [640] and syn.large_dilutions(7) == list(syn.DILUTIONS)
+
+
+# --------------------------------------------------------------------------- determinism, CLI
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    skip = {"dataset.json", syn.LOG_NAME}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    kw = {"n": 6, "size": 64, "large": 1, "large_size": (128, 96), "log_file": False}
+    s1 = syn.generate_dataset(tmp_path / "a", seed=7, **kw)
+    s2 = syn.generate_dataset(tmp_path / "b", seed=7, **kw)
+    f1, f2 = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert len(f1) == 6 * 3 + 3 * 1 + 2 and f1 == f2  # identical bytes
+    s1.pop("timings_s"), s2.pop("timings_s")
+    assert s1 == s2
+    syn.generate_dataset(tmp_path / "c", seed=8, **kw)
+    assert _files(tmp_path / "c") != f1
+
+
+def test_cli_hyphen_aliases(tmp_path):
+    out = tmp_path / "cli"
+    rc = syn.main(["--out-dir", str(out), "--n", "7", "--size", "64", "--large", "1",
+                   "--large-size", "128", "96", "--beads-at-160x", "100", "--tiff-every", "0"])
+    assert rc == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["beads_at_160x"] == 100 and meta["n_tiff16"] == 0
+    assert not list((out / "images").glob("*.tif"))
+    assert len(list((out / "large" / "images").glob("*.png"))) == 1
+    assert all((out / f).is_file() for f in meta["files"])
+
+
+def test_bad_arguments_exit_nonzero(tmp_path, caplog):
+    assert syn.main(["--out", str(tmp_path / "x"), "--n", "0"]) == 2
+    assert "n >= 1" in caplog.text
+
+
+def test_refuses_non_empty_folder(tmp_path, caplog):
+    out = tmp_path / "user"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert syn.main(["--out", str(out), "--n", "3", "--size", "32"]) == 2
+    assert str(out) in caplog.text and "not empty" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    with pytest.raises(FileExistsError, match="not empty"):
+        syn.generate_dataset(out, n=3, size=32)
+
+
+def test_overwrite_replaces_only_own_dataset(tmp_path, caplog):
+    out = tmp_path / "ds"
+    assert syn.main(["--out", str(out), "--n", "9", "--size", "64"]) == 0
+    (out / "notes.txt").write_text("keep me")
+    assert syn.main(["--out", str(out), "--n", "4", "--size", "64", "--overwrite"]) == 0
+    assert len(list((out / "images").iterdir())) == 4  # no stale tiles from the first run
+    assert len(list((out / "labels").iterdir())) == 4
+    assert (out / "notes.txt").read_text() == "keep me"
+    # A file the generator did not write, where the dataset goes: refused even with
+    # --overwrite, and kept.
+    foreign = out / "images" / "my_tile.png"
+    foreign.write_bytes(b"not ours")
+    assert syn.main(["--out", str(out), "--n", "4", "--size", "64", "--overwrite"]) == 2
+    assert foreign.read_bytes() == b"not ours"
+    assert len(list((out / "images").iterdir())) == 5  # refusal deleted nothing
+    assert (out / "dataset.json").is_file()
+    assert "my_tile.png" in caplog.text
