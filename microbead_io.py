@@ -567,36 +567,54 @@ def unique_path(path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- tiling
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
     """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with >= ``overlap``.
 
-    The last tile is aligned to the end, so every pixel is covered and no tile leaves the
-    image (callers pad images smaller than one tile first).
+    Starts are multiples of ``align`` (the network's downsampling factor ``2**depth``, so
+    every tile sees the same pooling grid as the whole image; ``length - tile`` must then be
+    a multiple of ``align`` too, which :func:`predict_tiled` ensures by padding). The last
+    tile ends at ``length``: every pixel is covered and no tile leaves the image.
     """
     if tile <= 0 or overlap < 0 or overlap >= tile:
         raise ValueError(f"need 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     if length <= tile:
         return [0]
-    stride = tile - overlap
+    if (length - tile) % align or tile % align:
+        raise ValueError(f"length - tile ({length - tile}) and tile must be multiples of {align}")
+    stride = max(align, (tile - overlap) // align * align)
     n = int(np.ceil((length - tile) / stride)) + 1
-    # Spread tiles evenly between 0 and length - tile (overlaps equal, >= requested).
-    return [int(round(i * (length - tile) / (n - 1))) for i in range(n)]
+    return [min(i * stride, length - tile) for i in range(n)]
 
 
-def blend_window(tile: int, overlap: int) -> np.ndarray:
-    """2-D blending weight ``(tile, tile)`` float32: 1 in the centre, raised-cosine ramps of
-    width ``overlap`` at the borders, strictly positive everywhere.
+def blend_ramp(tile: int, overlap: int, *, taper_start: bool = True,
+               taper_end: bool = True) -> np.ndarray:
+    """1-D blending weight of length ``tile`` (float64, in (0, 1]).
 
-    Weighted averaging of overlapping tile probabilities with this window removes seams; the
-    threshold is applied once, after blending.
+    ~0 (1e-6) on the outer ``overlap // 2`` pixels of each tapered end, then a raised-cosine
+    ramp over the next ``overlap - overlap // 2`` pixels, 1 inside. The outer pixels of a
+    tile are where the network's zero padding distorts its output; a neighbouring tile
+    covers them with its interior (tiles overlap by >= ``overlap``), so blended probabilities
+    equal a whole-image prediction. An end that lies on the image border is not tapered:
+    there the tile sees exactly what the whole image sees.
     """
     w = np.ones(tile, dtype=np.float64)
     if overlap > 0:
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
-        w[:overlap] = ramp
-        w[tile - overlap :] = ramp[::-1]
-    w = np.maximum(w, 1e-3)
-    return np.outer(w, w).astype(np.float32)
+        dead = overlap // 2
+        n_ramp = overlap - dead
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(n_ramp) + 0.5) / n_ramp)
+        edge = np.concatenate([np.zeros(dead), ramp])
+        if taper_start:
+            w[:overlap] = np.minimum(w[:overlap], edge)
+        if taper_end:
+            w[tile - overlap :] = np.minimum(w[tile - overlap :], edge[::-1])
+    return np.maximum(w, 1e-6)
+
+
+def blend_window(tile: int, overlap: int) -> np.ndarray:
+    """2-D ``(tile, tile)`` float32 window of an interior tile: outer product of
+    :func:`blend_ramp` with both ends tapered."""
+    r = blend_ramp(tile, overlap)
+    return np.outer(r, r).astype(np.float32)
 
 
 @dataclass
@@ -620,21 +638,27 @@ class TilePlan:
 def plan_tiles(shape, tile_size: int = 256, overlap: int = 32, pad_multiple: int = 16) -> TilePlan:
     """Tile layout for an image of ``shape`` ``(H, W, ...)``.
 
-    A side shorter than ``tile_size`` gets one tile, padded up to the next multiple of
-    ``pad_multiple`` (the network's downsampling factor); longer sides get evenly spread
-    tiles overlapping by at least ``overlap``.
+    Each side is padded up to a multiple of ``pad_multiple`` (the network's downsampling
+    factor). A side that fits in ``tile_size`` is one tile; a longer side is split into the
+    fewest tiles of at most ``tile_size`` that overlap by >= ``overlap``, with the tile
+    length balanced so little is computed twice (1080 px with tile 1024 / overlap 64 -> two
+    tiles of 576, not two of 1024). Starts are multiples of ``pad_multiple``.
     """
     if tile_size % pad_multiple:
         raise ValueError(f"tile_size {tile_size} must be a multiple of {pad_multiple}")
-    h, w = int(shape[0]), int(shape[1])
 
     def side(n):
-        t = tile_size if n >= tile_size else int(np.ceil(n / pad_multiple) * pad_multiple)
-        ov = min(overlap, t - 1) if n > t else 0
-        return t, t - n if n < t else 0, tile_starts(max(n, t), t, ov), ov
+        padded = int(np.ceil(n / pad_multiple) * pad_multiple)
+        if padded <= tile_size:
+            return padded, padded - n, [0], 0
+        ov = min(overlap, tile_size - pad_multiple)
+        k = int(np.ceil((padded - ov) / (tile_size - ov)))
+        t = int(np.ceil((padded + (k - 1) * ov) / k / pad_multiple) * pad_multiple)
+        t = min(t, tile_size)
+        return t, padded - n, tile_starts(padded, t, ov, pad_multiple), ov
 
-    th, ph, ys, ovh = side(h)
-    tw, pw, xs, ovw = side(w)
+    th, ph, ys, ovh = side(int(shape[0]))
+    tw, pw, xs, ovw = side(int(shape[1]))
     return TilePlan(th, tw, ph, pw, ys, xs, ovh, ovw)
 
 
@@ -679,8 +703,11 @@ def predict_tiled(
         mode = "reflect" if (plan.pad_h < h and plan.pad_w < w) else "symmetric"
         x = np.pad(x, ((0, plan.pad_h), (0, plan.pad_w), (0, 0)), mode=mode)
     th, tw = plan.tile_h, plan.tile_w
-    window = blend_window(th, plan.overlap_h)[:, :1] * blend_window(tw, plan.overlap_w)[:1, :]
-    window = (window / window.max()).astype(np.float32)
+    H, W = x.shape[:2]
+
+    def ramp(start, t, length, ov):
+        return blend_ramp(t, ov, taper_start=start > 0, taper_end=start + t < length)
+
     acc = np.zeros(x.shape[:2], np.float32)
     wsum = np.zeros(x.shape[:2], np.float32)
     coords = [(y, xx) for y in plan.ys for xx in plan.xs]
@@ -691,6 +718,8 @@ def predict_tiled(
         if out.ndim == 4:
             out = out[..., 0]
         for (y, xx), p in zip(chunk, out):
+            window = np.outer(ramp(y, th, H, plan.overlap_h),
+                              ramp(xx, tw, W, plan.overlap_w)).astype(np.float32)
             acc[y : y + th, xx : xx + tw] += p * window
             wsum[y : y + th, xx : xx + tw] += window
         if progress is not None:

@@ -167,7 +167,10 @@ def test_load_pairs_skips_bad_files_and_keeps_the_rest(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"junk")
     mio.write_mask(tmp_path / "bad_mask.png", good)
     res = mio.load_pairs(
-        [(tmp_path / "bad.png", tmp_path / "bad_mask.png"), (tmp_path / "ok.png", tmp_path / "ok_mask.png")],
+        [
+            (tmp_path / "bad.png", tmp_path / "bad_mask.png"),
+            (tmp_path / "ok.png", tmp_path / "ok_mask.png"),
+        ],
         image_size=8,
     )
     assert res.files == ["ok.png"] and res.images.shape == (1, 8, 8, 1)

@@ -1,0 +1,1626 @@
+"""Check a microbead dataset and summarise it before anyone spends GPU hours on it.
+
+What it does, in order:
+
+1. **Integrity check** (every file read through ``microbead_io``): image/mask pairing,
+   unpaired and unreadable files, mask value sets (0/255, 0/1, anti-aliased ...), image/mask
+   size mismatches, duplicate images (identical decoded pixels), empty and nearly full masks,
+   images whose contrast looks inverted relative to their mask, blank images. One row per
+   problem in ``integrity_problems.csv`` and a table in the report.
+2. **Statistics** per image and overall, on the masks *as training sees them*: each mask is
+   binarized and resized to ``--image_size`` with ``microbead_io.resize_mask`` and each image
+   normalised then resized exactly as ``microbead_io.load_pair`` does. Objects per image
+   (8-connected components) and a touching-bead-aware bead count
+   (``microbead_metrics.count_beads``), positive-pixel ratio, object areas and equivalent
+   diameters, brightness, contrast, focus, partial-mask suspects, per-dilution groups.
+3. **Recommended training configuration** (``recommended_config.json``, loadable by
+   ``train_microbead_optimized.py --config``) with the evidence behind each value in
+   ``recommended_config_evidence.json`` and in the report.
+
+Inputs
+------
+``DATA/images/<stem>.png|tif|...`` and ``DATA/masks/<stem>[_mask].png|tif``; paired by
+``microbead_io.pair_files``. ``DATA/dataset.json`` (optional) is read for ``pixel_scale``.
+Full frames under ``DATA/large/`` are not analysed (they are not training tiles).
+
+Outputs (in ``--output_dir``; never inside ``--data_dir``)
+----------------------------------------------------------
+``summary.json``, ``per_image.csv``, ``per_dilution.csv``, ``integrity_problems.csv``,
+``sample_images.png``, ``distribution_analysis.png``, ``MICROBEAD_ANALYSIS_RESULTS.md``,
+``recommended_config.json``, ``recommended_config_evidence.json``, ``analysis.log`` and
+``analysis_manifest.json``. The manifest marks the folder as this script's: an existing
+output folder is reused only if it has the manifest or holds none of these file names, and
+only these files are replaced; anything else in it is left alone.
+
+Exit status
+-----------
+0: analysed. 1: some files could not be analysed (unreadable, unpaired, size mismatch: the
+other files are still analysed and the failures listed), or ``--strict`` and any integrity
+problem at all. 2: nothing to analyse, or a bad data/output folder.
+
+Example
+-------
+    python analyze_microbead_dataset.py --data_dir dataset_microscope \\
+        --output_dir dataset_analysis --image_size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+
+import microbead_io as mio
+import microbead_metrics as mm
+
+log = logging.getLogger("microbead.analyze")
+
+SCRIPT_NAME = "analyze_microbead_dataset.py"
+
+# --------------------------------------------------------------------------- constants
+
+#: A mask with more than this fraction of foreground pixels is reported as nearly full.
+NEARLY_FULL_RATIO = 0.9
+#: Inverted-contrast margin, in normalised intensity units (image mapped to [0, 1]).
+POLARITY_MARGIN = 0.02
+#: Images with beads needed before the dataset's own polarity overrides the dark-rim prior.
+POLARITY_CONSENSUS_MIN = 5
+#: Partial-mask rule: an image is a suspect when it has at least this many unlabelled
+#: bead-like candidates ...
+PARTIAL_MIN_UNLABELLED = 2
+#: ... and they are at least this fraction of all bead-like candidates in the image
+#: (labelled or not: the detector's own recall cancels out of the ratio).
+PARTIAL_MIN_FRACTION = 0.25
+#: Candidate thresholds as fractions of the median response / ring score measured at the
+#: centres of labelled single beads (calibration on the dataset itself).
+CANDIDATE_RESPONSE_FRACTION = 0.5
+CANDIDATE_RING_FRACTION = 0.5
+
+#: Recommendation rules (evidence in the report).
+MIN_BEAD_DIAMETER_PX = 8.0
+ASSUMED_DEPTH = 4  # models.build_unet default: four 2x2 poolings
+MIN_STEPS_PER_EPOCH = 50
+DEFAULT_VAL_FRACTION = 0.15  # train_microbead_optimized.py's default
+DICE_ONLY_MAX_FOREGROUND = 0.02
+DICE_ONLY_MAX_EMPTY_FRACTION = 0.05
+MAX_DENSITY_BINS = 5
+MIN_IMAGES_PER_BIN = 2
+
+#: Keys ``train_microbead_optimized.py --config`` accepts (unknown keys are an error there).
+TRAINER_CONFIG_KEYS = frozenset({
+    "data_dir", "output_dir", "models", "epochs", "batch_size", "lr", "dropout", "loss",
+    "filters", "depth", "image_size", "val_fraction", "patience", "steps_per_epoch", "kfold",
+    "seed", "bn_momentum", "density_bins",
+})
+
+MANIFEST = "analysis_manifest.json"
+LOG_FILE = "analysis.log"
+REPORT = "MICROBEAD_ANALYSIS_RESULTS.md"
+OUTPUT_FILES = (
+    "summary.json", "per_image.csv", "per_dilution.csv", "integrity_problems.csv",
+    "sample_images.png", "distribution_analysis.png", REPORT, "recommended_config.json",
+    "recommended_config_evidence.json", LOG_FILE, MANIFEST,
+)
+
+# Problem codes (column ``problem`` of integrity_problems.csv).
+UNPAIRED_IMAGE = "unpaired_image"
+UNPAIRED_MASK = "unpaired_mask"
+DUPLICATE_STEM = "duplicate_stem"
+UNREADABLE_IMAGE = "unreadable_image"
+UNREADABLE_MASK = "unreadable_mask"
+SIZE_MISMATCH = "size_mismatch"
+MASK_0_1 = "mask_0_1"
+MASK_ANTIALIASED = "mask_antialiased"
+MASK_ENCODING = "mask_encoding"
+EMPTY_MASK = "empty_mask"
+NEARLY_FULL_MASK = "nearly_full_mask"
+DUPLICATE_IMAGE = "duplicate_image"
+INVERTED = "inverted_contrast"
+BLANK_IMAGE = "blank_image"
+
+PER_IMAGE_COLUMNS = (
+    "file", "mask_file", "dilution", "native_width", "native_height", "mask_encoding",
+    "n_objects", "n_beads", "positive_ratio", "mean_object_area_px", "median_object_area_px",
+    "mean_equiv_diameter_px", "brightness", "contrast", "focus", "polarity",
+    "n_bead_candidates", "n_unlabelled_candidates", "unlabelled_fraction",
+    "partial_mask_suspect", "problems",
+)
+
+
+class OutputDirError(Exception):
+    """The output folder cannot be used (inside the data folder, or holds foreign files)."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class Problem:
+    """One integrity finding.
+
+    ``severity`` is ``"error"`` when the file could not be analysed at all (unreadable,
+    unpaired, size mismatch) and ``"warning"`` when it was analysed but looks wrong.
+    """
+
+    file: str
+    problem: str
+    detail: str
+    severity: str = "warning"
+
+
+@dataclass
+class ImageRecord:
+    """What one readable, size-consistent pair contributes (filled in two passes)."""
+
+    image_path: Path
+    mask_path: Path
+    name: str
+    native_shape: tuple[int, int]
+    mask_encoding: str
+    image_hash: str
+    brightness: float
+    contrast: float
+    mask: np.ndarray  # uint8 (S, S) {0, 1} at the analysis size
+    stats: dict = field(default_factory=dict)
+    candidates: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _finite(x) -> float | None:
+    """float, or None for NaN/inf (JSON has no NaN)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _jsonable(obj):
+    """Recursively convert numpy scalars / NaN to plain JSON values."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return _finite(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _mean_std(values) -> tuple[float, float]:
+    """Mean and population standard deviation (ddof=0); NaN for no values."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std())
+
+
+def _strip_path(msg: str, path: Path) -> str:
+    """Error message without its leading ``path: `` (the table already names the file)."""
+    prefix = f"{path}: "
+    return msg[len(prefix):] if msg.startswith(prefix) else msg
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = max(int(radius), 0)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (yy * yy + xx * xx) <= r * r + 0.5 * r
+
+
+def _full_scale(raw: np.ndarray) -> float:
+    """Full-scale value of the storage type (255, 65535, ...; floats: 1 or their max)."""
+    if np.issubdtype(raw.dtype, np.integer):
+        return float(np.iinfo(raw.dtype).max)
+    top = float(np.nanmax(raw)) if raw.size else 1.0
+    return 1.0 if top <= 1.0 else top
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def describe_mask_levels(raw: np.ndarray) -> tuple[str, str | None, str]:
+    """Classify the value set of a raw mask.
+
+    Parameters
+    ----------
+    raw : ndarray ``(H, W)`` or ``(H, W, C)``
+        Mask as stored (``microbead_io._read_raw``), any dtype.
+
+    Returns
+    -------
+    encoding : str
+        ``"0/255"``, ``"0/1"``, ``"0/65535"``, ``"empty"``, ``"constant V"``,
+        ``"anti-aliased (N levels)"`` or ``"A/B"``.
+    problem : str or None
+        Problem code when the encoding is not the project's two-level 0/255 (or 0/65535).
+        Empty and constant masks return None here: the empty / nearly-full checks cover them.
+    detail : str
+        One-line explanation for the problem table ("" when no problem).
+    """
+    levels = mio.mask_levels(raw)
+    suffix = " (multi-channel)" if raw.ndim == 3 else ""
+    if levels.size > 2:
+        lo, hi = levels[0], levels[-1]
+        return (
+            f"anti-aliased ({levels.size} levels)",
+            MASK_ANTIALIASED,
+            f"{levels.size} grey levels from {lo:g} to {hi:g}{suffix} (resampled or "
+            f"anti-aliased); training binarizes it at half max ({float(hi) / 2:g})",
+        )
+    if levels.size == 1:
+        v = levels[0]
+        return ("empty" if v == 0 else f"constant {v:g}"), None, ""
+    lo, hi = levels
+    if lo != 0:
+        return (
+            f"{lo:g}/{hi:g}",
+            MASK_ENCODING,
+            f"values {{{lo:g}, {hi:g}}}{suffix}: background is not 0; training binarizes at "
+            f"half max, so check which level is foreground",
+        )
+    if hi in (255, 65535):
+        return f"0/{hi:g}", None, ""
+    if hi == 1:
+        return (
+            "0/1",
+            MASK_0_1,
+            f"values {{0, 1}}{suffix}: looks black in viewers; read correctly, but the "
+            "project stores masks as 0/255",
+        )
+    return f"0/{hi:g}", MASK_ENCODING, f"values {{0, {hi:g}}}{suffix}: unusual foreground value"
+
+
+def image_hash(raw: np.ndarray) -> str:
+    """SHA-1 of the decoded pixels (shape, dtype and bytes): equal for identical content.
+
+    A PNG and a TIFF holding the same pixels hash equal; re-encoded (lossy) copies do not.
+    """
+    h = hashlib.sha1()
+    h.update(repr((raw.shape, str(raw.dtype))).encode())
+    h.update(np.ascontiguousarray(raw).tobytes())
+    return h.hexdigest()
+
+
+def mask_polarity(image01: np.ndarray, mask: np.ndarray, ring_width: int) -> float:
+    """Mean intensity in a ring around the mask minus the mean intensity inside it.
+
+    Beads in these brightfield images are dark rims on a brighter background, so for a
+    correct image/mask pair the value is positive; an image whose grey levels are inverted
+    relative to its mask (or a mask of the background) gives a negative value.
+
+    Parameters
+    ----------
+    image01 : float ``(H, W)``
+        Normalised image in [0, 1].
+    mask : ``(H, W)`` {0, 1}
+        Binary mask, same shape.
+    ring_width : int
+        Width in pixels of the ring: the hole-filled mask dilated by a disc of this radius,
+        minus the filled mask.
+
+    Returns
+    -------
+    float
+        NaN when the mask or the ring is empty.
+    """
+    m = np.asarray(mask).astype(bool)
+    if not m.any():
+        return float("nan")
+    filled = ndi.binary_fill_holes(m)
+    ring = ndi.binary_dilation(filled, structure=_disk(max(1, int(ring_width)))) & ~filled
+    if not ring.any():
+        return float("nan")
+    img = np.asarray(image01, dtype=np.float64)
+    return float(img[ring].mean() - img[m].mean())
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def object_areas(mask: np.ndarray) -> np.ndarray:
+    """Pixel areas of the 8-connected components of a binary mask, int64 ``(N,)``.
+
+    An empty mask gives an empty array.
+    """
+    lab, n = ndi.label(np.asarray(mask) > 0, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.int64)
+
+
+def equivalent_diameter(area) -> np.ndarray:
+    """Diameter of the disc with the same area: ``2 * sqrt(area / pi)`` (pixels)."""
+    return 2.0 * np.sqrt(np.asarray(area, dtype=np.float64) / np.pi)
+
+
+def focus_measure(image01: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian of the normalised image (higher = sharper).
+
+    Computed on the normalised image so that exposure does not change it; comparable
+    between images of one dataset at one analysis size, not across sizes.
+    """
+    x = np.asarray(image01, dtype=np.float32)
+    if x.size == 0:
+        return float("nan")
+    return float(cv2.Laplacian(x, cv2.CV_32F, ksize=1).var())
+
+
+def _annulus_kernel(r_in: float, r_out: float) -> np.ndarray:
+    R = int(math.ceil(r_out))
+    yy, xx = np.mgrid[-R : R + 1, -R : R + 1]
+    rho = np.hypot(yy, xx)
+    k = ((rho >= r_in) & (rho <= r_out)).astype(np.float32)
+    return k / max(k.sum(), 1.0)
+
+
+def bead_response_maps(image01: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Band-pass "bead-likeness" and ring-score maps at the bead scale.
+
+    ``dark = 1 - image`` (beads are dark rims). The response is a difference of Gaussians
+    of ``dark`` with sigmas ``0.7 r`` and ``2 r``: at ``0.7 r`` a ring of radius ``r``
+    blurs into one blob peaking at its centre, ``2 r`` removes the slowly varying
+    background. The ring score is the mean of ``dark`` on the annulus ``[0.6 r, 1.2 r]``
+    minus its mean on the central disc ``rho <= 0.4 r``: positive for a dark ring with a
+    lighter centre, about zero or negative for filled dark debris.
+
+    Parameters
+    ----------
+    image01 : float ``(H, W)`` in [0, 1]
+    radius : float
+        Median bead radius in pixels at this image size (> 0).
+
+    Returns
+    -------
+    response, ring_score : float32 ``(H, W)``
+    """
+    dark = 1.0 - np.asarray(image01, dtype=np.float32)
+    r = max(float(radius), 1.0)
+    s1, s2 = max(0.7 * r, 0.8), 2.0 * r
+    response = cv2.GaussianBlur(dark, (0, 0), s1, borderType=cv2.BORDER_REFLECT) - (
+        cv2.GaussianBlur(dark, (0, 0), s2, borderType=cv2.BORDER_REFLECT)
+    )
+    ring = cv2.filter2D(dark, cv2.CV_32F, _annulus_kernel(0.6 * r, 1.2 * r),
+                        borderType=cv2.BORDER_REFLECT)
+    centre = cv2.filter2D(dark, cv2.CV_32F, _annulus_kernel(0.0, max(0.4 * r, 1.0)),
+                          borderType=cv2.BORDER_REFLECT)
+    return response, ring - centre
+
+
+def bead_candidates(
+    image01: np.ndarray, mask: np.ndarray, radius: float
+) -> dict[str, np.ndarray]:
+    """Bead-like blobs in the image and the same measures at the labelled beads' centres.
+
+    Candidates are local maxima of the response of :func:`bead_response_maps` within a
+    ``(2r+1)`` window, with a positive response, at least ``r`` from the image border (a
+    bead cut by the border is not assessed). A candidate is *labelled* when its centre lies
+    in the hole-filled mask dilated by ``r / 2``.
+
+    Returns
+    -------
+    dict of ndarrays
+        ``response``, ``ring`` (float, per candidate), ``labelled`` (bool, per candidate),
+        ``y``, ``x`` (int, per candidate), and ``bead_response``, ``bead_ring`` (float, at
+        the centroids of labelled single beads: components of 0.5-1.5 median areas away
+        from the border; used for calibration).
+    """
+    r = max(float(radius), 1.0)
+    response, ring = bead_response_maps(image01, r)
+    h, w = response.shape
+    size = 2 * int(round(r)) + 1
+    peaks = (response == ndi.maximum_filter(response, size=size, mode="nearest")) & (
+        response > 0
+    )
+    b = int(math.ceil(r))
+    peaks[:b, :] = peaks[h - b :, :] = False
+    peaks[:, :b] = peaks[:, w - b :] = False
+    ys, xs = np.nonzero(peaks)
+    m = np.asarray(mask) > 0
+    covered = ndi.binary_dilation(
+        ndi.binary_fill_holes(m), structure=_disk(max(1, int(round(0.5 * r))))
+    )
+    # Calibration points: centroids of single, interior labelled beads.
+    lab, n = ndi.label(m, structure=np.ones((3, 3), dtype=bool))
+    by, bx = np.zeros(0, int), np.zeros(0, int)
+    if n:
+        areas = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+        med = math.pi * r * r
+        idx = np.flatnonzero((areas >= 0.5 * med) & (areas <= 1.5 * med)) + 1
+        if idx.size:
+            cy, cx = np.array(ndi.center_of_mass(m, lab, idx)).reshape(-1, 2).T
+            by, bx = np.rint(cy).astype(int), np.rint(cx).astype(int)
+            keep = (by >= b) & (by < h - b) & (bx >= b) & (bx < w - b)
+            by, bx = by[keep], bx[keep]
+    return {
+        "y": ys, "x": xs,
+        "response": response[ys, xs].astype(np.float64),
+        "ring": ring[ys, xs].astype(np.float64),
+        "labelled": covered[ys, xs],
+        "bead_response": response[by, bx].astype(np.float64),
+        "bead_ring": ring[by, bx].astype(np.float64),
+    }
+
+
+def calibrate_candidates(bead_response, bead_ring) -> dict:
+    """Candidate thresholds from the labelled beads themselves.
+
+    ``response >= 0.5 * median(response at bead centres)`` and, when the labelled beads are
+    ring-like (median ring score > 0), ``ring >= 0.5 * median(ring score at bead centres)``.
+
+    Returns
+    -------
+    dict
+        ``response_threshold``, ``ring_threshold`` (``-inf`` when the ring criterion is off),
+        ``n_calibration_beads``, ``median_bead_response``, ``median_bead_ring``. Thresholds
+        are NaN when no labelled bead is available (partial-mask check then not assessed).
+    """
+    resp = np.asarray(bead_response, dtype=np.float64)
+    ring = np.asarray(bead_ring, dtype=np.float64)
+    if resp.size == 0:
+        nan = float("nan")
+        return {"response_threshold": nan, "ring_threshold": nan, "n_calibration_beads": 0,
+                "median_bead_response": nan, "median_bead_ring": nan}
+    med_r, med_g = float(np.median(resp)), float(np.median(ring))
+    return {
+        "response_threshold": CANDIDATE_RESPONSE_FRACTION * max(med_r, 0.0),
+        "ring_threshold": CANDIDATE_RING_FRACTION * med_g if med_g > 0 else -math.inf,
+        "n_calibration_beads": int(resp.size),
+        "median_bead_response": med_r,
+        "median_bead_ring": med_g,
+    }
+
+
+def unlabelled_candidates(cands: dict, calib: dict) -> np.ndarray:
+    """Boolean ``(K,)``: candidates passing the calibrated thresholds and not in the mask."""
+    thr = calib["response_threshold"]
+    if not cands or not math.isfinite(thr):
+        return np.zeros(0, dtype=bool)
+    ok = (cands["response"] >= thr) & (cands["ring"] >= calib["ring_threshold"])
+    return ok & ~cands["labelled"]
+
+
+def is_partial_suspect(n_unlabelled: int, n_candidates: int) -> tuple[bool, float]:
+    """Partial-mask rule: ``n_unlabelled >= 2`` and ``n_unlabelled / n_candidates >= 0.25``.
+
+    ``n_candidates`` counts every bead-like candidate passing the thresholds, labelled or
+    not. Comparing candidates with candidates (not with the mask's bead count) cancels the
+    detector's recall, which drops in dense images where touching rings merge into one
+    response peak. Returns ``(suspect, fraction)``; fraction is 0 without candidates.
+    """
+    frac = n_unlabelled / n_candidates if n_candidates else 0.0
+    return bool(n_unlabelled >= PARTIAL_MIN_UNLABELLED and frac >= PARTIAL_MIN_FRACTION), frac
+
+
+def objects_histogram(counts) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of objects per image that keeps every image (no bin dropped, no range cut).
+
+    Unit-width bins centred on integers when the range spans at most 60 counts, otherwise
+    30 equal bins from ``min - 0.5`` to ``max + 0.5``.
+
+    Returns
+    -------
+    edges : float64 ``(B + 1,)``, hist : int64 ``(B,)``
+        ``hist.sum() == len(counts)``; both empty for no counts.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    if c.size == 0:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    lo, hi = math.floor(c.min()), math.ceil(c.max())
+    if hi - lo <= 60:
+        edges = np.arange(lo, hi + 2, dtype=np.float64) - 0.5
+    else:
+        edges = np.linspace(lo - 0.5, hi + 0.5, 31)
+    hist, _ = np.histogram(c, bins=edges)
+    return edges, hist.astype(np.int64)
+
+
+def density_bins(counts, *, min_per_bin: int = MIN_IMAGES_PER_BIN,
+                 max_bins: int = MAX_DENSITY_BINS) -> list[float]:
+    """Stratification edges over objects per image, every stratum holding >= ``min_per_bin``.
+
+    Quantile bins (at most ``max_bins``, at most ``n // min_per_bin``); while a bin holds
+    fewer than ``min_per_bin`` images it is merged with its smaller neighbour. Edges are
+    half-integers (``k + 0.5``) so that no integer count sits on an edge: ``np.digitize``,
+    ``np.histogram`` and ``pandas.cut`` (either closed side) then agree on the strata.
+
+    Parameters
+    ----------
+    counts : array_like of int
+        Objects per image.
+
+    Returns
+    -------
+    list of float
+        Increasing edges ``[min - 0.5, ..., max + 0.5]`` (at least two); stratum ``i`` holds
+        counts in ``(edges[i], edges[i + 1])``. Empty list for no counts. With fewer than
+        ``2 * min_per_bin`` images there is one stratum.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    if c.size == 0:
+        return []
+    lo, hi = float(c.min()) - 0.5, float(c.max()) + 0.5
+    k = max(1, min(int(max_bins), c.size // max(1, int(min_per_bin))))
+    if k > 1:
+        q = np.quantile(c, np.linspace(0.0, 1.0, k + 1)[1:-1])
+        inner = np.unique(np.floor(q) + 0.5)
+        inner = [float(e) for e in inner if lo < e < hi]
+    else:
+        inner = []
+    edges = [lo, *inner, hi]
+    while len(edges) > 2:
+        per_bin = np.histogram(c, bins=edges)[0]
+        if per_bin.min() >= min_per_bin:
+            break
+        i = int(np.argmin(per_bin))
+        if i == 0:
+            del edges[1]
+        elif i == len(per_bin) - 1:
+            del edges[-2]
+        elif per_bin[i - 1] <= per_bin[i + 1]:
+            del edges[i]
+        else:
+            del edges[i + 1]
+    return edges
+
+
+# --------------------------------------------------------------------------- recommendation
+
+
+def receptive_field(depth: int = ASSUMED_DEPTH) -> int:
+    """Theoretical receptive field (pixels) of the ``models.py`` U-Nets.
+
+    Two 3x3 convolutions per level, 2x2 max-pooling, nearest up-sampling:
+    ``1 + 5 (2^d - 1) + 4 * 2^d + 4 (2^d - 1)`` (encoder, bottleneck, decoder); 200 for d=4.
+    """
+    p = 2 ** int(depth)
+    return 1 + 5 * (p - 1) + 4 * p + 4 * (p - 1)
+
+
+def _round_to(x: float, multiple: int, how: str) -> int:
+    f = {"up": math.ceil, "down": math.floor, "nearest": round}[how]
+    return max(multiple, int(f(x / multiple)) * multiple)
+
+
+def recommend_config(stats: dict, *, val_fraction: float = DEFAULT_VAL_FRACTION
+                     ) -> tuple[dict, dict]:
+    """Training configuration and the evidence for each value.
+
+    Parameters
+    ----------
+    stats : dict
+        Needs ``dataset_size`` (int), ``native_size`` (int, median native tile width),
+        ``analysis_image_size`` (int), ``median_bead_diameter_px`` (at the analysis size),
+        ``mean_positive_ratio``, ``empty_mask_fraction`` and ``objects_per_image`` (list).
+    val_fraction : float
+        Validation fraction the batch-size rule assumes (written into the config too).
+
+    Returns
+    -------
+    config : dict
+        Keys from :data:`TRAINER_CONFIG_KEYS` only.
+    evidence : dict
+        Per key: ``value``, ``rule`` and the measured ``evidence`` it rests on.
+    """
+    n = int(stats["dataset_size"])
+    multiple = 2 ** ASSUMED_DEPTH
+    rf = receptive_field(ASSUMED_DEPTH)
+    max_diam = rf / 4.0
+    native = int(stats.get("native_size") or stats["analysis_image_size"])
+    d_an = stats.get("median_bead_diameter_px")
+    config: dict = {}
+    evidence: dict = {}
+
+    # --- image_size
+    if d_an is None or not math.isfinite(d_an) or d_an <= 0:
+        size = _round_to(native, multiple, "nearest")
+        d_nat = float("nan")
+        why = "no bead in any mask: kept the native tile size"
+    else:
+        d_nat = float(d_an) * native / float(stats["analysis_image_size"])
+        if d_nat < MIN_BEAD_DIAMETER_PX:
+            size = _round_to(native * MIN_BEAD_DIAMETER_PX / d_nat, multiple, "up")
+            why = f"beads are {d_nat:.1f} px at native size (< {MIN_BEAD_DIAMETER_PX:g}): enlarge"
+        elif d_nat > max_diam:
+            size = _round_to(native * max_diam / d_nat, multiple, "down")
+            why = f"beads are {d_nat:.1f} px at native size (> RF/4 = {max_diam:g}): shrink"
+        else:
+            size = _round_to(native, multiple, "nearest")
+            why = (f"beads are {d_nat:.1f} px at native size, within "
+                   f"[{MIN_BEAD_DIAMETER_PX:g}, {max_diam:g}]: keep the native size")
+    d_at = d_nat * size / native if math.isfinite(d_nat) else float("nan")
+    smallest = (
+        _round_to(native * MIN_BEAD_DIAMETER_PX / d_nat, multiple, "up")
+        if math.isfinite(d_nat) else None
+    )
+    config["image_size"] = int(size)
+    config["depth"] = ASSUMED_DEPTH
+    evidence["image_size"] = {
+        "value": int(size),
+        "rule": (f"median bead diameter at the input size in [{MIN_BEAD_DIAMETER_PX:g}, RF/4] "
+                 f"px; keep the native tile size when it already is; multiple of "
+                 f"2^depth = {multiple}"),
+        "evidence": {
+            "native_tile_size": native, "median_bead_diameter_native_px": d_nat,
+            "median_bead_diameter_at_recommended_size_px": d_at,
+            "receptive_field_px": rf, "assumed_depth": ASSUMED_DEPTH,
+            "smallest_size_keeping_min_diameter": smallest, "decision": why,
+        },
+    }
+    evidence["depth"] = {
+        "value": ASSUMED_DEPTH,
+        "rule": "the depth the receptive-field calculation assumes (models.py default)",
+        "evidence": {"receptive_field_px": rf},
+    }
+
+    # --- loss
+    f = stats.get("mean_positive_ratio")
+    empty = float(stats.get("empty_mask_fraction") or 0.0)
+    if f is not None and math.isfinite(f) and f < DICE_ONLY_MAX_FOREGROUND and (
+        empty <= DICE_ONLY_MAX_EMPTY_FRACTION
+    ):
+        loss, why = "dice", "extreme imbalance and (almost) no empty masks"
+    else:
+        loss, why = "bce_dice", "default compound loss"
+    config["loss"] = loss
+    evidence["loss"] = {
+        "value": loss,
+        "rule": (f"'dice' only if mean foreground ratio < {DICE_ONLY_MAX_FOREGROUND} and empty "
+                 f"masks <= {DICE_ONLY_MAX_EMPTY_FRACTION:.0%}; otherwise 'bce_dice'"),
+        "evidence": {"mean_positive_ratio": f, "empty_mask_fraction": empty, "decision": why},
+    }
+
+    # --- batch size / steps
+    n_val = int(round(n * val_fraction)) if n > 1 else 0
+    n_train = max(n - n_val, 1)
+    cap = max(1, int(16 * (256 / size) ** 2))
+    limit = max(1, min(n_train // 4, cap))
+    batch = 2 ** int(math.floor(math.log2(limit)))
+    steps = max(MIN_STEPS_PER_EPOCH, math.ceil(n_train / batch))
+    config["batch_size"] = int(batch)
+    config["steps_per_epoch"] = int(steps)
+    config["val_fraction"] = float(val_fraction)
+    evidence["batch_size"] = {
+        "value": int(batch),
+        "rule": ("largest power of two <= n_train / 4 (several optimizer steps per pass over "
+                 "the data) and <= 16 * (256 / image_size)^2 (memory)"),
+        "evidence": {"dataset_size": n, "n_val": n_val, "n_train": n_train,
+                     "memory_cap": cap},
+    }
+    evidence["steps_per_epoch"] = {
+        "value": int(steps),
+        "rule": (f"max({MIN_STEPS_PER_EPOCH}, ceil(n_train / batch_size)): an epoch is at least "
+                 f"{MIN_STEPS_PER_EPOCH} optimizer steps whatever the dataset size (nnU-Net "
+                 "uses a fixed 250)"),
+        "evidence": {"n_train": n_train, "batches_per_pass": math.ceil(n_train / batch)},
+    }
+    evidence["val_fraction"] = {
+        "value": float(val_fraction),
+        "rule": "the validation fraction the batch-size rule assumed",
+        "evidence": {"n_val": n_val},
+    }
+
+    # --- density bins
+    counts = [int(c) for c in stats.get("objects_per_image", [])]
+    edges = density_bins(counts)
+    per_bin = np.histogram(counts, bins=edges)[0].tolist() if len(edges) >= 2 else []
+    config["density_bins"] = edges
+    evidence["density_bins"] = {
+        "value": edges,
+        "rule": (f"quantile bins of objects per image (8-connected components at the analysis "
+                 f"size), at most {MAX_DENSITY_BINS}, merged until every stratum has >= "
+                 f"{MIN_IMAGES_PER_BIN} images; half-integer edges, stratum i = counts in "
+                 "(edges[i], edges[i+1])"),
+        "evidence": {"images_per_stratum": per_bin, "n_images": len(counts)},
+    }
+    unknown = set(config) - TRAINER_CONFIG_KEYS
+    if unknown:  # a programming error here would only surface as a failed training job
+        raise AssertionError(f"config keys not accepted by the trainer: {sorted(unknown)}")
+    return config, evidence
+
+
+# --------------------------------------------------------------------------- analysis passes
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def inspect_pair(image_path: Path, mask_path: Path, image_size: int, root: Path
+                 ) -> tuple[ImageRecord | None, list[Problem]]:
+    """Integrity pass for one pair: read both, check values and sizes, keep the mask.
+
+    Returns ``(record, problems)``; ``record`` is None when the pair cannot be analysed
+    (unreadable file or size mismatch), with an ``error`` problem saying why.
+    """
+    problems: list[Problem] = []
+    img_name, mask_name = _rel(image_path, root), _rel(mask_path, root)
+    raw_img = raw_mask = None
+    try:
+        raw_img = mio._read_raw(Path(image_path))
+    except mio.ImageReadError as exc:
+        problems.append(Problem(img_name, UNREADABLE_IMAGE, _strip_path(str(exc), image_path),
+                                "error"))
+    try:
+        raw_mask = mio._read_raw(Path(mask_path))
+    except mio.ImageReadError as exc:
+        problems.append(Problem(mask_name, UNREADABLE_MASK, _strip_path(str(exc), mask_path),
+                                "error"))
+    if raw_img is None or raw_mask is None:
+        return None, problems
+    if raw_img.shape[:2] != raw_mask.shape[:2]:
+        problems.append(Problem(
+            img_name, SIZE_MISMATCH,
+            f"image is {raw_img.shape[1]}x{raw_img.shape[0]} but mask {mask_name} is "
+            f"{raw_mask.shape[1]}x{raw_mask.shape[0]}", "error"))
+        return None, problems
+
+    encoding, code, detail = describe_mask_levels(raw_mask)
+    if code:
+        problems.append(Problem(mask_name, code, detail))
+    binary = mio.binarize_mask(raw_mask)
+    ratio = float(binary.mean())
+    if not binary.any():
+        problems.append(Problem(mask_name, EMPTY_MASK, "no foreground pixel"))
+    elif ratio > NEARLY_FULL_RATIO:
+        problems.append(Problem(mask_name, NEARLY_FULL_MASK,
+                                f"{ratio:.1%} foreground (> {NEARLY_FULL_RATIO:.0%}): "
+                                "inverted or wrong mask?"))
+    gray = mio.to_channels(raw_img, 1)[..., 0]
+    scale = _full_scale(raw_img)
+    brightness = float(gray.mean()) / scale
+    contrast = float(gray.std()) / scale
+    if float(gray.max() - gray.min()) == 0.0:
+        problems.append(Problem(img_name, BLANK_IMAGE, f"constant image (value {gray.flat[0]:g})"))
+    rec = ImageRecord(
+        image_path=Path(image_path), mask_path=Path(mask_path), name=Path(image_path).name,
+        native_shape=tuple(int(v) for v in raw_img.shape[:2]), mask_encoding=encoding,
+        image_hash=image_hash(raw_img), brightness=brightness, contrast=contrast,
+        mask=mio.resize_mask(binary, image_size),
+    )
+    return rec, problems
+
+
+def _analysis_image(path: Path, image_size: int) -> np.ndarray:
+    """The image exactly as ``microbead_io.load_pair`` prepares it, ``(S, S)`` float32."""
+    img = mio.read_image(path, 1)
+    img = mio.apply_normalization(img, None)
+    return mio.resize_image(img, image_size)[..., 0]
+
+
+def image_statistics(image01: np.ndarray, mask: np.ndarray, *, median_area: float,
+                     bead_radius: float) -> tuple[dict, dict]:
+    """Per-image statistics at the analysis size.
+
+    Parameters
+    ----------
+    image01 : float32 ``(S, S)`` in [0, 1]
+    mask : uint8 ``(S, S)`` {0, 1}
+    median_area : float
+        Dataset median single-bead area (pixels at this size); <= 0 or NaN: unknown.
+    bead_radius : float
+        ``sqrt(median_area / pi)``; NaN disables the candidate search.
+
+    Returns
+    -------
+    stats : dict
+        ``n_objects``, ``n_beads``, ``positive_ratio``, ``areas`` (int64 array),
+        ``mean_object_area_px``, ``median_object_area_px``, ``mean_equiv_diameter_px``,
+        ``focus``, ``polarity``.
+    candidates : dict
+        From :func:`bead_candidates` (empty when the bead size is unknown).
+    """
+    areas = object_areas(mask)
+    known = math.isfinite(median_area) and median_area > 0
+    beads = mm.count_beads(mask, median_area=median_area if known else None)
+    diam = equivalent_diameter(areas)
+    nan = float("nan")
+    stats = {
+        "n_objects": int(areas.size),
+        "n_beads": int(beads["n_beads"]),
+        "positive_ratio": float(np.count_nonzero(mask)) / mask.size,
+        "areas": areas,
+        "mean_object_area_px": float(areas.mean()) if areas.size else nan,
+        "median_object_area_px": float(np.median(areas)) if areas.size else nan,
+        "mean_equiv_diameter_px": float(diam.mean()) if areas.size else nan,
+        "focus": focus_measure(image01),
+        "polarity": mask_polarity(
+            image01, mask, max(2, int(round(0.5 * bead_radius))) if known else 2
+        ),
+    }
+    cands = bead_candidates(image01, mask, bead_radius) if known else {}
+    return stats, cands
+
+
+@dataclass
+class Analysis:
+    """Everything :func:`analyze_dataset` found; the writers only format it."""
+
+    data_dir: Path
+    image_size: int
+    records: list[ImageRecord]
+    problems: list[Problem]
+    summary: dict
+    config: dict
+    evidence: dict
+    calibration: dict
+    n_images: int = 0
+    n_masks: int = 0
+
+
+def _pixel_scale(data_dir: Path) -> float | None:
+    p = data_dir / "dataset.json"
+    if not p.is_file():
+        return None
+    try:
+        return _finite(json.loads(p.read_text()).get("pixel_scale"))
+    except (ValueError, AttributeError, TypeError, OSError):
+        log.warning("%s: not readable JSON; pixel_scale not recorded", p)
+        return None
+
+
+def analyze_dataset(data_dir, *, image_size: int = 256, progress: bool = True,
+                    val_fraction: float = DEFAULT_VAL_FRACTION) -> Analysis:
+    """Integrity check, statistics and recommendation for ``data_dir/{images,masks}``.
+
+    Parameters
+    ----------
+    data_dir : path
+        Folder with ``images/`` and ``masks/``.
+    image_size : int
+        Analysis size (pixels); masks/images are resized to ``(image_size, image_size)``
+        the way training resizes them.
+    progress : bool
+        tqdm bars over the images.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``images/`` or ``masks/`` is missing (the message names the folder).
+    """
+    from tqdm import tqdm
+
+    root = Path(data_dir)
+    image_dir, mask_dir = root / "images", root / "masks"
+    for d in (image_dir, mask_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: folder not found (expected {root}/images and "
+                                    f"{root}/masks)")
+    n_images, n_masks = len(mio.list_images(image_dir)), len(mio.list_images(mask_dir))
+    pairing = mio.pair_files(image_dir, mask_dir)
+    problems: list[Problem] = []
+    problems += [Problem(_rel(p, root), UNPAIRED_IMAGE, f"no mask with stem '{mio.stem_key(p)}'",
+                         "error") for p in pairing.unpaired_images]
+    problems += [Problem(_rel(p, root), UNPAIRED_MASK, f"no image with stem '{mio.stem_key(p)}'",
+                         "error") for p in pairing.unpaired_masks]
+    problems += [Problem(k, DUPLICATE_STEM, "more than one file with this stem in one folder; "
+                         "only the first is analysed") for k in pairing.duplicates]
+
+    # Pass 1: integrity; keeps only the resized masks in memory.
+    records: list[ImageRecord] = []
+    for ip, mp in tqdm(pairing.pairs, desc="integrity", unit="img", disable=not progress):
+        rec, probs = inspect_pair(ip, mp, image_size, root)
+        problems += probs
+        if rec is not None:
+            records.append(rec)
+    by_hash: dict[str, ImageRecord] = {}
+    for rec in records:
+        first = by_hash.setdefault(rec.image_hash, rec)
+        if first is not rec:
+            problems.append(Problem(_rel(rec.image_path, root), DUPLICATE_IMAGE,
+                                    f"identical pixels to {_rel(first.image_path, root)}"))
+
+    median_area = float(mm.estimate_bead_area(r.mask for r in records)) if records else 0.0
+    radius = math.sqrt(median_area / math.pi) if median_area > 0 else float("nan")
+
+    # Pass 2: statistics on the training-preprocessed image and mask.
+    for rec in tqdm(records, desc="statistics", unit="img", disable=not progress):
+        img = _analysis_image(rec.image_path, image_size)
+        rec.stats, rec.candidates = image_statistics(
+            img, rec.mask, median_area=median_area, bead_radius=radius
+        )
+
+    # Inverted contrast: dark-rim prior unless the dataset itself says otherwise.
+    pol = np.array([r.stats["polarity"] for r in records], dtype=np.float64)
+    finite = pol[np.isfinite(pol)]
+    expected = 1.0
+    if finite.size >= POLARITY_CONSENSUS_MIN and abs(float(np.median(finite))) > POLARITY_MARGIN:
+        expected = float(np.sign(np.median(finite)))
+    inverted = set()
+    for rec in records:
+        p = rec.stats["polarity"]
+        if math.isfinite(p) and p * expected < -POLARITY_MARGIN:
+            inverted.add(rec.name)
+            side = "brighter" if expected > 0 else "darker"
+            problems.append(Problem(
+                _rel(rec.image_path, root), INVERTED,
+                f"inside the mask is {side} than the ring around it (polarity {p:+.3f}, "
+                f"dataset median {float(np.median(finite)) if finite.size else float('nan'):+.3f})"
+                "; inverted image or a mask of the background?"))
+
+    # Partial masks: thresholds calibrated on the labelled beads of non-inverted images.
+    ok = [r for r in records if r.candidates and r.name not in inverted]
+    calib = calibrate_candidates(
+        np.concatenate([r.candidates["bead_response"] for r in ok]) if ok else [],
+        np.concatenate([r.candidates["bead_ring"] for r in ok]) if ok else [],
+    )
+    for rec in records:
+        s = rec.stats
+        if rec.name in inverted or not rec.candidates or not math.isfinite(
+            calib["response_threshold"]
+        ):
+            s.update(n_bead_candidates=None, n_unlabelled_candidates=None,
+                     unlabelled_fraction=None, partial_mask_suspect=False)
+            continue
+        unl = unlabelled_candidates(rec.candidates, calib)
+        passing = (rec.candidates["response"] >= calib["response_threshold"]) & (
+            rec.candidates["ring"] >= calib["ring_threshold"])
+        suspect, frac = is_partial_suspect(int(unl.sum()), int(passing.sum()))
+        rec.candidates["unlabelled"] = unl
+        s.update(n_bead_candidates=int(passing.sum()), n_unlabelled_candidates=int(unl.sum()),
+                 unlabelled_fraction=frac, partial_mask_suspect=suspect)
+
+    # Errors (files not analysed) first, then by file: the table reads as a to-do list.
+    problems.sort(key=lambda p: (p.severity != "error", p.file, p.problem))
+    problem_by_file: dict[str, list[str]] = {}
+    for p in problems:
+        problem_by_file.setdefault(Path(p.file).stem, []).append(p.problem)
+    for rec in records:
+        rec.problems = sorted(set(problem_by_file.get(rec.image_path.stem, [])
+                                  + problem_by_file.get(rec.mask_path.stem, [])))
+
+    summary = build_summary(records, problems, image_size=image_size, median_area=median_area,
+                            n_images=n_images, n_masks=n_masks, n_pairs=len(pairing.pairs))
+    summary["pixel_scale"] = _pixel_scale(root)
+    summary["partial_mask_calibration"] = calib
+    if records:
+        config, evidence = recommend_config(summary, val_fraction=val_fraction)
+    else:
+        config, evidence = {}, {}
+    return Analysis(root, image_size, records, problems, summary, config, evidence, calib,
+                    n_images, n_masks)
+
+
+def build_summary(records: list[ImageRecord], problems: list[Problem], *, image_size: int,
+                  median_area: float, n_images: int, n_masks: int, n_pairs: int) -> dict:
+    """Dataset-level numbers (the keys users already read, plus the new ones)."""
+    st = [r.stats for r in records]
+    n = len(records)
+    pos_m, pos_s = _mean_std([s["positive_ratio"] for s in st])
+    obj_m, obj_s = _mean_std([s["n_objects"] for s in st])
+    bead_m, bead_s = _mean_std([s["n_beads"] for s in st])
+    bri_m, bri_s = _mean_std([r.brightness for r in records])
+    con_m, con_s = _mean_std([r.contrast for r in records])
+    foc_m, foc_s = _mean_std([s["focus"] for s in st])
+    areas = np.concatenate([s["areas"] for s in st]) if st else np.zeros(0)
+    diam = equivalent_diameter(areas)
+    suspects = [r.name for r in records if r.stats.get("partial_mask_suspect")]
+    widths = [r.native_shape[1] for r in records]
+    heights = [r.native_shape[0] for r in records]
+    sizes = Counter(f"{w}x{h}" for w, h in zip(widths, heights))
+    encodings = Counter(r.mask_encoding for r in records)
+    two_level = {k: v for k, v in encodings.items() if k in ("0/255", "0/1", "0/65535")}
+    overall = next(iter(two_level)) if len(two_level) == 1 else ("mixed" if two_level else "none")
+    empty = sum(1 for s in st if s["n_objects"] == 0)
+    edges, hist = objects_histogram([s["n_objects"] for s in st])
+    bead_diam = float(equivalent_diameter(median_area)) if median_area > 0 else float("nan")
+    summary = {
+        # --- keys users already read
+        "dataset_size": n,
+        "mean_positive_ratio": pos_m,
+        "std_positive_ratio": pos_s,
+        "mean_objects_per_image": obj_m,
+        "std_objects_per_image": obj_s,
+        "mean_object_size": float(areas.mean()) if areas.size else float("nan"),
+        "partial_mask_suspects": len(suspects),
+        "partial_mask_ratio": len(suspects) / n if n else float("nan"),
+        "mean_brightness": bri_m,
+        "std_brightness": bri_s,
+        # --- new
+        "analysis_image_size": int(image_size),
+        "native_sizes": dict(sizes),
+        "native_size": int(np.median(widths)) if widths else None,
+        "n_image_files": n_images,
+        "n_mask_files": n_masks,
+        "n_pairs": n_pairs,
+        "n_integrity_problems": len(problems),
+        "integrity_problem_counts": dict(Counter(p.problem for p in problems)),
+        "n_files_not_analysed": sum(1 for p in problems if p.severity == "error"),
+        "mask_encodings": dict(encodings),
+        "mask_encoding_overall": overall,
+        "mean_beads_per_image": bead_m,
+        "std_beads_per_image": bead_s,
+        "total_objects": int(sum(s["n_objects"] for s in st)),
+        "total_beads": int(sum(s["n_beads"] for s in st)),
+        "median_object_size": float(np.median(areas)) if areas.size else float("nan"),
+        "mean_equiv_diameter_px": float(diam.mean()) if diam.size else float("nan"),
+        "median_bead_area_px": median_area if median_area > 0 else float("nan"),
+        "median_bead_diameter_px": bead_diam,
+        "mean_contrast": con_m,
+        "std_contrast": con_s,
+        "mean_focus": foc_m,
+        "std_focus": foc_s,
+        "empty_masks": empty,
+        "empty_mask_fraction": empty / n if n else float("nan"),
+        "partial_mask_suspect_files": suspects,
+        "objects_per_image": [s["n_objects"] for s in st],
+        "objects_per_image_histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
+        "per_dilution": per_dilution(records),
+    }
+    return summary
+
+
+def per_dilution(records: list[ImageRecord]) -> dict:
+    """Group statistics by the ``NNNx_`` dilution token of the file name.
+
+    Returns ``{}`` when no file name carries one; files without a token go to ``"none"``.
+    """
+    groups: dict[str, list[ImageRecord]] = {}
+    for r in records:
+        d = mio.parse_dilution(r.name)
+        groups.setdefault("none" if d is None else str(d), []).append(r)
+    if set(groups) <= {"none"}:
+        return {}
+    out = {}
+    for key in sorted(groups, key=lambda k: (k == "none", int(k) if k.isdigit() else 0)):
+        g = groups[key]
+        obj_m, obj_s = _mean_std([r.stats["n_objects"] for r in g])
+        bead_m, bead_s = _mean_std([r.stats["n_beads"] for r in g])
+        pos_m, _ = _mean_std([r.stats["positive_ratio"] for r in g])
+        bri_m, _ = _mean_std([r.brightness for r in g])
+        out[key] = {
+            "n_images": len(g), "mean_objects_per_image": obj_m, "std_objects_per_image": obj_s,
+            "mean_beads_per_image": bead_m, "std_beads_per_image": bead_s,
+            "mean_positive_ratio": pos_m, "mean_brightness": bri_m,
+            "partial_mask_suspects": sum(bool(r.stats.get("partial_mask_suspect")) for r in g),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pick_samples(records: list[ImageRecord], k: int = 8) -> list[ImageRecord]:
+    """Up to ``k`` records evenly spread over the density range (sorted by beads, then
+    positive ratio), always including the sparsest and the densest."""
+    if not records:
+        return []
+    order = sorted(records, key=lambda r: (r.stats["n_beads"], r.stats["positive_ratio"],
+                                           r.name))
+    idx = np.unique(np.rint(np.linspace(0, len(order) - 1, min(k, len(order)))).astype(int))
+    return [order[i] for i in idx]
+
+
+def plot_samples(analysis: Analysis, path: Path, k: int = 8) -> list[str]:
+    """Overlay figure: mask outline (red) and unlabelled bead-like candidates (yellow)."""
+    plt = _pyplot()
+    chosen = pick_samples(analysis.records, k)
+    if not chosen:
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.text(0.5, 0.5, "no analysable image", ha="center", va="center")
+        ax.axis("off")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return []
+    cols = min(4, len(chosen))
+    rows = math.ceil(len(chosen) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 4.1 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, rec in zip(axes.ravel(), chosen):
+        img = _analysis_image(rec.image_path, analysis.image_size)
+        m = rec.mask.astype(bool)
+        edge = m & ~ndi.binary_erosion(m, structure=np.ones((3, 3), bool))
+        rgb = np.repeat(img[..., None], 3, axis=-1)
+        rgb[edge] = (1.0, 0.1, 0.1)
+        ax.imshow(rgb, interpolation="nearest")
+        c = rec.candidates
+        if c and "unlabelled" in c and c["unlabelled"].any():
+            r = math.sqrt(analysis.summary["median_bead_area_px"] / math.pi)
+            for y, x in zip(c["y"][c["unlabelled"]], c["x"][c["unlabelled"]]):
+                ax.add_patch(plt.Circle((x, y), r * 1.2, fill=False, color="yellow", lw=1.2))
+        name = rec.name if len(rec.name) <= 34 else rec.name[:15] + "..." + rec.name[-16:]
+        flag = " [partial?]" if rec.stats.get("partial_mask_suspect") else ""
+        ax.set_title(f"{name}\nobjects {rec.stats['n_objects']}, beads {rec.stats['n_beads']}, "
+                     f"fg {rec.stats['positive_ratio']:.1%}{flag}", fontsize=8)
+    fig.suptitle("Samples across the density range (red: mask outline, yellow: bead-like "
+                 "blobs not in the mask)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (4.1 * rows + 0.4)), h_pad=1.5)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [r.name for r in chosen]
+
+
+def plot_distributions(analysis: Analysis, path: Path) -> None:
+    """Six panels: positive ratio, objects/beads per image (every image), object size,
+    brightness vs contrast, beads vs objects, focus."""
+    plt = _pyplot()
+    recs = analysis.records
+    s = analysis.summary
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    (a1, a2, a3), (a4, a5, a6) = axes
+    pos = [r.stats["positive_ratio"] for r in recs]
+    objs = [r.stats["n_objects"] for r in recs]
+    beads = [r.stats["n_beads"] for r in recs]
+    a1.hist(pos, bins=min(20, max(1, len(pos))), color="tab:blue", edgecolor="white")
+    a1.set(title="Positive pixel ratio", xlabel="foreground fraction", ylabel="images")
+    edges = np.asarray(s["objects_per_image_histogram"]["edges"])
+    if edges.size:
+        a2.hist(objs, bins=edges, color="tab:green", alpha=0.7, label="8-connected objects")
+        b_edges = objects_histogram(beads)[0]
+        a2.hist(beads, bins=b_edges, histtype="step", color="black", lw=1.5,
+                label="beads (touching split)")
+        a2.legend(fontsize=8)
+    a2.set(title=f"Objects per image (all {len(objs)} images)", xlabel="count",
+           ylabel="images")
+    areas = np.concatenate([r.stats["areas"] for r in recs]) if recs else np.zeros(0)
+    if areas.size:
+        a3.hist(equivalent_diameter(areas), bins=40, color="tab:orange", edgecolor="white")
+        if math.isfinite(s["median_bead_diameter_px"]):
+            a3.axvline(s["median_bead_diameter_px"], color="k", ls="--",
+                       label=f"single bead {s['median_bead_diameter_px']:.1f} px")
+            a3.legend(fontsize=8)
+    a3.set(title="Object size", xlabel=f"equivalent diameter (px at {analysis.image_size})",
+           ylabel="objects")
+    sc = a4.scatter([r.brightness for r in recs], [r.contrast for r in recs], c=beads,
+                    cmap="viridis", s=18)
+    if recs:
+        fig.colorbar(sc, ax=a4, label="beads")
+    a4.set(title="Brightness vs contrast (stored range)", xlabel="mean / full scale",
+           ylabel="std / full scale")
+    a5.scatter(objs, beads, s=14, color="tab:purple")
+    top = max(objs + beads + [1])
+    a5.plot([0, top], [0, top], "k:", lw=1)
+    a5.set(title="Touching beads split vs components", xlabel="objects (components)",
+           ylabel="beads")
+    a6.hist([r.stats["focus"] for r in recs], bins=min(20, max(1, len(recs))), color="tab:gray",
+            edgecolor="white")
+    a6.set(title="Focus (variance of Laplacian)", xlabel="focus", ylabel="images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, header, rows) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool | np.bool_):
+        return "yes" if x else "no"
+    if isinstance(x, int | np.integer):
+        return str(int(x))
+    x = float(x)
+    if not math.isfinite(x):
+        return "n/a"
+    return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.0f}"
+
+
+def per_image_rows(analysis: Analysis) -> list[list]:
+    """Rows of ``per_image.csv`` in :data:`PER_IMAGE_COLUMNS` order."""
+    rows = []
+    for r in analysis.records:
+        s = r.stats
+        d = mio.parse_dilution(r.name)
+        vals = [
+            r.name, r.mask_path.name, "" if d is None else d, r.native_shape[1],
+            r.native_shape[0], r.mask_encoding, s["n_objects"], s["n_beads"],
+            s["positive_ratio"], s["mean_object_area_px"], s["median_object_area_px"],
+            s["mean_equiv_diameter_px"], r.brightness, r.contrast, s["focus"], s["polarity"],
+            s["n_bead_candidates"], s["n_unlabelled_candidates"], s["unlabelled_fraction"],
+            int(bool(s["partial_mask_suspect"])), ";".join(r.problems),
+        ]
+        rows.append(["" if v is None or (isinstance(v, float) and not math.isfinite(v))
+                     else (f"{v:.6g}" if isinstance(v, float) else v) for v in vals])
+    return rows
+
+
+def _table(header, rows) -> str:
+    def esc(v):
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_report(analysis: Analysis, *, samples: list[str], runtime_s: float,
+                  command: str) -> str:
+    """Markdown report; every number is formatted from ``analysis`` (nothing typed in)."""
+    s, cfg, ev, cal = analysis.summary, analysis.config, analysis.evidence, analysis.calibration
+    n = s["dataset_size"]
+    out: list[str] = []
+    add = out.append
+    add("# Microbead dataset analysis\n")
+    add(f"Dataset `{analysis.data_dir}`: {s['n_image_files']} image files, "
+        f"{s['n_mask_files']} mask files, {s['n_pairs']} pairs, **{n} pairs analysed**. "
+        f"Generated by `{command}` in {runtime_s:.1f} s.\n")
+    add(f"All statistics are computed on the data **as training sees it**: each mask binarized "
+        f"and resized to {analysis.image_size}x{analysis.image_size} with "
+        f"`microbead_io.resize_mask` (nearest neighbour, re-binarized), each image percentile-"
+        f"normalised and resized with `microbead_io` exactly like `load_pair`. Native sizes: "
+        + ", ".join(f"{k} ({v} images)" for k, v in s["native_sizes"].items())
+        + (f"; pixel scale from dataset.json: {_fmt(s['pixel_scale'])}" if s["pixel_scale"]
+           else "") + ".\n")
+
+    add("## 1. Integrity check\n")
+    enc = ", ".join(f"{k}: {v}" for k, v in s["mask_encodings"].items()) or "none"
+    add(f"Mask encoding overall: **{s['mask_encoding_overall']}** ({enc}).\n")
+    if analysis.problems:
+        add(f"**{len(analysis.problems)} problem(s)**; `error` = file not analysed, "
+            "`warning` = analysed but suspicious. `--strict` exits non-zero on any row.\n")
+        add(_table(["file", "problem", "severity", "detail"],
+                   [[p.file, p.problem, p.severity, p.detail] for p in analysis.problems]))
+        add("")
+    else:
+        add("No problem found.\n")
+    add("Checks: pairing by stem (`microbead_io.pair_files`); every file decoded; mask value "
+        "set (two-level 0/255 expected; 0/1 and grey-level/anti-aliased masks reported); image "
+        "and mask sizes equal; duplicate images by SHA-1 of the decoded pixels; empty masks and "
+        f"masks with more than {NEARLY_FULL_RATIO:.0%} foreground; inverted contrast (below); "
+        "constant (blank) images.\n")
+    add(f"*Inverted contrast.* Beads are dark rims on a brighter background, so for each image "
+        f"the polarity = mean normalised intensity in a ring around the mask (hole-filled mask "
+        f"dilated by half a bead radius, minus the mask) - mean intensity inside the mask is "
+        f"positive. The expected sign is the dataset median's when at least "
+        f"{POLARITY_CONSENSUS_MIN} images have beads (else the dark-rim prior); an image is "
+        f"reported when its polarity has the opposite sign by more than {POLARITY_MARGIN} "
+        f"(normalised units). Median polarity: "
+        f"{_fmt(_median([r.stats['polarity'] for r in analysis.records]))}.\n")
+
+    add("## 2. Statistics\n")
+    rows = [
+        ["images analysed (`dataset_size`)", _fmt(n)],
+        ["objects per image (8-connected), mean ± std",
+         f"{_fmt(s['mean_objects_per_image'])} ± {_fmt(s['std_objects_per_image'])}"],
+        ["beads per image (touching beads split), mean ± std",
+         f"{_fmt(s['mean_beads_per_image'])} ± {_fmt(s['std_beads_per_image'])}"],
+        ["total objects / total beads", f"{s['total_objects']} / {s['total_beads']}"],
+        ["positive pixel ratio, mean ± std",
+         f"{_fmt(s['mean_positive_ratio'])} ± {_fmt(s['std_positive_ratio'])}"],
+        ["empty masks", f"{s['empty_masks']} ({_fmt(s['empty_mask_fraction'])})"],
+        ["object area px, mean / median (`mean_object_size`)",
+         f"{_fmt(s['mean_object_size'])} / {_fmt(s['median_object_size'])}"],
+        ["single-bead area px (median) / diameter px",
+         f"{_fmt(s['median_bead_area_px'])} / {_fmt(s['median_bead_diameter_px'])}"],
+        ["equivalent diameter of objects px, mean", _fmt(s["mean_equiv_diameter_px"])],
+        ["brightness (mean / full scale), mean ± std",
+         f"{_fmt(s['mean_brightness'])} ± {_fmt(s['std_brightness'])}"],
+        ["contrast (std / full scale), mean ± std",
+         f"{_fmt(s['mean_contrast'])} ± {_fmt(s['std_contrast'])}"],
+        ["focus (variance of Laplacian), mean ± std",
+         f"{_fmt(s['mean_focus'])} ± {_fmt(s['std_focus'])}"],
+        ["partial-mask suspects",
+         f"{s['partial_mask_suspects']} ({_fmt(s['partial_mask_ratio'])})"],
+    ]
+    add(_table(["quantity", f"value (at {analysis.image_size} px)"], rows))
+    add("")
+    add("Definitions: objects are 8-connected components of the resized mask; beads come from "
+        "`microbead_metrics.count_beads` (components larger than 1.5 single-bead areas split by "
+        "a distance-transform watershed, fragments below a quarter bead dropped), with the "
+        "single-bead area = median area of compact interior components over the whole dataset "
+        "(`estimate_bead_area`). Brightness and contrast are the mean and standard deviation of "
+        "the *stored* image divided by its full scale (255, 65535), because normalisation "
+        "removes them from what the network sees. Means and stds are over images (population "
+        "std); object areas are pooled over all objects. Per-image values: `per_image.csv`.\n")
+    if s["per_dilution"]:
+        add("### Per dilution\n")
+        add(_table(["dilution", "images", "objects/image", "beads/image", "positive ratio",
+                    "brightness", "partial suspects"],
+                   [[f"{k}x" if k != "none" else "none", v["n_images"],
+                     f"{_fmt(v['mean_objects_per_image'])} ± {_fmt(v['std_objects_per_image'])}",
+                     f"{_fmt(v['mean_beads_per_image'])} ± {_fmt(v['std_beads_per_image'])}",
+                     _fmt(v["mean_positive_ratio"]), _fmt(v["mean_brightness"]),
+                     v["partial_mask_suspects"]] for k, v in s["per_dilution"].items()]))
+        add("")
+    add("### Figures\n")
+    add("![distributions](distribution_analysis.png)\n")
+    add(f"Objects-per-image histogram: {len(s['objects_per_image_histogram']['counts'])} bins "
+        f"holding {sum(s['objects_per_image_histogram']['counts'])} of {n} images (none "
+        "dropped).\n")
+    add("![samples](sample_images.png)\n")
+    add("Samples (spread over the density range): " + ", ".join(f"`{x}`" for x in samples)
+        + ".\n")
+
+    add("## 3. Partial-mask suspects\n")
+    add(f"Method: at the median bead radius r = {_fmt(_radius(s))} px, a difference of "
+        "Gaussians (sigma 0.7 r and 2 r) of the darkness (1 - normalised image) peaks at the "
+        "centre of each dark ring; local maxima at least r from the border are candidates. A "
+        "ring score (mean darkness on the annulus 0.6-1.2 r minus the central disc <= 0.4 r) "
+        "separates rings from filled debris. Both thresholds are calibrated on the labelled "
+        f"beads themselves: {CANDIDATE_RESPONSE_FRACTION:g} x the median response and "
+        f"{CANDIDATE_RING_FRACTION:g} x the median ring score at the centroids of "
+        f"{cal['n_calibration_beads']} labelled single beads (thresholds "
+        f"{_fmt(cal['response_threshold'])} and {_fmt(cal['ring_threshold'])}). A candidate "
+        "whose centre is outside the hole-filled mask dilated by r/2 is *unlabelled*; an image "
+        f"is a suspect when it has >= {PARTIAL_MIN_UNLABELLED} unlabelled candidates making "
+        f">= {PARTIAL_MIN_FRACTION:.0%} of all its candidates (candidates against candidates, "
+        "so the detector's lower recall in dense, touching clusters cancels out). Inverted "
+        "images are not assessed. The check finds missing ring-like beads; it cannot see "
+        "beads the detector misses, and debris that looks like a ring would count.\n")
+    sus = [r for r in analysis.records if r.stats.get("partial_mask_suspect")]
+    if sus:
+        add(_table(["file", "beads in mask", "candidates", "unlabelled candidates", "fraction"],
+                   [[r.name, r.stats["n_beads"], r.stats["n_bead_candidates"],
+                     r.stats["n_unlabelled_candidates"],
+                     _fmt(r.stats["unlabelled_fraction"])] for r in sus]))
+        add("")
+    else:
+        add("No suspect.\n")
+
+    add("## 4. Recommended training configuration\n")
+    if cfg:
+        add("`recommended_config.json` (use with `python train_microbead_optimized.py --config "
+            "recommended_config.json`; evidence also in `recommended_config_evidence.json`):\n")
+        add("```json\n" + json.dumps(cfg, indent=2) + "\n```\n")
+        e = ev["image_size"]["evidence"]
+        add(f"- **image_size = {cfg['image_size']}, depth = {cfg['depth']}.** The U-Nets in "
+            f"`models.py` with depth {e['assumed_depth']} (two 3x3 convolutions per level, 2x2 "
+            f"pooling) have a theoretical receptive field of {e['receptive_field_px']} px; the "
+            "effective one is much smaller (Luo et al. 2016). A bead should span >= "
+            f"{MIN_BEAD_DIAMETER_PX:g} px so its rim survives the first pooling steps, and at "
+            f"most RF/4 = {e['receptive_field_px'] / 4:g} px so a bead plus its surroundings fit "
+            f"in the field. Measured median bead diameter: "
+            f"{_fmt(e['median_bead_diameter_native_px'])} px at the native tile size "
+            f"{e['native_tile_size']}, {_fmt(e['median_bead_diameter_at_recommended_size_px'])} "
+            f"px at the recommended size ({e['decision']}). Smallest input size still giving "
+            f"{MIN_BEAD_DIAMETER_PX:g} px beads: {_fmt(e['smallest_size_keeping_min_diameter'])}"
+            " (a faster, lower-resolution option).")
+        e = ev["loss"]["evidence"]
+        add(f"- **loss = {cfg['loss']}.** Rule: {ev['loss']['rule']}. Measured foreground ratio "
+            f"{_fmt(e['mean_positive_ratio'])}, empty masks {_fmt(e['empty_mask_fraction'])}. "
+            "Pixel-wise BCE is averaged over pixels, so with a small foreground its gradient is "
+            "dominated by background; Dice is a ratio over the foreground and insensitive to "
+            "it (Milletari et al. 2016) but degenerate on empty masks; BCE + Dice is the "
+            "robust default across 23 datasets in nnU-Net (Isensee et al. 2021).")
+        e = ev["batch_size"]["evidence"]
+        add(f"- **batch_size = {cfg['batch_size']}, val_fraction = {cfg['val_fraction']:g}.** "
+            f"{e['dataset_size']} images -> {e['n_train']} for training; rule: "
+            f"{ev['batch_size']['rule']} (memory cap {e['memory_cap']}).")
+        e = ev["steps_per_epoch"]["evidence"]
+        add(f"- **steps_per_epoch = {cfg['steps_per_epoch']}.** One pass over the training set "
+            f"is {e['batches_per_pass']} batches; rule: {ev['steps_per_epoch']['rule']}. "
+            "Early stopping and learning-rate schedules count epochs, so fixed-length epochs "
+            "make them behave the same on small and large datasets.")
+        e = ev["density_bins"]["evidence"]
+        add(f"- **density_bins = {cfg['density_bins']}.** Images per stratum: "
+            f"{e['images_per_stratum']}. Rule: {ev['density_bins']['rule']}. Stratifying the "
+            "train/validation split by density keeps dense and sparse tiles on both sides.")
+        add("- Not recommended here: learning rate, epochs, patience. Nothing measured in the "
+            "dataset supports a value for them (in particular the learning rate does not need "
+            "to scale with objects per image), so the trainer's defaults apply.\n")
+    else:
+        add("No recommendation: no image could be analysed.\n")
+    add("## Files\n")
+    add("`summary.json`, `per_image.csv`, `per_dilution.csv`, `integrity_problems.csv`, "
+        "`distribution_analysis.png`, `sample_images.png`, `recommended_config.json`, "
+        "`recommended_config_evidence.json`, `analysis.log`.\n")
+    return "\n".join(out)
+
+
+def _median(values) -> float:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    return float(np.median(v)) if v.size else float("nan")
+
+
+def _radius(summary: dict) -> float:
+    a = summary.get("median_bead_area_px")
+    return math.sqrt(a / math.pi) if a is not None and math.isfinite(a) and a > 0 else float(
+        "nan")
+
+
+def check_output_dir(output_dir: Path, data_dir: Path) -> None:
+    """Refuse an output folder inside the data folder or one holding foreign result files.
+
+    An existing folder is used when it carries this script's manifest, or when none of the
+    file names this script writes exists there (other files are never touched).
+
+    Raises
+    ------
+    OutputDirError
+        One-line message naming the folder or the clashing files.
+    """
+    out, data = output_dir.resolve(), data_dir.resolve()
+    if out == data or data in out.parents:
+        raise OutputDirError(f"{output_dir}: output folder is inside the data folder {data_dir}; "
+                             "choose another --output_dir (the dataset is never written to)")
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"{output_dir}: exists and is not a folder")
+    if not out.is_dir():
+        return
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()).get("generator") == SCRIPT_NAME:
+                return
+        except (ValueError, OSError, AttributeError):
+            pass
+    clashes = [f for f in OUTPUT_FILES if (out / f).exists()]
+    if clashes:
+        raise OutputDirError(
+            f"{output_dir}: holds {', '.join(clashes)} not written by {SCRIPT_NAME} (no "
+            f"{MANIFEST}); choose another --output_dir or remove them")
+
+
+def write_outputs(analysis: Analysis, out: Path, *, t0: float, command: str) -> dict:
+    """Write every output file; returns the summary as written."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / MANIFEST, json.dumps({"generator": SCRIPT_NAME,
+                                            "files": list(OUTPUT_FILES)}, indent=2) + "\n")
+    _write_csv(out / "integrity_problems.csv", ["file", "problem", "detail", "severity"],
+               [[p.file, p.problem, p.detail, p.severity] for p in analysis.problems])
+    _write_csv(out / "per_image.csv", PER_IMAGE_COLUMNS, per_image_rows(analysis))
+    dil = analysis.summary["per_dilution"]
+    cols = ["dilution", "n_images", "mean_objects_per_image", "std_objects_per_image",
+            "mean_beads_per_image", "std_beads_per_image", "mean_positive_ratio",
+            "mean_brightness", "partial_mask_suspects"]
+    _write_csv(out / "per_dilution.csv", cols,
+               [[k] + [_jsonable(v[c]) for c in cols[1:]] for k, v in dil.items()])
+    plot_distributions(analysis, out / "distribution_analysis.png")
+    samples = plot_samples(analysis, out / "sample_images.png")
+    summary = dict(analysis.summary)
+    summary.pop("objects_per_image", None)  # per image: per_image.csv
+    summary["sample_images"] = samples
+    summary["runtime_s"] = round(time.perf_counter() - t0, 3)
+    _write_text(out / "summary.json", json.dumps(_jsonable(summary), indent=2) + "\n")
+    _write_text(out / "recommended_config.json", json.dumps(_jsonable(analysis.config),
+                                                            indent=2) + "\n")
+    _write_text(out / "recommended_config_evidence.json",
+                json.dumps(_jsonable(analysis.evidence), indent=2) + "\n")
+    _write_text(out / REPORT, render_report(analysis, samples=samples,
+                                            runtime_s=summary["runtime_s"], command=command))
+    return summary
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options (every underscore flag also accepts its hyphenated spelling)."""
+    p = argparse.ArgumentParser(
+        description="Integrity check, statistics and a recommended training config for a "
+                    "microbead dataset (DATA/images + DATA/masks). Runs without TensorFlow.")
+    p.add_argument("--data_dir", "--data-dir", default="dataset_microscope", type=Path,
+                   help="dataset folder with images/ and masks/ (default: %(default)s)")
+    p.add_argument("--output_dir", "--output-dir", default="dataset_analysis", type=Path,
+                   help="results folder, never inside --data_dir (default: %(default)s)")
+    p.add_argument("--image_size", "--image-size", default=256, type=int,
+                   help="size masks/images are resized to, as in training (default: %(default)s)")
+    p.add_argument("--val_fraction", "--val-fraction", default=DEFAULT_VAL_FRACTION, type=float,
+                   help="validation fraction the batch-size recommendation assumes "
+                        "(default: %(default)s)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit non-zero if the integrity check finds any problem")
+    p.add_argument("--no_progress", "--no-progress", action="store_true",
+                   help="no progress bars")
+    args = p.parse_args(argv)
+    if args.image_size < 16:
+        p.error(f"--image_size must be >= 16, got {args.image_size}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        p.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    return args
+
+
+def _add_handler(logger: logging.Logger, handler: logging.Handler) -> logging.Handler:
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    return handler
+
+
+def _quiet_opencv() -> int | None:
+    """Silence OpenCV's native decoder chatter (we report each unreadable file in one line);
+    returns the previous level, None where this OpenCV build has no logging API."""
+    try:
+        from cv2.utils import logging as cvlog
+
+        previous = cvlog.getLogLevel()
+        cvlog.setLogLevel(cvlog.LOG_LEVEL_SILENT)
+        return previous
+    except (ImportError, AttributeError):
+        return None
+
+
+def main(argv=None) -> int:
+    """Run the analysis; returns the exit status (see the module docstring)."""
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    cv_level = _quiet_opencv()
+    logger = logging.getLogger("microbead")
+    logger.setLevel(logging.INFO)
+    handlers = [_add_handler(logger, logging.StreamHandler(sys.stderr))]
+    command = "python " + " ".join([SCRIPT_NAME, *(sys.argv[1:] if argv is None else argv)])
+    try:
+        if not args.data_dir.is_dir():
+            log.error("%s: data folder not found", args.data_dir)
+            return 2
+        try:
+            check_output_dir(args.output_dir, args.data_dir)
+        except OutputDirError as exc:
+            log.error("%s", exc)
+            return 2
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(_add_handler(
+            logger, logging.FileHandler(args.output_dir / LOG_FILE, mode="w", encoding="utf-8")))
+        log.info("analysing %s at %d px -> %s", args.data_dir, args.image_size, args.output_dir)
+        try:
+            analysis = analyze_dataset(args.data_dir, image_size=args.image_size,
+                                       progress=not args.no_progress,
+                                       val_fraction=args.val_fraction)
+        except (FileNotFoundError, mio.PairingError) as exc:
+            log.error("%s", exc)
+            return 2
+        summary = write_outputs(analysis, args.output_dir, t0=t0, command=command)
+        for p in analysis.problems:
+            (log.error if p.severity == "error" else log.warning)(
+                "%s: %s: %s", p.file, p.problem, p.detail)
+        n_err = sum(p.severity == "error" for p in analysis.problems)
+        log.info("%d pairs analysed in %.1f s; %d integrity problem(s) (%d file(s) not "
+                 "analysed); mask encoding %s; %d partial-mask suspect(s); report %s",
+                 summary["dataset_size"], summary["runtime_s"], len(analysis.problems), n_err,
+                 summary["mask_encoding_overall"], summary["partial_mask_suspects"],
+                 args.output_dir / REPORT)
+        if not analysis.records:
+            log.error("%s: no image/mask pair could be analysed", args.data_dir)
+            return 2
+        if n_err or (args.strict and analysis.problems):
+            return 1
+        return 0
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+        if cv_level is not None:
+            from cv2.utils import logging as cvlog
+
+            cvlog.setLogLevel(cv_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

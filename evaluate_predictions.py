@@ -1,0 +1,929 @@
+"""Evaluate predicted bead masks against ground truth: pixel, object and bead-count metrics.
+
+Answers "can these masks and counts be trusted?" per image, not only pooled over a folder, so
+failures on dense or empty images stay visible. Runs without TensorFlow (NumPy, SciPy,
+scikit-image, OpenCV, matplotlib).
+
+Inputs
+------
+``--pred_dir``: a folder of predicted masks, or the output folder of ``predict_microscope.py``
+  (then ``masks/`` is used, and ``labels/`` when present). Masks are 0/255 or 0/1 images.
+``--gt_dir``: the true masks folder (or a dataset root holding ``masks/``). A sibling
+  ``labels/`` next to a ``masks/`` folder is used as true instance labels (logged);
+  ``--gt_labels_dir`` names one explicitly.
+Files pair by stem, tolerating ``_mask``/``-mask``/``_labels`` suffixes and different
+extensions (``microbead_io.pair_files``); unpaired files are listed by name. A prediction and
+truth of different sizes is an error naming both, unless ``--resize pred_to_truth`` (nearest
+neighbour, re-binarized; flagged per image).
+
+Instances
+---------
+From label images when given, else from the binary mask with ``microbead_metrics.label_beads``
+(connected components with the touching-bead split the predictor uses). The single-bead area
+it needs is estimated once from all truth masks (``estimate_bead_area``) and used for truth
+and prediction alike (logged; ``--median_area`` overrides). Truth masks of several sizes
+(tiles and full frames) get one estimate per size.
+
+Metrics (definitions in ``microbead_metrics``)
+------------------------------------------------
+* Pixel, per image and pooled (summed TP/FP/FN/TN): Jaccard (IoU), Dice, precision, recall,
+  accuracy. Truth and prediction both empty -> 1; exactly one empty -> 0 (accuracy excepted).
+  Precision with no predicted pixels is 1 if the truth is empty, else 0 (recall likewise).
+  Same numbers as ``models.jacard_coef`` / ``dice_coef`` in training (tested).
+* Objects: one-to-one Hungarian matching by IoU, a match when IoU >= threshold, at
+  ``--iou_threshold`` and at 0.50, 0.55 ... 0.95: TP, FP, FN, precision, recall, F1, mean
+  matched IoU, panoptic quality = sum matched IoU / (TP + FP/2 + FN/2). No true and no
+  predicted objects -> precision = recall = F1 = PQ = 1.
+* Counts: true and predicted bead counts, signed error (pred - true), absolute error,
+  relative error |pred - true| / max(true, 1); over images MAE, mean relative error, bias and
+  R^2 about y = x.
+* Per-density groups: by true bead count in bins 0, 1-10, 11-50, 51-150, >150 (``--density_bins``
+  changes the edges) and by dilution when names carry ``NNNx_``.
+
+Outputs (``--output_dir``; created; an existing non-empty folder is refused unless
+``--overwrite``, which deletes and rewrites the files named here and touches nothing else;
+the folder may not lie inside the truth dataset)
+--------------------------------------------------------------------------------------
+``per_image_metrics.csv``, ``summary.json``, ``evaluation_report.md``, ``evaluate.log``,
+and unless ``--no_figures``: ``count_scatter.png`` (predicted vs true count, y = x, R^2),
+``iou_per_image.png`` (sorted bars), ``f1_vs_iou_threshold.png``, ``worst_images.png``
+(``--worst`` images with the lowest IoU: TP green, FP red, FN blue; large frames are
+downsampled for display only).
+
+Exit status: 0 on success; 1 when any pair failed (unreadable file, size mismatch) or, with
+``--strict``, when any file is unpaired; 2 on unusable arguments. Failures are listed at the
+end and in the report; the other images are still evaluated.
+
+Example
+-------
+    python evaluate_predictions.py --pred_dir predictions/ --gt_dir test_masks/ \\
+        --output_dir evaluation/ --iou_threshold 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+import microbead_io as mio
+import microbead_metrics as mm
+
+log = logging.getLogger("microbead.evaluate")
+
+CSV_NAME = "per_image_metrics.csv"
+SUMMARY_NAME = "summary.json"
+REPORT_NAME = "evaluation_report.md"
+LOG_NAME = "evaluate.log"
+FIG_COUNTS = "count_scatter.png"
+FIG_IOU = "iou_per_image.png"
+FIG_F1 = "f1_vs_iou_threshold.png"
+FIG_WORST = "worst_images.png"
+OUTPUT_FILES = (CSV_NAME, SUMMARY_NAME, REPORT_NAME, LOG_NAME, FIG_COUNTS, FIG_IOU, FIG_F1,
+                FIG_WORST)
+
+#: Upper edges of the true-count bins: 0, 1-10, 11-50, 51-150, >150. Tiles of 256 px hold
+#: tens of beads, full frames thousands, so the bins separate empty, sparse, typical-tile,
+#: dense-tile and frame-scale images.
+DEFAULT_DENSITY_EDGES = (0, 10, 50, 150)
+PIXEL_KEYS = ("jaccard", "dice", "precision", "recall", "accuracy")
+OBJECT_KEYS = ("precision", "recall", "f1", "mean_matched_iou", "panoptic_quality")
+# Longest side of a gallery panel in pixels: 4K frames are downsampled for display only.
+GALLERY_MAX_SIDE = 720
+
+
+class EvaluationError(Exception):
+    """One-line, file-naming error for one prediction/truth pair."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_dirs(path: str | Path, labels_dir: str | Path | None = None, *, role: str = "",
+                 ) -> tuple[Path, Path | None, str]:
+    """Masks folder and optional labels folder for a ``--pred_dir`` / ``--gt_dir`` argument.
+
+    ``PATH/masks/`` is used when it exists (predictor output or dataset root), and then
+    ``PATH/labels/`` if present; a folder named ``masks`` with a sibling ``labels/`` gets that
+    sibling. An explicit ``labels_dir`` wins.
+
+    Returns
+    -------
+    (masks_dir, labels_dir or None, note) where ``note`` says what was detected.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming the missing folder.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: {role} folder not found")
+    masks, labels, note = p, None, f"{role} masks: {p}"
+    if (p / "masks").is_dir():
+        masks = p / "masks"
+        note = f"{role} masks: {masks} (found masks/ inside {p})"
+        if (p / "labels").is_dir():
+            labels = p / "labels"
+    elif p.name == "masks" and (p.parent / "labels").is_dir():
+        labels = p.parent / "labels"
+    if labels is not None:
+        note += f"; instance labels from sibling folder {labels}"
+    if labels_dir is not None:
+        labels = Path(labels_dir)
+        if not labels.is_dir():
+            raise FileNotFoundError(f"{labels}: {role} labels folder not found")
+        note = f"{role} masks: {masks}; instance labels from {labels}"
+    return masks, labels, note
+
+
+def index_by_stem(directory: Path | None) -> dict[str, Path]:
+    """``stem_key -> path`` for the images in ``directory`` (first one wins on duplicates)."""
+    if directory is None:
+        return {}
+    out: dict[str, Path] = {}
+    for f in mio.list_images(directory):
+        k = mio.stem_key(f)
+        if k in out:
+            log.warning("%s: more than one label file with stem %r, using %s", f, k, out[k].name)
+            continue
+        out[k] = f
+    return out
+
+
+def density_bins(edges: Sequence[int] = DEFAULT_DENSITY_EDGES) -> list[tuple[int, float, str]]:
+    """Bins ``(low, high, name)`` from upper edges: ``(0, 10, 50)`` -> 0, 1-10, 11-50, >50."""
+    edges = sorted(int(e) for e in edges)
+    bins, low = [], 0
+    for e in edges:
+        bins.append((low, e, str(e) if low == e else f"{low}-{e}"))
+        low = e + 1
+    bins.append((low, math.inf, f">{low - 1}"))
+    return bins
+
+
+def density_bin(n_true: int, bins: list[tuple[int, float, str]]) -> str:
+    """Name of the bin that holds a true bead count."""
+    for low, high, name in bins:
+        if low <= n_true <= high:
+            return name
+    return bins[-1][2]
+
+
+def _read_labels(path: Path, shape: tuple[int, int], mask_path: Path, *,
+                 resize: bool = False) -> np.ndarray:
+    """Label image that must match its mask's ``shape`` (resampled nearest first if asked)."""
+    lab = mio.read_labels(path)
+    if resize and lab.shape != shape:
+        lab = mio.resize_labels(lab, shape)
+    if lab.shape != shape:
+        raise EvaluationError(
+            f"{path} is {lab.shape[1]}x{lab.shape[0]} but its mask {mask_path} is "
+            f"{shape[1]}x{shape[0]}"
+        )
+    return lab
+
+
+def load_pair_masks(pred_path: Path, true_path: Path, *, resize: str = "none",
+                    ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Read a prediction and truth mask; ``(pred, truth, resized)``, uint8 ``{0,1}`` ``(H, W)``.
+
+    Raises
+    ------
+    EvaluationError
+        When sizes differ and ``resize == "none"``; the message names both files.
+    """
+    pred = mio.read_mask(pred_path)
+    truth = mio.read_mask(true_path)
+    if pred.shape == truth.shape:
+        return pred, truth, False
+    if resize != "pred_to_truth":
+        raise EvaluationError(
+            f"prediction {pred_path} is {pred.shape[1]}x{pred.shape[0]} but truth {true_path} "
+            f"is {truth.shape[1]}x{truth.shape[0]} (use --resize pred_to_truth to resample "
+            "the prediction)"
+        )
+    return mio.resize_mask(pred, truth.shape), truth, True
+
+
+def evaluate_pair(
+    pred_path: Path,
+    true_path: Path,
+    *,
+    pred_labels_path: Path | None = None,
+    true_labels_path: Path | None = None,
+    median_area: float = 0.0,
+    thresholds: Sequence[float] = mm.IOU_THRESHOLDS,
+    iou_threshold: float = 0.5,
+    resize: str = "none",
+    bins: list[tuple[int, float, str]] | None = None,
+) -> tuple[dict, dict[float, dict]]:
+    """All metrics of one prediction/truth pair.
+
+    Returns
+    -------
+    row : dict
+        One ``per_image_metrics.csv`` row (object columns at ``iou_threshold``).
+    by_threshold : dict
+        ``threshold -> microbead_metrics.object_metrics`` result, for pooling.
+
+    Raises
+    ------
+    EvaluationError, microbead_io.ImageReadError
+        One line naming the file(s).
+    """
+    t0 = time.perf_counter()
+    pred, truth, resized = load_pair_masks(pred_path, true_path, resize=resize)
+    px = mm.pixel_metrics(pred, truth)
+
+    if true_labels_path is not None:
+        true_lab, true_from = _read_labels(true_labels_path, truth.shape, true_path), "labels"
+    else:
+        true_lab, true_from = mm.label_beads(truth, median_area=median_area), "mask"
+    if pred_labels_path is not None:
+        pred_lab = _read_labels(pred_labels_path, truth.shape, pred_path, resize=resized)
+        pred_from = "labels"
+    else:
+        pred_lab, pred_from = mm.label_beads(pred, median_area=median_area), "mask"
+
+    thr_all = sorted({float(t) for t in thresholds} | {float(iou_threshold)})
+    by_thr = mm.object_metrics(true_lab, pred_lab, thr_all)
+    obj = by_thr[float(iou_threshold)]
+    name = Path(pred_path).name
+    dil = mio.parse_dilution(name) or mio.parse_dilution(Path(true_path).name)
+    row: dict = {
+        "file": name,
+        "truth_file": Path(true_path).name,
+        "dilution": dil if dil is not None else "",
+        "height": truth.shape[0],
+        "width": truth.shape[1],
+        "true_count": obj["n_true"],
+        "pred_count": obj["n_pred"],
+        "count_error": int(obj["count_error"]),
+        "abs_count_error": int(obj["abs_count_error"]),
+        "rel_count_error": obj["rel_count_error"],
+        "density_bin": density_bin(obj["n_true"], bins or density_bins()),
+    }
+    row.update({k: px[k] for k in PIXEL_KEYS})
+    row.update({"tp_px": px["tp"], "fp_px": px["fp"], "fn_px": px["fn"], "tn_px": px["tn"]})
+    row.update({"obj_tp": obj["tp"], "obj_fp": obj["fp"], "obj_fn": obj["fn"]})
+    row.update({f"obj_{k}": obj[k] for k in OBJECT_KEYS})
+    for t in mm.IOU_THRESHOLDS:
+        if t in by_thr:
+            row[f"f1_iou_{t:.2f}"] = by_thr[t]["f1"]
+    row.update({
+        "true_instances_from": true_from,
+        "pred_instances_from": pred_from,
+        "resized": resized,
+        "time_s": round(time.perf_counter() - t0, 4),
+    })
+    return row, by_thr
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _nanmean(values) -> float:
+    a = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
+def pooled_pixel(rows: list[dict]) -> dict[str, float]:
+    """Pixel metrics from TP/FP/FN/TN summed over ``rows``."""
+    return mm.metrics_from_counts(
+        sum(r["tp_px"] for r in rows), sum(r["fp_px"] for r in rows),
+        sum(r["fn_px"] for r in rows), sum(r["tn_px"] for r in rows),
+    )
+
+
+def pooled_objects(results: list[dict[float, dict]], threshold: float) -> dict:
+    """Object counts summed over images at one threshold, and the scores from those sums."""
+    tp = sum(r[threshold]["tp"] for r in results)
+    fp = sum(r[threshold]["fp"] for r in results)
+    fn = sum(r[threshold]["fn"] for r in results)
+    s = sum(r[threshold]["sum_matched_iou"] for r in results)
+    out: dict = {"iou_threshold": threshold, "tp": tp, "fp": fp, "fn": fn}
+    out.update(mm.object_scores(tp, fp, fn, s))
+    out["mean_image_f1"] = _nanmean(r[threshold]["f1"] for r in results)
+    return out
+
+
+def count_stats(rows: list[dict]) -> dict:
+    """Count agreement over images: totals, MAE, mean relative error, bias, R^2 about y = x."""
+    t = np.array([r["true_count"] for r in rows], dtype=np.float64)
+    p = np.array([r["pred_count"] for r in rows], dtype=np.float64)
+    if t.size == 0:
+        return {"n_images": 0}
+    pearson = float("nan")
+    if t.size >= 2 and t.std() > 0 and p.std() > 0:
+        pearson = float(np.corrcoef(t, p)[0, 1])
+    return {
+        "n_images": int(t.size),
+        "true_total": int(t.sum()),
+        "pred_total": int(p.sum()),
+        "mae": float(np.abs(p - t).mean()),
+        "mean_rel_error": float((np.abs(p - t) / np.maximum(t, 1)).mean()),
+        "mean_signed_error": float((p - t).mean()),
+        "total_rel_error": float(abs(p.sum() - t.sum()) / max(t.sum(), 1)),
+        "r2_identity": mm.r2_identity(t, p),
+        "pearson_r": pearson,
+    }
+
+
+def group_summary(rows: list[dict], results: list[dict[float, dict]], key: str,
+                  order: Sequence | None = None, threshold: float = 0.5) -> list[dict]:
+    """Per-group metrics (groups = distinct values of ``row[key]``; empty values skipped)."""
+    groups: dict = {}
+    for r, res in zip(rows, results):
+        g = r[key]
+        if g == "" or g is None:
+            continue
+        groups.setdefault(g, ([], []))
+        groups[g][0].append(r)
+        groups[g][1].append(res)
+    names = [g for g in order if g in groups] if order is not None else sorted(groups)
+    out = []
+    for g in names:
+        rs, res = groups[g]
+        obj = pooled_objects(res, threshold)
+        cs = count_stats(rs)
+        out.append({
+            key: g,
+            "n_images": len(rs),
+            "true_beads": cs["true_total"],
+            "pred_beads": cs["pred_total"],
+            "mean_jaccard": _nanmean(r["jaccard"] for r in rs),
+            "min_jaccard": float(min(r["jaccard"] for r in rs)),
+            "pooled_jaccard": pooled_pixel(rs)["jaccard"],
+            "mean_dice": _nanmean(r["dice"] for r in rs),
+            "obj_tp": obj["tp"], "obj_fp": obj["fp"], "obj_fn": obj["fn"],
+            "obj_precision": obj["precision"], "obj_recall": obj["recall"],
+            "obj_f1": obj["f1"], "mean_image_f1": obj["mean_image_f1"],
+            "count_mae": cs["mae"], "count_mean_rel_error": cs["mean_rel_error"],
+            "count_bias": cs["mean_signed_error"],
+        })
+    return out
+
+
+def summarize(rows: list[dict], results: list[dict[float, dict]], *, iou_threshold: float,
+              bins: list[tuple[int, float, str]]) -> dict:
+    """Everything ``summary.json`` holds except settings and file lists."""
+    thresholds = sorted(results[0]) if results else []
+    return {
+        "n_evaluated": len(rows),
+        "pixel": {
+            "mean_per_image": {k: _nanmean(r[k] for r in rows) for k in PIXEL_KEYS},
+            "median_per_image": {k: float(np.median([r[k] for r in rows])) for k in PIXEL_KEYS}
+            if rows else {},
+            "pooled": pooled_pixel(rows),
+        },
+        "objects": pooled_objects(results, iou_threshold) if results else {},
+        "objects_by_threshold": [pooled_objects(results, t) for t in thresholds],
+        "counts": count_stats(rows),
+        "by_density": group_summary(rows, results, "density_bin", [b[2] for b in bins],
+                                    threshold=iou_threshold),
+        "by_dilution": group_summary(rows, results, "dilution", threshold=iou_threshold),
+    }
+
+
+def worst_rows(rows: list[dict], k: int) -> list[dict]:
+    """``k`` rows with the lowest Jaccard (ties: larger absolute count error first)."""
+    return sorted(rows, key=lambda r: (r["jaccard"], -r["abs_count_error"], r["file"]))[:k]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Per-image table; NaN written as an empty cell."""
+    if not rows:
+        path.write_text("", encoding="utf-8")
+        return
+    fields = list(rows[0])
+    for r in rows[1:]:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
+                            (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items()})
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(rows: list[dict], cols: Sequence[tuple[str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(h for _, h in cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
+    return lines
+
+
+def build_report(summary: dict, figures: Sequence[str]) -> str:
+    """Markdown report; every number is formatted from ``summary``."""
+    s = summary
+    st = s["settings"]
+    px, obj, cnt = s["pixel"], s["objects"], s["counts"]
+    L = ["# Evaluation report", ""]
+    L += [f"- predictions: `{st['pred_masks_dir']}`"
+          + (f" (instance labels `{st['pred_labels_dir']}`)" if st["pred_labels_dir"] else ""),
+          f"- truth: `{st['gt_masks_dir']}`"
+          + (f" (instance labels `{st['gt_labels_dir']}`)" if st["gt_labels_dir"] else ""),
+          f"- pairs evaluated: {s['n_evaluated']} of {s['n_pairs']}; "
+          f"unpaired predictions: {len(s['unpaired_predictions'])}; "
+          f"unpaired truth masks: {len(s['unpaired_truth'])}; failed: {len(s['failures'])}",
+          f"- IoU threshold for object matching: {st['iou_threshold']}",
+          "- single-bead area for instances from masks: "
+          + (", ".join(f"{_fmt(a, 1)} px ({k})" for k, a in st["median_area_by_size"].items())
+             if len(st["median_area_by_size"]) > 1 else f"{_fmt(st['median_area'], 1)} px")
+          + f" ({st['median_area_source']})",
+          f"- prediction resizing: {st['resize']}", ""]
+    L += ["## Headline", "",
+          "| metric | mean per image | pooled over all pixels/objects |", "|---|---|---|"]
+    for k in PIXEL_KEYS:
+        L.append(f"| pixel {k} | {_fmt(px['mean_per_image'].get(k))} | "
+                 f"{_fmt(px['pooled'].get(k))} |")
+    if obj:
+        L.append(f"| object F1 @ IoU {st['iou_threshold']} | {_fmt(obj['mean_image_f1'])} | "
+                 f"{_fmt(obj['f1'])} |")
+        L += ["", f"Objects at IoU >= {st['iou_threshold']}: TP {obj['tp']}, FP {obj['fp']}, "
+              f"FN {obj['fn']}; precision {_fmt(obj['precision'])}, recall "
+              f"{_fmt(obj['recall'])}, mean matched IoU {_fmt(obj['mean_matched_iou'])}, "
+              f"panoptic quality {_fmt(obj['panoptic_quality'])}."]
+    if cnt.get("n_images"):
+        L += ["", f"Bead counts: truth {cnt['true_total']}, predicted {cnt['pred_total']} "
+              f"(total error {_fmt(100 * cnt['total_rel_error'], 1)} %); per image MAE "
+              f"{_fmt(cnt['mae'], 2)}, mean relative error "
+              f"{_fmt(100 * cnt['mean_rel_error'], 1)} %, bias (pred - true) "
+              f"{_fmt(cnt['mean_signed_error'], 2)}, R^2 about y = x {_fmt(cnt['r2_identity'])}, "
+              f"Pearson r {_fmt(cnt['pearson_r'])}."]
+    group_cols = [("n_images", "images"), ("true_beads", "true beads"),
+                  ("pred_beads", "pred beads"), ("mean_jaccard", "mean IoU"),
+                  ("min_jaccard", "min IoU"), ("pooled_jaccard", "pooled IoU"),
+                  ("obj_precision", "obj precision"), ("obj_recall", "obj recall"),
+                  ("obj_f1", "obj F1"), ("count_mae", "count MAE"),
+                  ("count_mean_rel_error", "mean rel. count error"), ("count_bias", "bias")]
+    L += ["", "## By true bead count", "",
+          "Images binned by their true bead count, so failures on dense or nearly empty images "
+          "are not averaged away.", ""]
+    L += _table(s["by_density"], [("density_bin", "true beads per image")] + group_cols)
+    if s["by_dilution"]:
+        L += ["", "## By dilution", ""]
+        L += _table(s["by_dilution"], [("dilution", "dilution")] + group_cols)
+    L += ["", "## Object F1 vs IoU threshold (pooled)", ""]
+    L += _table(s["objects_by_threshold"],
+                [("iou_threshold", "IoU threshold"), ("tp", "TP"), ("fp", "FP"), ("fn", "FN"),
+                 ("precision", "precision"), ("recall", "recall"), ("f1", "F1"),
+                 ("mean_image_f1", "mean image F1"), ("panoptic_quality", "PQ")])
+    L += ["", "## Worst images (lowest IoU)", ""]
+    L += _table(s["worst"], [("file", "file"), ("jaccard", "IoU"), ("dice", "Dice"),
+                             ("true_count", "true beads"), ("pred_count", "pred beads"),
+                             ("obj_f1", "obj F1")])
+    if figures:
+        L += ["", "## Figures", ""]
+        L += [f"![{f}]({f})" for f in figures]
+    problems = ([f"{p}: prediction has no truth mask" for p in s["unpaired_predictions"]]
+                + [f"{p}: truth mask has no prediction" for p in s["unpaired_truth"]]
+                + [f"{k}: more than one file with this stem" for k in s["duplicates"]]
+                + list(s["failures"]))
+    if problems:
+        L += ["", "## Problems", ""] + [f"- {p}" for p in problems]
+    L += ["", "## Definitions", "",
+          "- Pixel metrics use masks binarized at half their maximum. Truth and prediction "
+          "both empty: every score 1; exactly one empty: IoU, Dice, precision, recall 0. "
+          "Precision with no predicted pixels is 1 if the truth is empty, else 0; recall "
+          "with no true pixels is 1 if the prediction is empty, else 0. Pooled values come "
+          "from TP/FP/FN/TN summed over all images.",
+          "- Objects: instances from label images when available, else from masks by "
+          "`label_beads` (connected components, touching beads split by watershed). "
+          "One-to-one Hungarian matching; a pair is a match when IoU >= threshold. No true and "
+          "no predicted objects: precision = recall = F1 = PQ = 1. Panoptic quality = sum of "
+          "matched IoU / (TP + FP/2 + FN/2). Mean matched IoU is n/a without matches.",
+          "- Count error = predicted - true; relative error = |error| / max(true, 1); "
+          "R^2 about y = x = 1 - sum((pred - true)^2) / sum((true - mean true)^2).", ""]
+    return "\n".join(L)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def overlay_rgb(pred: np.ndarray, truth: np.ndarray, max_side: int = GALLERY_MAX_SIDE,
+                ) -> np.ndarray:
+    """uint8 RGB ``(h, w, 3)``: TP green, FP red, FN blue, TN black; downsampled (area
+    interpolation, display only) so the longest side is at most ``max_side``."""
+    import cv2
+
+    p, t = pred > 0, truth > 0
+    rgb = np.zeros(p.shape + (3,), np.uint8)
+    rgb[p & t] = (0, 200, 0)
+    rgb[p & ~t] = (230, 30, 30)
+    rgb[~p & t] = (40, 90, 255)
+    h, w = p.shape
+    scale = max_side / max(h, w)
+    if scale < 1:
+        rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
+                         interpolation=cv2.INTER_AREA)
+    return rgb
+
+
+def plot_figures(out: Path, rows: list[dict], summary: dict, worst: list[dict],
+                 load: Callable[[dict], tuple[np.ndarray, np.ndarray]], dpi: int = 110,
+                 ) -> list[str]:
+    """Write the four figures; returns their file names (those written)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    t = np.array([r["true_count"] for r in rows], float)
+    p = np.array([r["pred_count"] for r in rows], float)
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    dils = sorted({r["dilution"] for r in rows if r["dilution"] != ""})
+    if 1 < len(dils) <= 10:
+        for d in dils:
+            sel = np.array([r["dilution"] == d for r in rows])
+            ax.scatter(t[sel], p[sel], s=18, alpha=0.8, label=f"{d}x")
+    else:
+        ax.scatter(t, p, s=18, alpha=0.8)
+    hi = max(1.0, float(max(t.max(), p.max()))) * 1.05
+    ax.plot([0, hi], [0, hi], "k--", lw=1, label="y = x")
+    ax.legend(title="dilution" if 1 < len(dils) <= 10 else None, fontsize=8)
+    c = summary["counts"]
+    ax.set(xlim=(0, hi), ylim=(0, hi), xlabel="true bead count", ylabel="predicted bead count",
+           title=f"R² (about y = x) = {_fmt(c['r2_identity'])}, MAE = {_fmt(c['mae'], 2)}")
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(out / FIG_COUNTS, dpi=dpi)
+    plt.close(fig)
+    written.append(FIG_COUNTS)
+
+    order = sorted(rows, key=lambda r: r["jaccard"])
+    fig, ax = plt.subplots(figsize=(min(16, 4 + 0.12 * len(rows)), 4))
+    ax.bar(np.arange(len(order)), [r["jaccard"] for r in order], width=0.9, color="tab:blue")
+    mean = summary["pixel"]["mean_per_image"]["jaccard"]
+    ax.axhline(mean, color="k", ls="--", lw=1, label=f"mean {mean:.3f}")
+    if len(order) <= 40:
+        ax.set_xticks(np.arange(len(order)))
+        ax.set_xticklabels([r["file"] for r in order], rotation=90, fontsize=6)
+    else:
+        ax.set_xlabel("images, sorted by IoU")
+    ax.set(ylim=(0, 1.02), ylabel="pixel IoU (Jaccard)", title="Per-image IoU")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / FIG_IOU, dpi=dpi)
+    plt.close(fig)
+    written.append(FIG_IOU)
+
+    curve = summary["objects_by_threshold"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    th = [c["iou_threshold"] for c in curve]
+    for key, style in (("f1", "o-"), ("precision", "s--"), ("recall", "^--"),
+                       ("mean_image_f1", "x:")):
+        ax.plot(th, [c[key] for c in curve], style, label=key.replace("_", " "))
+    ax.axvline(summary["settings"]["iou_threshold"], color="grey", lw=0.8)
+    ax.set(xlabel="IoU threshold", ylabel="score (pooled over images)", ylim=(0, 1.02),
+           title="Object matching vs IoU threshold")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / FIG_F1, dpi=dpi)
+    plt.close(fig)
+    written.append(FIG_F1)
+
+    if worst:
+        n = len(worst)
+        ncols = min(n, 4)
+        nrows = math.ceil(n / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 4.2 * nrows),
+                                 squeeze=False, layout="constrained")
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, r in zip(axes.ravel(), worst):
+            try:
+                pred, truth = load(r)
+            except Exception as exc:  # a file changed since evaluation: keep the others
+                log.warning("%s: gallery panel skipped (%s)", r["file"], exc)
+                continue
+            ax.imshow(overlay_rgb(pred, truth), interpolation="nearest")
+            ax.set_title(f"{r['file']}\nIoU {r['jaccard']:.3f}, beads {r['true_count']} true / "
+                         f"{r['pred_count']} pred", fontsize=7)
+        fig.suptitle("Worst images: TP green, FP red, FN blue", fontsize=10)
+        fig.savefig(out / FIG_WORST, dpi=dpi)
+        plt.close(fig)
+        written.append(FIG_WORST)
+    return written
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Pixel, object and bead-count metrics of predicted masks vs ground truth.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--pred_dir", "--pred-dir", dest="pred_dir", required=True,
+                   help="predicted masks, or predict_microscope.py output (masks/, labels/)")
+    p.add_argument("--gt_dir", "--gt-dir", dest="gt_dir", required=True,
+                   help="true masks folder (or a dataset root holding masks/)")
+    p.add_argument("--output_dir", "--output-dir", dest="output_dir", required=True,
+                   help="results folder (created; refused if non-empty without --overwrite)")
+    p.add_argument("--gt_labels_dir", "--gt-labels-dir", dest="gt_labels_dir", default=None,
+                   help="true instance labels (default: sibling labels/ of a masks/ folder)")
+    p.add_argument("--pred_labels_dir", "--pred-labels-dir", dest="pred_labels_dir",
+                   default=None, help="predicted instance labels (default: PRED/labels/)")
+    p.add_argument("--no_labels", "--no-labels", dest="no_labels", action="store_true",
+                   help="ignore label images; derive all instances from masks")
+    p.add_argument("--iou_threshold", "--iou-threshold", dest="iou_threshold", type=float,
+                   default=0.5, help="IoU for an object match (0.5-0.95 are always reported)")
+    p.add_argument("--median_area", "--median-area", dest="median_area", type=float,
+                   default=None, help="single-bead area in px (default: from the truth masks)")
+    p.add_argument("--density_bins", "--density-bins", dest="density_bins", type=int,
+                   nargs="+", default=list(DEFAULT_DENSITY_EDGES),
+                   help="upper edges of the true-count bins")
+    p.add_argument("--resize", choices=("none", "pred_to_truth"), default="none",
+                   help="size mismatch: error (none) or resample the prediction to the truth")
+    p.add_argument("--worst", type=int, default=8, help="images in the worst-image gallery")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a non-empty output folder (this script's files are replaced)")
+    p.add_argument("--strict", action="store_true", help="unpaired files make the exit code 1")
+    p.add_argument("--no_progress", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bar")
+    p.add_argument("--no_figures", "--no-figures", dest="no_figures", action="store_true",
+                   help="tables and report only (faster)")
+    p.add_argument("--dpi", type=int, default=110, help="figure resolution")
+    args = p.parse_args(argv)
+    if not 0.0 < args.iou_threshold <= 1.0:
+        p.error(f"--iou_threshold must be in (0, 1], got {args.iou_threshold}")
+    if args.median_area is not None and args.median_area <= 0:
+        p.error(f"--median_area must be positive, got {args.median_area}")
+    return args
+
+
+def _setup_logging(output_dir: Path | None) -> logging.Handler:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    if output_dir is None:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.FileHandler(output_dir / LOG_NAME, mode="w", encoding="utf-8")
+    handler.setFormatter(fmt)
+    # The package logger, so microbead_io warnings (grey-level masks ...) are kept too.
+    root = logging.getLogger("microbead")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def _sizes_text(area_by_size: dict[tuple[int, int], float]) -> str:
+    return ", ".join(f"{a:.1f} px for {w}x{h}" for (h, w), a in sorted(area_by_size.items()))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_output_dir(out: Path, protected: Sequence[Path], overwrite: bool) -> str | None:
+    """None if ``out`` may be written, else a one-line reason."""
+    for folder in protected:
+        if _inside(out, folder):
+            return f"{out}: output folder is inside the input folder {folder}; choose another"
+    if out.exists() and not out.is_dir():
+        return f"{out}: exists and is not a folder"
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        return f"{out}: output folder exists and is not empty (pass --overwrite to replace)"
+    return None
+
+
+def _truth_masks(paths: Sequence[Path], shapes: dict[Path, tuple[int, int]],
+                 progress: bool) -> Iterator[np.ndarray]:
+    """Stream truth masks (recording each one's shape); unreadable ones are skipped here and
+    reported once, by the evaluation loop."""
+    from tqdm import tqdm
+
+    for p in tqdm(paths, desc="bead area", unit="img", disable=not progress, leave=False):
+        try:
+            m = mio.read_mask(p, warn=False)
+        except mio.ImageReadError:
+            continue
+        shapes[p] = m.shape
+        yield m
+
+
+def estimate_areas(truth_paths: Sequence[Path], progress: bool = False,
+                   ) -> tuple[float, dict[tuple[int, int], float], dict[Path, tuple[int, int]]]:
+    """Single-bead area from the truth masks: overall, per image size, and each file's size.
+
+    Tiles and full frames differ in scale, so when the truth masks come in several sizes each
+    size gets its own estimate (one more pass over the masks in that case only).
+    """
+    shapes: dict[Path, tuple[int, int]] = {}
+    overall = mm.estimate_bead_area(_truth_masks(truth_paths, shapes, progress))
+    sizes = sorted(set(shapes.values()))
+    if len(sizes) <= 1:
+        return overall, {sz: overall for sz in sizes}, shapes
+    by_size = {}
+    for sz in sizes:
+        group = [p for p in truth_paths if shapes.get(p) == sz]
+        by_size[sz] = mm.estimate_bead_area(_truth_masks(group, {}, False)) or overall
+    return overall, by_size, shapes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    handlers = [_setup_logging(None)]
+    try:
+        return _run(args, handlers)
+    finally:
+        root = logging.getLogger("microbead")
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+
+
+def _run(args: argparse.Namespace, handlers: list[logging.Handler]) -> int:
+    from tqdm import tqdm
+
+    try:
+        pred_masks, pred_labels, pred_note = resolve_dirs(
+            args.pred_dir, args.pred_labels_dir, role="prediction")
+        gt_masks, gt_labels, gt_note = resolve_dirs(
+            args.gt_dir, args.gt_labels_dir, role="truth")
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.no_labels:
+        pred_labels = gt_labels = None
+    out = Path(args.output_dir)
+    protected = [gt_masks, pred_masks] + [d for d in (gt_labels, pred_labels) if d]
+    if gt_masks.name == "masks":
+        protected.append(gt_masks.parent)  # the dataset root
+    reason = _check_output_dir(out, protected, args.overwrite)
+    if reason:
+        log.error("%s", reason)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:  # --overwrite: no stale figure from an earlier run survives
+        if (out / name).is_file():
+            (out / name).unlink()
+    handlers.append(_setup_logging(out))
+    log.info("%s", pred_note)
+    log.info("%s", gt_note)
+    if args.no_labels:
+        log.info("--no_labels: all instances from masks")
+
+    # pair_files words its warnings as image/mask; say prediction/truth instead.
+    io_log = logging.getLogger("microbead.io")
+    level = io_log.level
+    io_log.setLevel(logging.ERROR)
+    try:
+        pairing = mio.pair_files(pred_masks, gt_masks)
+    finally:
+        io_log.setLevel(level)
+    for p in pairing.unpaired_images:
+        log.warning("%s: prediction has no truth mask", p)
+    for p in pairing.unpaired_masks:
+        log.warning("%s: truth mask has no prediction", p)
+    for k in pairing.duplicates:
+        log.warning("%s: more than one file with this stem in one folder (first used)", k)
+    if not pairing.pairs:
+        log.error("no prediction/truth pairs between %s and %s", pred_masks, gt_masks)
+        return 1
+
+    pred_lab_idx, gt_lab_idx = index_by_stem(pred_labels), index_by_stem(gt_labels)
+    keys = [mio.stem_key(pp) for pp, _ in pairing.pairs]
+    for role, idx, folder in (("prediction", pred_lab_idx, pred_labels),
+                              ("truth", gt_lab_idx, gt_labels)):
+        if folder is not None:
+            missing = [k for k in keys if k not in idx]
+            if missing:
+                log.warning("%d %s image(s) have no label file in %s; their instances come "
+                            "from the mask (e.g. %s)", len(missing), role, folder, missing[0])
+    need_area = any(k not in pred_lab_idx or k not in gt_lab_idx for k in keys)
+    progress = not args.no_progress
+    area_by_size: dict[tuple[int, int], float] = {}
+    truth_shape: dict[Path, tuple[int, int]] = {}
+    if args.median_area is not None:
+        median_area, area_source = float(args.median_area), "--median_area"
+    elif need_area:
+        median_area, area_by_size, truth_shape = estimate_areas(
+            [t for _, t in pairing.pairs], progress)
+        area_source = f"estimated from {len(truth_shape)} truth masks"
+        if len(area_by_size) > 1:
+            area_source += ", per image size"
+            log.warning("truth masks come in %d sizes; each size gets its own single-bead "
+                        "area: %s", len(area_by_size), _sizes_text(area_by_size))
+    else:
+        median_area, area_source = float("nan"), "not needed (label images for all)"
+    if need_area:
+        log.info("single-bead area %s (%s), used for truth and prediction instances",
+                 _sizes_text(area_by_size) if len(area_by_size) > 1
+                 else f"{median_area:.1f} px",
+                 area_source)
+
+    thresholds = sorted(set(mm.IOU_THRESHOLDS) | {float(args.iou_threshold)})
+    bins = density_bins(args.density_bins)
+    rows, results, failures, paths = [], [], [], {}
+    for (pp, tp), key in tqdm(list(zip(pairing.pairs, keys)), desc="evaluating", unit="img",
+                              disable=not progress):
+        try:
+            row, res = evaluate_pair(
+                pp, tp, pred_labels_path=pred_lab_idx.get(key),
+                true_labels_path=gt_lab_idx.get(key),
+                median_area=area_by_size.get(truth_shape.get(tp), median_area),
+                thresholds=thresholds, iou_threshold=args.iou_threshold, resize=args.resize,
+                bins=bins)
+        except (EvaluationError, mio.ImageReadError, mio.SizeMismatchError) as exc:
+            failures.append(str(exc))
+            log.error("%s", exc)
+            continue
+        if row["resized"]:
+            log.warning("%s: resized to the truth size %dx%d", pp, row["width"], row["height"])
+        rows.append(row)
+        results.append(res)
+        paths[row["file"]] = (pp, tp)
+
+    summary: dict = {
+        "settings": {
+            "pred_masks_dir": str(pred_masks), "pred_labels_dir": str(pred_labels or ""),
+            "gt_masks_dir": str(gt_masks), "gt_labels_dir": str(gt_labels or ""),
+            "iou_threshold": float(args.iou_threshold), "thresholds": thresholds,
+            "median_area": median_area, "median_area_source": area_source,
+            "median_area_by_size": {f"{w}x{h}": a for (h, w), a in area_by_size.items()},
+            "density_bin_edges": sorted(args.density_bins), "resize": args.resize,
+        },
+        "n_pairs": len(pairing.pairs),
+        "unpaired_predictions": [p.name for p in pairing.unpaired_images],
+        "unpaired_truth": [p.name for p in pairing.unpaired_masks],
+        "duplicates": list(pairing.duplicates),
+        "failures": failures,
+    }
+    summary.update(summarize(rows, results, iou_threshold=float(args.iou_threshold), bins=bins))
+    worst = worst_rows(rows, max(args.worst, 0))
+    summary["worst"] = [{k: r[k] for k in ("file", "jaccard", "dice", "true_count",
+                                           "pred_count", "obj_f1")} for r in worst]
+
+    write_csv(out / CSV_NAME, rows)
+    figures: list[str] = []
+    if rows and not args.no_figures:
+        def load(r):
+            pred, truth, _ = load_pair_masks(*paths[r["file"]], resize=args.resize)
+            return pred, truth
+
+        figures = plot_figures(out, rows, summary, worst, load, dpi=args.dpi)
+    (out / SUMMARY_NAME).write_text(json.dumps(_json_safe(summary), indent=2), encoding="utf-8")
+    (out / REPORT_NAME).write_text(build_report(summary, figures), encoding="utf-8")
+
+    px, obj, cnt = summary["pixel"], summary["objects"], summary["counts"]
+    if rows:
+        log.info("%d image(s): mean IoU %.4f, pooled IoU %.4f, object F1@%.2f %.4f, count MAE "
+                 "%.2f, R2(y=x) %s", len(rows), px["mean_per_image"]["jaccard"],
+                 px["pooled"]["jaccard"], args.iou_threshold, obj["f1"], cnt["mae"],
+                 _fmt(cnt["r2_identity"]))
+    log.info("wrote %s", out)
+    n_unpaired = len(pairing.unpaired_images) + len(pairing.unpaired_masks)
+    if failures:
+        log.error("%d pair(s) failed:\n  %s", len(failures), "\n  ".join(failures))
+    if n_unpaired:
+        log.warning("%d file(s) unpaired (listed in %s)", n_unpaired, REPORT_NAME)
+    if failures or not rows or (args.strict and n_unpaired):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,524 @@
+"""Predict bead masks and bead counts on microscope frames of any size.
+
+Purpose
+    Segment new brightfield frames (e.g. 3840x2160) with a model trained by
+    ``train_microbead_optimized.py`` and count beads per image. Preprocessing is rebuilt
+    from the run's ``config.json`` (scale relative to the training tiles, channels,
+    normalization, threshold, median bead area), never from re-typed flags, so training and
+    prediction cannot drift. The frame is normalised once, as a whole, at the training tiles'
+    scale; overlapping tiles are predicted in batches and their *probabilities* blended with
+    a smooth window; the threshold is applied once, after blending, at the original
+    resolution. Touching beads are split (``microbead_metrics.label_beads``).
+
+Inputs
+    ``--model``: a ``best_<model>_model.hdf5`` / ``.keras`` file with ``config.json`` beside
+    it, or a run folder (then the model with the best validation Jaccard in its
+    ``training_summary.csv`` is used). ``--input_dir``: images (.tif/.png/.jpg/.bmp, 8/16-bit,
+    gray/RGB).
+
+Outputs (``--output_dir``)
+    ``masks/<stem>_mask.png`` (0/255, original size), ``labels/<stem>_labels.tif`` (bead ids),
+    ``overlays/<stem>_overlay.png``, ``comparisons/<stem>_comparison.png`` (image |
+    probability | outlines), optional ``prob/<stem>_prob.tif``, ``prediction_summary.csv``,
+    ``prediction_summary.txt``, ``prediction_config.json``, ``prediction.log`` and, when file
+    names carry a dilution (``640x_...``), ``dilution_counts.csv`` + ``dilution_counts.png``.
+
+Example
+    python predict_microscope.py --model microbead_training_20260101_120000 \
+        --input_dir new_frames/ --output_dir predictions/
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import microbead_io as mio
+
+log = logging.getLogger("microbead.predict")
+
+SUMMARY_COLUMNS = (
+    "file", "width", "height", "dilution", "beads", "n_components", "coverage_pct",
+    "mean_bead_area_px", "area_estimate", "time_s", "status",
+)
+CONFIG_SECTIONS = {
+    "format_version", "models", "preprocessing", "postprocessing", "training", "data",
+    "environment",
+}
+PREPROCESSING_KEYS = {
+    "channels", "input_size", "stored_tile_size", "pixel_scale", "scale", "normalization",
+    "pad_multiple",
+}
+POSTPROCESSING_KEYS = {"threshold", "median_bead_area_px", "median_bead_area_native_px"}
+
+
+# ----------------------------------------------------------------------------- config / model
+
+
+def read_run_config(path: Path) -> dict:
+    """Read and validate a run's ``config.json``; unknown keys are an error."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: {path}: cannot read config ({exc})") from None
+    problems = []
+    unknown = set(cfg) - CONFIG_SECTIONS
+    if unknown:
+        problems.append(f"unknown sections {sorted(unknown)}")
+    pre, post = cfg.get("preprocessing"), cfg.get("postprocessing")
+    if not isinstance(pre, dict) or not isinstance(post, dict):
+        problems.append("missing 'preprocessing' or 'postprocessing'")
+    else:
+        if set(pre) - PREPROCESSING_KEYS:
+            problems.append(f"unknown preprocessing keys {sorted(set(pre) - PREPROCESSING_KEYS)}")
+        if set(post) - POSTPROCESSING_KEYS:
+            problems.append(
+                f"unknown postprocessing keys {sorted(set(post) - POSTPROCESSING_KEYS)}")
+        for key in ("channels", "scale", "pixel_scale", "normalization"):
+            if key not in pre:
+                problems.append(f"preprocessing.{key} missing")
+        for key in ("threshold", "median_bead_area_px"):
+            if key not in post:
+                problems.append(f"postprocessing.{key} missing")
+    if problems:
+        raise SystemExit(f"error: {path}: " + "; ".join(problems))
+    return cfg
+
+
+def resolve_model(model_arg: str) -> tuple[Path, Path, str]:
+    """Model file, its config.json and a note on how it was chosen.
+
+    A run folder resolves to the model with the highest ``best_val_jacard`` in its
+    ``training_summary.csv`` (k-fold runs: the best fold).
+    """
+    p = Path(model_arg)
+    if p.is_dir():
+        summary = p / "training_summary.csv"
+        if not summary.is_file():
+            raise SystemExit(f"error: {summary}: not found; pass a model file instead")
+        with open(summary, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("best_val_jacard")]
+        if not rows:
+            raise SystemExit(f"error: {summary}: no finished model listed")
+        best = max(rows, key=lambda r: float(r["best_val_jacard"]))
+        folder = p / f"fold_{int(best['fold']):02d}" if best.get("fold") else p
+        model_path = folder / f"best_{best['model']}_model.hdf5"
+        if not model_path.is_file():
+            model_path = model_path.with_suffix(".keras")
+        note = (f"{best['model']} chosen from {summary} (best val Jaccard "
+                f"{float(best['best_val_jacard']):.4f}"
+                + (f", fold {best['fold']}" if best.get("fold") else "") + ")")
+    else:
+        model_path, note = p, f"model file {p}"
+    if not model_path.is_file():
+        raise SystemExit(f"error: {model_path}: model file not found")
+    cfg = model_path.parent / "config.json"
+    if not cfg.is_file():
+        raise SystemExit(
+            f"error: {cfg}: not found next to {model_path.name}. Prediction rebuilds "
+            "preprocessing (scale, channels, normalization, threshold) from it; copy the "
+            "run's config.json next to the model."
+        )
+    return model_path, cfg, note
+
+
+# ----------------------------------------------------------------------------- core
+
+
+def preprocess_frame(image: np.ndarray, pre: dict) -> np.ndarray:
+    """Native frame ``(H, W, C)`` -> normalised model-scale input, exactly as in training.
+
+    Training tiles were stored at ``pixel_scale`` (tile px per frame px), normalised there,
+    then resized to the network input size; the frame goes through the same steps in the
+    same order: resize to the stored-tile scale (area), normalise once for the whole frame,
+    resize to model scale.
+    """
+    pixel_scale = float(pre["pixel_scale"])
+    scale = float(pre["scale"])
+    x = image
+    if not math.isclose(pixel_scale, 1.0):
+        x = mio.resize_image(x, mio.scaled_shape(x.shape, pixel_scale))
+    x = mio.apply_normalization(x, pre.get("normalization"))
+    if not math.isclose(scale, pixel_scale):
+        x = mio.resize_image(x, mio.scaled_shape(image.shape, scale))
+    return x
+
+
+def tta_predict_fn(predict_fn, tta: bool):
+    """Wrap a batch predictor with flip/rot90 test-time augmentation (8 dihedral variants)."""
+    if not tta:
+        return predict_fn
+
+    def wrapped(batch):
+        acc = None
+        square = batch.shape[1] == batch.shape[2]
+        ks = (0, 1, 2, 3) if square else (0, 2)
+        n = 0
+        for k in ks:
+            for flip in (False, True):
+                b = np.rot90(batch, k, axes=(1, 2))
+                b = b[:, :, ::-1] if flip else b
+                out = np.asarray(predict_fn(np.ascontiguousarray(b)), np.float32)
+                out = out[..., 0] if out.ndim == 4 else out
+                out = out[:, :, ::-1] if flip else out
+                out = np.rot90(out, -k, axes=(1, 2))
+                acc = out if acc is None else acc + out
+                n += 1
+        return acc / n
+
+    return wrapped
+
+
+def predict_frame(image: np.ndarray, predict_fn, cfg: dict, *, tile_size: int, overlap: int,
+                  batch_size: int, threshold: float | None = None, progress=None) -> dict:
+    """Probability, mask, bead labels and counts for one native-resolution frame.
+
+    Parameters
+    ----------
+    image : float32 ``(H, W, C)``, stored value range (from ``microbead_io.read_image``)
+    predict_fn : callable ``(B, t, t, C) -> (B, t, t[, 1])`` probabilities
+    cfg : the run's config dict
+
+    Returns
+    -------
+    dict with ``prob`` (float32 (H, W), native), ``mask`` (uint8 {0,1}), ``labels`` (int32),
+    ``beads``, ``n_components``, ``coverage_pct``, ``mean_bead_area_px``, ``area_estimate``
+    (foreground area / median bead area: a clump-robust cross-check of the count).
+    """
+    import microbead_metrics
+
+    pre, post = cfg["preprocessing"], cfg["postprocessing"]
+    thr = float(post["threshold"] if threshold is None else threshold)
+    h, w = image.shape[:2]
+    x = preprocess_frame(image, pre)
+    prob_small = mio.predict_tiled(
+        x, predict_fn, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
+        pad_multiple=int(pre.get("pad_multiple", 16)), progress=progress,
+    )
+    prob = mio.resize_image(prob_small, (h, w)) if prob_small.shape != (h, w) else prob_small
+    mask = (prob >= thr).astype(np.uint8)
+    scale = float(pre["scale"])
+    area_native = float(post.get("median_bead_area_native_px")
+                        or post["median_bead_area_px"] / scale ** 2)
+    labels = microbead_metrics.label_beads(mask, median_area=area_native, prob=prob)
+    n = int(labels.max())
+    n_comp = int(_n_components(mask))
+    fg = int(mask.sum())
+    return {
+        "prob": prob, "mask": mask, "labels": labels, "beads": n, "n_components": n_comp,
+        "coverage_pct": 100.0 * fg / mask.size,
+        "mean_bead_area_px": float((labels > 0).sum() / n) if n else 0.0,
+        "area_estimate": fg / area_native if area_native > 0 else float("nan"),
+        "median_bead_area_native_px": area_native,
+    }
+
+
+def _n_components(mask: np.ndarray) -> int:
+    import cv2
+
+    return cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
+
+
+def make_keras_predict_fn(model, batch_size: int):
+    """Batch predictor that pads the last batch to a fixed size (no re-tracing per size)."""
+
+    def fn(batch):
+        n = len(batch)
+        if n < batch_size:
+            pad = np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)
+            batch = np.concatenate([batch, pad])
+        return np.asarray(model.predict_on_batch(batch))[:n]
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- figures / files
+
+
+def overlay_image(gray01: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """RGB uint8: the frame in gray, beads tinted green, each bead outlined in yellow."""
+    g = mio.to_uint8(gray01)
+    rgb = np.stack([g, g, g], axis=-1)
+    fg = labels > 0
+    rgb[fg] = (0.6 * rgb[fg] + 0.4 * np.array([0, 255, 0])).astype(np.uint8)
+    # Outlines: pixels whose 4-neighbour differs in label (works for touching beads too).
+    lab = labels.astype(np.int32)
+    edge = np.zeros(lab.shape, bool)
+    edge[:-1] |= lab[:-1] != lab[1:]
+    edge[1:] |= lab[1:] != lab[:-1]
+    edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge &= fg
+    rgb[edge] = (255, 220, 0)
+    return rgb
+
+
+def comparison_image(gray01, prob, overlay, max_width: int = 2400) -> np.ndarray:
+    """Side by side: image | probability (inferno-like) | overlay, downscaled for viewing."""
+    import cv2
+
+    g = mio.to_uint8(gray01)
+    heat = cv2.applyColorMap(mio.to_uint8(np.clip(prob, 0, 1)), cv2.COLORMAP_INFERNO)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    panels = [np.stack([g, g, g], -1), heat, overlay]
+    sep = np.full((g.shape[0], max(2, g.shape[1] // 200), 3), 255, np.uint8)
+    row = np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=1)
+    if row.shape[1] > max_width:
+        f = max_width / row.shape[1]
+        row = cv2.resize(row, (max_width, max(1, int(row.shape[0] * f))),
+                         interpolation=cv2.INTER_AREA)
+    return row
+
+
+def fit_dilution_series(dilutions, counts) -> dict:
+    """Least-squares fit of log10(count) = a + b log10(dilution) over images with count > 0.
+
+    A perfect dilution series has slope b = -1 (half the beads per doubling).
+    """
+    d = np.asarray(dilutions, float)
+    c = np.asarray(counts, float)
+    ok = (d > 0) & (c > 0)
+    if ok.sum() < 2 or np.unique(d[ok]).size < 2:
+        return {"slope": float("nan"), "intercept": float("nan"), "r2": float("nan"),
+                "n": int(ok.sum())}
+    x, y = np.log10(d[ok]), np.log10(c[ok])
+    b, a = np.polyfit(x, y, 1)
+    resid = y - (a + b * x)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+    return {"slope": float(b), "intercept": float(a), "r2": r2, "n": int(ok.sum())}
+
+
+def write_dilution_outputs(out_dir: Path, rows: list[dict]) -> dict | None:
+    """``dilution_counts.csv`` and a log-log plot with the fitted slope, if names carry one."""
+    pts = [(r["dilution"], r["beads"], r["file"]) for r in rows
+           if r["status"] == "ok" and r.get("dilution")]
+    if not pts:
+        return None
+    fit = fit_dilution_series([p[0] for p in pts], [p[1] for p in pts])
+    with open(out_dir / "dilution_counts.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "dilution", "beads"])
+        for d, c, f in sorted(pts):
+            w.writerow([f, d, c])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    d = np.array([p[0] for p in pts], float)
+    c = np.array([p[1] for p in pts], float)
+    ax.scatter(d, np.maximum(c, 0.8), color="tab:blue", zorder=3, label="images")
+    if math.isfinite(fit["slope"]):
+        xs = np.geomspace(d.min(), d.max(), 50)
+        ax.plot(xs, 10 ** (fit["intercept"] + fit["slope"] * np.log10(xs)), color="tab:red",
+                label=f"fit: slope {fit['slope']:.2f}, R² {fit['r2']:.3f}")
+        ref = 10 ** (fit["intercept"] + fit["slope"] * np.log10(d.min()))
+        ax.plot(xs, ref * d.min() / xs, "k--", lw=0.8, label="ideal slope -1")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("dilution (x)")
+    ax.set_ylabel("beads per image")
+    ax.set_title("Bead count across the dilution series")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "dilution_counts.png", dpi=110)
+    plt.close(fig)
+    return fit
+
+
+def write_summaries(out_dir: Path, rows: list[dict], meta: dict, fit: dict | None) -> None:
+    with open(out_dir / "prediction_summary.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    lines = [
+        "Microbead prediction summary",
+        "============================",
+        f"model:      {meta['model']}",
+        f"chosen as:  {meta['note']}",
+        f"threshold:  {meta['threshold']}",
+        f"scale:      {meta['scale']:.4g} model px per frame px; tile {meta['tile_size']} px, "
+        f"overlap {meta['overlap']} px, TTA {'on' if meta['tta'] else 'off'}",
+        f"images:     {len(ok)} ok, {len(rows) - len(ok)} failed",
+        "",
+        f"{'file':<48} {'size':>11} {'beads':>6} {'area est':>8} {'cover %':>8} {'time s':>7}",
+    ]
+    for r in rows:
+        if r["status"] == "ok":
+            lines.append(
+                f"{r['file'][:48]:<48} {r['width']:>5}x{r['height']:<5} {r['beads']:>6} "
+                f"{r['area_estimate']:>8.1f} {r['coverage_pct']:>8.2f} {r['time_s']:>7.2f}")
+        else:
+            lines.append(f"{r['file'][:48]:<48} FAILED: {r['status']}")
+    if ok:
+        lines += ["", f"total beads: {sum(r['beads'] for r in ok)}; mean per image "
+                      f"{np.mean([r['beads'] for r in ok]):.1f}"]
+    if fit:
+        lines.append(f"dilution series: log-log slope {fit['slope']:.3f} (ideal -1), "
+                     f"R² {fit['r2']:.3f} over {fit['n']} images")
+    (out_dir / "prediction_summary.txt").write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    def add(name, **kw):
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        p.add_argument(*flags, dest=name, **kw)
+
+    add("model", required=True, help="model file (.hdf5/.keras) or run folder")
+    add("input_dir", required=True, help="folder of images to predict")
+    add("output_dir", required=True, help="folder for the outputs (created)")
+    add("threshold", type=float, default=None, help="default: the run's config.json")
+    add("tile_size", type=int, default=1024, help="max tile edge in model pixels")
+    add("overlap", type=int, default=64, help="minimum tile overlap in model pixels")
+    add("batch_size", type=int, default=2, help="tiles per forward pass (bounds memory)")
+    add("tta", action="store_true", help="flip/rotation test-time augmentation (8x slower)")
+    add("save_prob", action="store_true", help="also write prob/<stem>_prob.tif (float32)")
+    add("no_figures", action="store_true", help="skip overlays and comparison images")
+    add("overwrite", action="store_true", help="allow writing into a non-empty output folder")
+    return p.parse_args(argv)
+
+
+def setup_logging(out_dir: Path) -> logging.Handler:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    if not any(type(h) is logging.StreamHandler for h in root.handlers):
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    fh = logging.FileHandler(out_dir / "prediction.log")
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    return fh
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        print(f"error: {out_dir}: exists and is not empty; choose a new --output_dir or pass "
+              "--overwrite", file=sys.stderr)
+        return 2
+    try:
+        files = mio.list_images(args.input_dir)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"error: {args.input_dir}: no images found ({', '.join(mio.IMAGE_EXTENSIONS)})",
+              file=sys.stderr)
+        return 2
+    try:
+        model_path, cfg_path, note = resolve_model(args.model)
+        cfg = read_run_config(cfg_path)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = setup_logging(out_dir)
+    try:
+        return _run(args, files, model_path, cfg, note, out_dir)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
+    from tqdm import tqdm
+
+    import models
+
+    pre, post = cfg["preprocessing"], cfg["postprocessing"]
+    pad = int(pre.get("pad_multiple", 16))
+    tile = max(pad, args.tile_size // pad * pad)
+    threshold = float(post["threshold"] if args.threshold is None else args.threshold)
+    log.info("model: %s", note)
+    log.info("preprocessing from config: scale %.4g (pixel_scale %.4g), %d channel(s), %s; "
+             "threshold %.3f; median bead area %.1f px (model scale)", pre["scale"],
+             pre["pixel_scale"], pre["channels"], pre["normalization"], threshold,
+             post["median_bead_area_px"])
+    model = models.load_model(model_path)
+    predict_fn = tta_predict_fn(make_keras_predict_fn(model, args.batch_size), args.tta)
+    meta = {"model": str(model_path), "note": note, "threshold": threshold,
+            "scale": float(pre["scale"]), "tile_size": tile, "overlap": args.overlap,
+            "tta": args.tta}
+    (out_dir / "prediction_config.json").write_text(json.dumps(
+        {**meta, "input_dir": str(Path(args.input_dir).resolve()), "run_config": cfg},
+        indent=2))
+    subdirs = ["masks", "labels"] + ([] if args.no_figures else ["overlays", "comparisons"])
+    subdirs += ["prob"] if args.save_prob else []
+    for sub in subdirs:
+        (out_dir / sub).mkdir(exist_ok=True)
+
+    rows = []
+    bar = tqdm(files, desc="predicting", unit="img")
+    for path in bar:
+        stem = path.stem
+        row = {"file": path.name, "dilution": mio.parse_dilution(path.name) or ""}
+        t0 = time.perf_counter()
+        try:
+            image = mio.read_image(path, channels=int(pre["channels"]))
+            res = predict_frame(image, predict_fn, cfg, tile_size=tile, overlap=args.overlap,
+                                batch_size=args.batch_size, threshold=threshold)
+            mio.write_mask(out_dir / "masks" / f"{stem}_mask.png", res["mask"])
+            mio.write_labels(out_dir / "labels" / f"{stem}_labels.tif", res["labels"])
+            if args.save_prob:
+                mio.write_image(out_dir / "prob" / f"{stem}_prob.tif", res["prob"])
+            if not args.no_figures:
+                gray = mio.normalize_image(image.mean(axis=-1))
+                ov = overlay_image(gray, res["labels"])
+                mio.write_image(out_dir / "overlays" / f"{stem}_overlay.png", ov)
+                mio.write_image(out_dir / "comparisons" / f"{stem}_comparison.png",
+                                comparison_image(gray, res["prob"], ov))
+        except (mio.ImageReadError, OSError, ValueError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if path.name not in msg:
+                msg = f"{path}: {msg}"
+            log.error("%s", msg)
+            rows.append({**row, "status": msg, "time_s": round(time.perf_counter() - t0, 3)})
+            continue
+        dt = time.perf_counter() - t0
+        rows.append({
+            **row, "width": image.shape[1], "height": image.shape[0], "beads": res["beads"],
+            "n_components": res["n_components"], "coverage_pct": round(res["coverage_pct"], 4),
+            "mean_bead_area_px": round(res["mean_bead_area_px"], 2),
+            "area_estimate": round(res["area_estimate"], 2), "time_s": round(dt, 3),
+            "status": "ok",
+        })
+        bar.set_postfix(beads=res["beads"], s=f"{dt:.1f}")
+        log.info("%s: %d beads (area estimate %.1f), %.2f%% coverage, %.2f s", path.name,
+                 res["beads"], res["area_estimate"], res["coverage_pct"], dt)
+    fit = write_dilution_outputs(out_dir, rows)
+    write_summaries(out_dir, rows, meta, fit)
+    failed = [r for r in rows if r["status"] != "ok"]
+    if fit:
+        log.info("dilution series: log-log slope %.3f (ideal -1), R² %.3f", fit["slope"],
+                 fit["r2"])
+    if failed:
+        log.error("%d of %d image(s) failed:\n  %s", len(failed), len(rows),
+                  "\n  ".join(r["status"] for r in failed))
+        return 1
+    log.info("done: %d image(s) -> %s", len(rows), out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Tests of microbead_metrics: hand-computed pixel/object numbers, empty-image rules, the
+touching-bead split, agreement with a brute-force reference and with the Keras metrics."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+import microbead_metrics as mm
+
+R = 6
+DISC_AREA = None  # filled in below: pixel count of a digital disc of radius R
+
+
+def disc(shape, cy, cx, r=R):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
+
+
+DISC_AREA = int(disc((32, 32), 16, 16).sum())
+
+
+def ring(shape, cy, cx, r_out=R, r_in=3):
+    return disc(shape, cy, cx, r_out) & (1 - disc(shape, cy, cx, r_in))
+
+
+# --------------------------------------------------------------------------- pixel metrics
+
+
+def test_iou_exactly_one_third():
+    truth = np.zeros((4, 4), np.uint8)
+    pred = np.zeros((4, 4), np.uint8)
+    truth[:, 0:2] = 1  # 8 px
+    pred[:, 1:3] = 1  # 8 px, 4 shared -> union 12
+    m = mm.pixel_metrics(pred, truth)
+    assert m["jaccard"] == pytest.approx(1 / 3, abs=1e-12)
+    assert m["dice"] == pytest.approx(0.5)
+    assert m["precision"] == pytest.approx(0.5)
+    assert m["recall"] == pytest.approx(0.5)
+    assert m["accuracy"] == pytest.approx(8 / 16)  # 4 TP + 4 TN of 16
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (4, 4, 4, 4)
+
+
+def test_empty_rules():
+    z = np.zeros((8, 8), np.uint8)
+    one = z.copy()
+    one[2:4, 2:4] = 1
+    both = mm.pixel_metrics(z, z)
+    assert all(both[k] == 1.0 for k in ("jaccard", "dice", "precision", "recall", "accuracy"))
+    miss = mm.pixel_metrics(z, one)  # prediction empty, truth not
+    assert (miss["jaccard"], miss["dice"], miss["precision"], miss["recall"]) == (0, 0, 0, 0)
+    assert miss["accuracy"] == pytest.approx(60 / 64)
+    hallucinated = mm.pixel_metrics(one, z)  # truth empty, prediction not
+    assert (hallucinated["jaccard"], hallucinated["dice"]) == (0, 0)
+    assert (hallucinated["precision"], hallucinated["recall"]) == (0, 0)
+
+
+def test_value_conventions_and_shape_error():
+    truth = np.zeros((4, 4), np.uint8)
+    truth[0, :] = 255  # 0/255 mask: non-zero is foreground
+    prob = np.zeros((4, 4), np.float32)
+    prob[0, :2] = 0.9
+    prob[0, 2:] = 0.5  # exactly 0.5 is background (models.py uses > 0.5)
+    m = mm.pixel_metrics(prob, truth)
+    assert m["tp"] == 2 and m["fn"] == 2 and m["fp"] == 0
+    with pytest.raises(ValueError, match="shape"):
+        mm.pixel_metrics(np.zeros((4, 5)), truth)
+
+
+def test_pooled_counts_differ_from_mean():
+    # Pooling sums counts: a big good image outweighs a tiny bad one.
+    pooled = mm.metrics_from_counts(tp=90 + 0, fp=10 + 1, fn=0 + 1, tn=0)
+    assert pooled["jaccard"] == pytest.approx(90 / 102)
+
+
+def test_pixel_metrics_random_against_formula():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        p = rng.random((16, 16)) > 0.6
+        t = rng.random((16, 16)) > 0.5
+        m = mm.pixel_metrics(p, t)
+        inter, union = np.sum(p & t), np.sum(p | t)
+        assert m["jaccard"] == pytest.approx(inter / union)
+        assert m["dice"] == pytest.approx(2 * inter / (p.sum() + t.sum()))
+        assert m["accuracy"] == pytest.approx(np.mean(p == t))
+
+
+# --------------------------------------------------------------------------- object metrics
+
+
+def three_true_two_pred():
+    """3 true beads; prediction 1 covers 60 % of bead A (IoU 0.6), prediction 2 hits nothing."""
+    t = np.zeros((40, 40), np.int32)
+    p = np.zeros((40, 40), np.int32)
+    t[0:10, 0:10] = 1  # A, 100 px
+    t[0:10, 20:30] = 2  # B
+    t[20:30, 0:10] = 3  # C
+    p[0:6, 0:10] = 5  # inside A: inter 60, union 100
+    p[25:35, 25:35] = 9  # false positive
+    return t, p
+
+
+def test_three_true_two_pred_hand_numbers():
+    t, p = three_true_two_pred()
+    m = mm.match_instances(t, p, iou_threshold=0.5)
+    assert (m["n_true"], m["n_pred"], m["tp"], m["fp"], m["fn"]) == (3, 2, 1, 1, 2)
+    assert m["precision"] == pytest.approx(0.5)
+    assert m["recall"] == pytest.approx(1 / 3)
+    assert m["f1"] == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
+    assert m["mean_matched_iou"] == pytest.approx(0.6)
+    assert m["panoptic_quality"] == pytest.approx(0.6 / (1 + 0.5 + 1))
+    assert list(m["matched_true"]) == [1] and list(m["matched_pred"]) == [5]
+    assert m["count_error"] == -1 and m["rel_count_error"] == pytest.approx(1 / 3)
+    # Above the matched IoU nothing is matched.
+    strict = mm.match_instances(t, p, iou_threshold=0.65)
+    assert (strict["tp"], strict["fp"], strict["fn"]) == (0, 2, 3)
+    assert math.isnan(strict["mean_matched_iou"])
+    for dtype in (np.uint8, np.uint16, np.uint64):  # label images come in many dtypes
+        same = mm.match_instances(t.astype(dtype), p.astype(dtype))
+        assert (same["tp"], same["fp"], same["fn"]) == (1, 1, 2)
+    curve = mm.object_metrics(t, p)
+    assert sorted(curve) == list(mm.IOU_THRESHOLDS)
+    assert [curve[k]["tp"] for k in mm.IOU_THRESHOLDS] == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_object_empty_rules():
+    z = np.zeros((8, 8), np.int32)
+    one = z.copy()
+    one[1:3, 1:3] = 1
+    e = mm.match_instances(z, z)
+    assert (e["precision"], e["recall"], e["f1"], e["panoptic_quality"]) == (1, 1, 1, 1)
+    assert e["count_error"] == 0 and e["rel_count_error"] == 0
+    miss = mm.match_instances(one, z)
+    assert (miss["precision"], miss["recall"], miss["f1"]) == (0, 0, 0)
+    fp = mm.match_instances(z, one)
+    assert (fp["precision"], fp["recall"], fp["f1"], fp["fp"]) == (0, 0, 0, 1)
+    assert fp["rel_count_error"] == 1.0  # |1 - 0| / max(0, 1)
+
+
+def test_hungarian_beats_greedy_at_low_threshold():
+    t = np.zeros((10, 15), np.int32)
+    p = np.zeros((10, 15), np.int32)
+    t[0:10, 0:10] = 1  # T1, 100 px
+    t[4:10, 10:15] = 2  # T2, 30 px
+    p[0:4, 0:10] = 1  # P2 on T1: IoU 40/100 = 0.4
+    p[4:10, 0:15] = 2  # P1: T1 60/130 = 0.46, T2 30/90 = 0.33
+    # Greedy (best IoU first) would take T1-P1 and leave T2 unmatched; the assignment takes
+    # T1-P2 and T2-P1.
+    low = mm.match_instances(t, p, iou_threshold=0.3)
+    assert low["tp"] == 2
+    assert low["sum_matched_iou"] == pytest.approx(0.4 + 1 / 3)
+    assert mm.match_instances(t, p, iou_threshold=0.45)["tp"] == 1
+    assert mm.match_instances(t, p, iou_threshold=0.5)["tp"] == 0
+
+
+def test_half_split_at_threshold_half_is_one_to_one():
+    t = np.zeros((4, 8), np.int32)
+    t[:, :] = 3
+    p = np.zeros((4, 8), np.int32)
+    p[:, :4] = 1
+    p[:, 4:] = 2  # both predictions have IoU exactly 0.5 with the one true object
+    m = mm.match_instances(t, p, iou_threshold=0.5)
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 1, 0)
+
+
+def brute_force(t, p, thr):
+    """Reference: dense IoU by looping over every pair, dense Hungarian assignment."""
+    tid = [i for i in np.unique(t) if i]
+    pid = [i for i in np.unique(p) if i]
+    iou = np.zeros((len(tid), len(pid)))
+    for a, i in enumerate(tid):
+        for b, j in enumerate(pid):
+            inter = np.sum((t == i) & (p == j))
+            union = np.sum((t == i) | (p == j))
+            iou[a, b] = inter / union
+    w = np.where(iou >= thr, 1.0 + iou / (min(iou.shape) + 1), 0.0) if iou.size else iou
+    tp, s = 0, 0.0
+    if iou.size:
+        r, c = linear_sum_assignment(w, maximize=True)
+        ok = w[r, c] > 0
+        tp, s = int(ok.sum()), float(iou[r, c][ok].sum())
+    return len(tid), len(pid), tp, s
+
+
+def random_labels(rng, shape, n):
+    lab = np.zeros(shape, np.int32)
+    for k in range(n):
+        cy, cx = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        r = int(rng.integers(2, 6))
+        lab[disc(shape, cy, cx, r).astype(bool)] = 7 * k + 11  # non-consecutive ids
+    return lab
+
+
+def test_matching_agrees_with_brute_force_on_random_masks():
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        t = random_labels(rng, (48, 48), int(rng.integers(0, 12)))
+        # Prediction: truth shifted by a pixel or two plus extra objects -> a mix of good,
+        # poor and missing matches.
+        p = np.roll(t, (int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), axis=(0, 1))
+        p = np.where(random_labels(rng, (48, 48), 3) > 0, 999, p)
+        thresholds = (0.1, 0.3, 0.5, 0.7, 0.9)
+        fast = mm.object_metrics(t, p, thresholds)
+        for thr in thresholds:
+            nt, npr, tp, s = brute_force(t, p, thr)
+            got = fast[thr]
+            assert (got["n_true"], got["n_pred"], got["tp"]) == (nt, npr, tp), thr
+            assert got["sum_matched_iou"] == pytest.approx(s)
+            assert got["fp"] == npr - tp and got["fn"] == nt - tp
+
+
+def test_pixel_and_object_rules_agree_on_empty():
+    z = np.zeros((5, 5), np.uint8)
+    assert mm.pixel_metrics(z, z)["dice"] == mm.match_instances(z.astype(int), z.astype(int))[
+        "f1"
+    ] == 1.0
+
+
+# --------------------------------------------------------------------------- label_beads
+
+
+def test_touching_pair_splits_into_two_equal_beads():
+    m = disc((40, 60), 20, 20) | disc((40, 60), 20, 20 + 2 * R)  # centre distance = 2 r
+    lab = mm.label_beads(m, median_area=DISC_AREA)
+    assert lab.dtype == np.int32
+    assert lab.max() == 2
+    a1, a2 = np.sum(lab == 1), np.sum(lab == 2)
+    assert abs(int(a1) - int(a2)) <= R
+    assert np.array_equal(lab > 0, m > 0)  # every mask pixel belongs to a bead
+
+
+def test_isolated_beads_not_split_chain_of_three_is_three():
+    single = disc((40, 40), 20, 20)
+    assert mm.label_beads(single, median_area=DISC_AREA).max() == 1
+    assert mm.label_beads(single).max() == 1  # area estimated from the mask itself
+    big = disc((40, 40), 20, 20, r=8)  # 1.7 bead areas: watershed runs, one seed, no split
+    assert np.sum(big) > 1.5 * DISC_AREA
+    assert mm.label_beads(big, median_area=DISC_AREA).max() == 1
+    chain = sum(disc((30, 70), 15, 15 + 2 * R * i) for i in range(3)).clip(0, 1)
+    assert mm.label_beads(chain, median_area=DISC_AREA).max() == 3
+
+
+def test_touching_rings_split_and_area_estimated_from_mask():
+    shape = (60, 100)
+    m = np.zeros(shape, np.uint8)
+    for cx in (10, 30, 50, 70):
+        m |= ring(shape, 12, cx)
+    m |= ring(shape, 40, 20) | ring(shape, 40, 20 + 2 * R)  # touching pair of rings
+    ring_area = int(ring((32, 32), 16, 16).sum())
+    assert mm.estimate_bead_area(m) == ring_area  # the clump does not bias the median
+    lab = mm.label_beads(m)
+    assert lab.max() == 6
+    assert set(np.unique(lab)) == set(range(7))  # consecutive ids
+
+
+def test_fragments_dropped_and_threshold_keywords():
+    m = disc((40, 60), 20, 20) | disc((40, 60), 20, 20 + 2 * R)
+    m[35:37, 55:57] = 1  # 4-px speck, below 0.25 bead areas
+    lab = mm.label_beads(m, median_area=DISC_AREA)
+    assert lab.max() == 2 and lab[35, 55] == 0
+    assert mm.label_beads(m, median_area=DISC_AREA, min_area_fraction=0.0).max() == 3
+    # With a high split threshold the pair stays one object.
+    assert mm.label_beads(m, median_area=DISC_AREA, split_threshold=3.0).max() == 1
+
+
+def test_label_beads_empty_and_prob_shape():
+    assert not mm.label_beads(np.zeros((16, 16), np.uint8)).any()
+    with pytest.raises(ValueError, match="prob shape"):
+        m = disc((30, 50), 15, 15) | disc((30, 50), 15, 15 + 2 * R)
+        mm.label_beads(m, median_area=DISC_AREA, prob=np.ones((5, 5)))
+
+
+def test_label_beads_uses_prob_valley():
+    # One round blob of two bead areas: the distance transform alone has one peak, but a
+    # low-probability line across it (the contact line the network saw) splits it in two.
+    m = disc((40, 40), 20, 20, r=8)
+    prob = np.where(m > 0, 0.95, 0.0).astype(np.float32)
+    prob[:, 19:22] = 0.6  # still foreground (> 0.5): the mask is one component
+    assert mm.label_beads(m, median_area=DISC_AREA).max() == 1
+    lab = mm.label_beads(m, median_area=DISC_AREA, prob=prob)
+    assert lab.max() == 2
+    assert lab[20, 15] != lab[20, 25]
+
+
+def test_estimate_bead_area_rules():
+    shape = (64, 64)
+    singles = [disc(shape, 12, 12), disc(shape, 12, 40), disc(shape, 40, 12)]
+    m = np.clip(sum(singles), 0, 1).astype(np.uint8)
+    edge = disc(shape, 40, 0)  # bead cut by the border: smaller, excluded
+    assert mm.estimate_bead_area(m | edge) == DISC_AREA
+    assert mm.estimate_bead_area([m, np.zeros(shape, np.uint8)]) == DISC_AREA
+    assert mm.estimate_bead_area(np.stack([m, m])) == DISC_AREA
+    assert mm.estimate_bead_area(np.zeros(shape, np.uint8)) == 0.0
+    assert mm.estimate_bead_area([]) == 0.0
+
+
+def test_count_beads():
+    shape = (40, 80)
+    m = disc(shape, 20, 10) | disc(shape, 20, 30) | disc(shape, 20, 30 + 2 * R)
+    c = mm.count_beads(m, median_area=DISC_AREA)
+    assert c == {"n_components": 2, "n_beads": 3, "area_estimate": float(DISC_AREA)}
+    assert mm.count_beads(np.zeros(shape, np.uint8))["n_beads"] == 0
+
+
+def test_r2_identity():
+    assert mm.r2_identity([1, 2, 3], [1, 2, 3]) == 1.0
+    # Perfectly correlated but biased by +1: 1 - 3/2.
+    assert mm.r2_identity([1, 2, 3], [2, 3, 4]) == pytest.approx(-0.5)
+    assert math.isnan(mm.r2_identity([5, 5], [5, 6]))
+
+
+# --------------------------------------------------------------------------- same as models.py
+
+
+def test_pixel_metrics_match_models_keras_metrics():
+    pytest.importorskip("keras")
+    models = pytest.importorskip("models")
+    from keras import ops
+
+    rng = np.random.default_rng(0)
+    t = (rng.random((4, 16, 16)) > 0.5).astype(np.float32)
+    p = rng.random((4, 16, 16)).astype(np.float32)  # probabilities, thresholded at 0.5
+    t[2] = 0
+    p[2] = 0.1  # both empty -> 1
+    t[3] = 0  # empty truth, non-empty prediction -> 0
+    jac = ops.convert_to_numpy(models.jacard_coef(t[..., None], p[..., None]))
+    dice = ops.convert_to_numpy(models.dice_coef(t[..., None], p[..., None]))
+    ours = [mm.pixel_metrics(p[i], t[i]) for i in range(4)]
+    np.testing.assert_allclose(jac, [o["jaccard"] for o in ours], atol=1e-6)
+    np.testing.assert_allclose(dice, [o["dice"] for o in ours], atol=1e-6)
+    assert jac[2] == 1.0 and jac[3] == 0.0

@@ -1,0 +1,195 @@
+"""predict_microscope.py: seamless tiling, preprocessing from config, counts, outputs."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import microbead_io as mio
+import predict_microscope as pm
+from make_synthetic_dataset import render_masks, sample_beads
+
+keras = pytest.importorskip("keras")
+models = pytest.importorskip("models")
+
+
+def _config(scale=0.5, pixel_scale=0.5, area=69.0, threshold=0.5, pad=4):
+    return {
+        "format_version": 1,
+        "models": {"unet": {"architecture": "unet"}},
+        "preprocessing": {
+            "channels": 1, "input_size": [64, 64], "stored_tile_size": [64, 64],
+            "pixel_scale": pixel_scale, "scale": scale,
+            "normalization": dict(mio.DEFAULT_NORMALIZATION), "pad_multiple": pad,
+        },
+        "postprocessing": {"threshold": threshold, "median_bead_area_px": area},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    keras.utils.set_random_seed(0)
+    m = models.build_unet((None, None, 1), filters=4, depth=2, dropout=0.0)
+    # Non-trivial BatchNorm statistics so inference is not an identity.
+    rng = np.random.default_rng(0)
+    for layer in m.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+    return m
+
+
+def test_tiled_prediction_equals_whole_image_with_a_real_unet(tiny_unet):
+    rng = np.random.default_rng(1)
+    img = rng.random((152, 236, 1)).astype(np.float32)  # divisible by 2**depth: no padding
+    whole = np.asarray(tiny_unet.predict_on_batch(img[None]))[0, ..., 0]
+    fn = pm.make_keras_predict_fn(tiny_unet, 3)
+    tiled = mio.predict_tiled(img, fn, tile_size=64, overlap=48, batch_size=3, pad_multiple=4)
+    assert tiled.shape == (152, 236)
+    # The blended tiles reproduce the fully convolutional whole-image probabilities.
+    assert np.max(np.abs(tiled - whole)) < 1e-3
+    mask_iou = np.logical_and(tiled >= 0.5, whole >= 0.5).sum() / max(
+        1, np.logical_or(tiled >= 0.5, whole >= 0.5).sum())
+    assert mask_iou >= 0.999
+
+
+def test_shifting_by_half_a_tile_gives_the_same_mask_in_the_overlap(tiny_unet):
+    rng = np.random.default_rng(2)
+    big = rng.random((128, 224, 1)).astype(np.float32)
+    fn = pm.make_keras_predict_fn(tiny_unet, 4)
+    a = mio.predict_tiled(big[:, :192], fn, tile_size=64, overlap=32, pad_multiple=4)
+    b = mio.predict_tiled(big[:, 32:], fn, tile_size=64, overlap=32, pad_multiple=4)
+    inner = (slice(16, -16), slice(32 + 16, 192 - 16))
+    inner_b = (slice(16, -16), slice(16, 192 - 32 - 16))
+    np.testing.assert_array_equal(a[inner] >= 0.5, b[inner_b] >= 0.5)
+    assert np.max(np.abs(a[inner] - b[inner_b])) < 1e-3
+
+
+def test_preprocess_frame_matches_training_path_and_scale():
+    rng = np.random.default_rng(3)
+    frame = (rng.random((200, 300, 1)) * 4000).astype(np.float32)
+    pre = _config()["preprocessing"]
+    x = pm.preprocess_frame(frame, pre)
+    assert x.shape == (100, 150, 1)
+    # Training: the stored tile is the 2x-downscaled frame, normalised at that scale.
+    expected = mio.normalize_image(mio.resize_image(frame, (100, 150)))
+    np.testing.assert_allclose(x, expected, atol=1e-6)
+    # A model trained at another input size than the stored tiles: one more resize.
+    pre2 = dict(pre, scale=0.25)
+    assert pm.preprocess_frame(frame, pre2).shape == (50, 75, 1)
+
+
+def _disc_frame(shape=(384, 512), n=40, seed=0):
+    """Native-resolution frame whose beads are bright discs (image encodes the mask)."""
+    rng = np.random.default_rng(seed)
+    beads = sample_beads(rng, shape, n, radius=9.4, cluster_fraction=0.3)
+    mask, labels = render_masks(beads, shape)
+    return mask, labels
+
+
+def test_predict_frame_counts_touching_beads_at_native_scale():
+    mask, labels = _disc_frame()
+    image = (mask.astype(np.float32) * 200 + 20)[..., None]
+    cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
+    # "Network": the normalised image itself is the probability (model scale = half size).
+    res = pm.predict_frame(image, lambda b: b[..., 0], cfg, tile_size=64, overlap=16,
+                           batch_size=4)
+    assert res["mask"].shape == mask.shape and res["labels"].shape == mask.shape
+    iou = np.logical_and(res["mask"], mask).sum() / np.logical_or(res["mask"], mask).sum()
+    assert iou > 0.9
+    true_n = int(labels.max())
+    n_touching_components = true_n - (
+        __import__("cv2").connectedComponents(mask, connectivity=8)[0] - 1)
+    assert n_touching_components > 0  # the frame really has touching beads
+    assert abs(res["beads"] - true_n) <= max(1, 0.05 * true_n)
+    assert res["area_estimate"] == pytest.approx(true_n, rel=0.15)
+
+
+def test_threshold_flag_overrides_config():
+    image = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64, 1)
+    cfg = _config(scale=1.0, pixel_scale=1.0, pad=4)
+    lo = pm.predict_frame(image, lambda b: b[..., 0], cfg, tile_size=64, overlap=0,
+                          batch_size=1, threshold=0.25)
+    hi = pm.predict_frame(image, lambda b: b[..., 0], cfg, tile_size=64, overlap=0,
+                          batch_size=1)
+    assert lo["coverage_pct"] > hi["coverage_pct"] + 20
+
+
+def test_tta_of_an_equivariant_function_is_unchanged():
+    rng = np.random.default_rng(4)
+    batch = rng.random((2, 32, 32, 1)).astype(np.float32)
+    ident = pm.tta_predict_fn(lambda b: b[..., 0] * 0.5, True)
+    np.testing.assert_allclose(ident(batch), batch[..., 0] * 0.5, atol=1e-6)
+
+
+def test_fit_dilution_series_recovers_slope():
+    d = np.array([160, 320, 640, 1280, 2560])
+    fit = pm.fit_dilution_series(d, 43200 / d)
+    assert fit["slope"] == pytest.approx(-1.0, abs=1e-9) and fit["r2"] == pytest.approx(1.0)
+    assert np.isnan(pm.fit_dilution_series([640], [10])["slope"])
+
+
+def _write_run(tmp_path, tiny_model, cfg=None):
+    run = tmp_path / "run"
+    run.mkdir()
+    models.save_model(tiny_model, run / "best_unet_model.hdf5")
+    (run / "config.json").write_text(json.dumps(cfg or _config(pad=4)))
+    with open(run / "training_summary.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "best_epoch", "best_val_jacard"])
+        w.writerow(["attention_unet", 3, 0.5])
+        w.writerow(["unet", 2, 0.8])
+    return run
+
+
+def test_main_writes_every_output_and_reports_bad_files(tmp_path, tiny_unet):
+    run = _write_run(tmp_path, tiny_unet)
+    inp = tmp_path / "frames"
+    inp.mkdir()
+    rng = np.random.default_rng(5)
+    for name in ("640x_2025-05-16_01-02-03_101.png", "2560x_2025-05-16_01-03-15_102.tif"):
+        mio.write_image(inp / name, (rng.random((90, 130)) * 255).astype(np.uint8))
+    (inp / "160x_broken_frame.png").write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    rc = pm.main(["--model", str(run), "--input_dir", str(inp), "--output-dir", str(out),
+                  "--tile_size", "64", "--overlap", "16", "--save_prob"])
+    assert rc == 1  # one image failed
+    with open(out / "prediction_summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == pm.SUMMARY_COLUMNS
+    status = {r["file"]: r["status"] for r in rows}
+    assert status["640x_2025-05-16_01-02-03_101.png"] == "ok"
+    assert "160x_broken_frame.png" in status["160x_broken_frame.png"]
+    for stem in ("640x_2025-05-16_01-02-03_101", "2560x_2025-05-16_01-03-15_102"):
+        m = mio._read_raw(out / "masks" / f"{stem}_mask.png")
+        assert m.shape == (90, 130) and set(np.unique(m)) <= {0, 255}
+        for sub, suffix in (("labels", "_labels.tif"), ("overlays", "_overlay.png"),
+                            ("comparisons", "_comparison.png"), ("prob", "_prob.tif")):
+            assert (out / sub / f"{stem}{suffix}").stat().st_size > 0
+    for name in ("prediction_summary.txt", "prediction.log", "prediction_config.json",
+                 "dilution_counts.csv", "dilution_counts.png"):
+        assert (out / name).stat().st_size > 0
+    log_text = (out / "prediction.log").read_text()
+    assert "unet chosen from" in log_text  # the run folder resolved to its best model
+    # Never write into a non-empty folder by accident.
+    assert pm.main(["--model", str(run), "--input_dir", str(inp), "--output_dir",
+                    str(out)]) == 2
+
+
+def test_missing_config_and_unknown_keys_are_errors(tmp_path, tiny_unet, capsys):
+    run = _write_run(tmp_path, tiny_unet)
+    (run / "config.json").unlink()
+    inp = tmp_path / "in"
+    inp.mkdir()
+    mio.write_image(inp / "a.png", np.zeros((8, 8), np.uint8))
+    assert pm.main(["--model", str(run / "best_unet_model.hdf5"), "--input_dir", str(inp),
+                    "--output_dir", str(tmp_path / "o")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    cfg = _config()
+    cfg["preprocessing"]["resize_mode"] = "bicubic"
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert pm.main(["--model", str(run), "--input_dir", str(inp),
+                    "--output_dir", str(tmp_path / "o2")]) == 2
+    assert "resize_mode" in capsys.readouterr().err
