@@ -1548,12 +1548,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _add_handler(logger: logging.Logger, handler: logging.Handler) -> logging.Handler:
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    return handler
-
-
 def _quiet_opencv() -> int | None:
     """Silence OpenCV's native decoder chatter (we report each unreadable file in one line);
     returns the previous level, None where this OpenCV build has no logging API."""
@@ -1572,9 +1566,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     cv_level = _quiet_opencv()
-    logger = logging.getLogger("microbead")
-    logger.setLevel(logging.INFO)
-    handlers = [_add_handler(logger, logging.StreamHandler(sys.stderr))]
+    handlers = [mio.add_log_handler()]
     command = "python " + " ".join([SCRIPT_NAME, *(sys.argv[1:] if argv is None else argv)])
     try:
         if not args.data_dir.is_dir():
@@ -1586,8 +1578,7 @@ def main(argv=None) -> int:
             log.error("%s", exc)
             return 2
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(_add_handler(
-            logger, logging.FileHandler(args.output_dir / LOG_FILE, mode="w", encoding="utf-8")))
+        handlers.append(mio.add_log_handler(args.output_dir / LOG_FILE, mode="w"))
         log.info("analysing %s at %d px -> %s", args.data_dir, args.image_size, args.output_dir)
         try:
             analysis = analyze_dataset(args.data_dir, image_size=args.image_size,
@@ -1613,9 +1604,7 @@ def main(argv=None) -> int:
             return 1
         return 0
     finally:
-        for h in handlers:
-            logger.removeHandler(h)
-            h.close()
+        mio.remove_log_handlers(handlers)
         if cv_level is not None:
             from cv2.utils import logging as cvlog
 

@@ -332,6 +332,7 @@ def count_stats(rows: list[dict]) -> dict:
         "pred_total": int(p.sum()),
         "mae": float(np.abs(p - t).mean()),
         "mean_rel_error": float((np.abs(p - t) / np.maximum(t, 1)).mean()),
+        "median_rel_error": float(np.median(np.abs(p - t) / np.maximum(t, 1))),
         "mean_signed_error": float((p - t).mean()),
         "total_rel_error": float(abs(p.sum() - t.sum()) / max(t.sum(), 1)),
         "r2_identity": mm.r2_identity(t, p),
@@ -691,20 +692,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _setup_logging(output_dir: Path | None) -> logging.Handler:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    if output_dir is None:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.FileHandler(output_dir / LOG_NAME, mode="w", encoding="utf-8")
-    handler.setFormatter(fmt)
-    # The package logger, so microbead_io warnings (grey-level masks ...) are kept too.
-    root = logging.getLogger("microbead")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    return handler
-
-
 def _sizes_text(area_by_size: dict[tuple[int, int], float]) -> str:
     return ", ".join(f"{a:.1f} px for {w}x{h}" for (h, w), a in sorted(area_by_size.items()))
 
@@ -765,14 +752,11 @@ def estimate_areas(truth_paths: Sequence[Path], progress: bool = False,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    handlers = [_setup_logging(None)]
+    handlers = [mio.add_log_handler()]
     try:
         return _run(args, handlers)
     finally:
-        root = logging.getLogger("microbead")
-        for h in handlers:
-            root.removeHandler(h)
-            h.close()
+        mio.remove_log_handlers(handlers)
 
 
 def _run(args: argparse.Namespace, handlers: list[logging.Handler]) -> int:
@@ -800,7 +784,7 @@ def _run(args: argparse.Namespace, handlers: list[logging.Handler]) -> int:
     for name in OUTPUT_FILES:  # --overwrite: no stale figure from an earlier run survives
         if (out / name).is_file():
             (out / name).unlink()
-    handlers.append(_setup_logging(out))
+    handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
     log.info("%s", pred_note)
     log.info("%s", gt_note)
     if args.no_labels:

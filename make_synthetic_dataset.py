@@ -929,21 +929,13 @@ def generate_dataset(
     out = Path(out_dir)
     prepare_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    handler = None
-    if log_file:
-        handler = logging.FileHandler(out / LOG_NAME, mode="w")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        if log.level == logging.NOTSET or log.level > logging.INFO:
-            log.setLevel(logging.INFO)
+    handler = mio.add_log_handler(out / LOG_NAME, mode="w") if log_file else None
     try:
         return _generate(out, n=n, size=size, seed=int(seed), large=large, large_wh=(lw, lh),
                          radius=float(radius), beads_at_160x=float(beads_at_160x),
                          tiff_every=int(tiff_every), log_file=log_file)
     finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
+        mio.remove_log_handlers([handler])
 
 
 def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160x, tiff_every,
@@ -1110,11 +1102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not logging.getLogger().handlers and not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    handler = mio.add_log_handler()
     try:
         generate_dataset(
             args.out, n=args.n, size=args.size, seed=args.seed, large=args.large,
@@ -1125,6 +1113,8 @@ def main(argv=None) -> int:
     except (FileExistsError, ValueError, OSError) as exc:
         log.error("%s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return 2
+    finally:
+        mio.remove_log_handlers([handler])
     return 0
 
 

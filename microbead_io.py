@@ -58,6 +58,46 @@ class SizeMismatchError(Exception):
     """An image and its mask differ in size; the message names both files."""
 
 
+# --------------------------------------------------------------------------- logging
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_log_handler(
+    log_file: str | os.PathLike | None = None, *, logger: str = "microbead", mode: str = "a"
+) -> logging.Handler | None:
+    """Attach a stderr handler (``log_file=None``) or a log-file handler to ``logger``.
+
+    Every script logs under the ``microbead`` package logger, to stderr and to a log file in
+    its output folder. The stderr handler is skipped (None is returned) when this logger or
+    the root logger already writes to a stream, so scripts run inside one another (the demo,
+    tests) never print a line twice. Remove with :func:`remove_log_handlers`.
+    """
+    target = logging.getLogger(logger)
+    target.setLevel(logging.INFO)
+    if log_file is None:
+        streams = [h for h in logging.getLogger().handlers + target.handlers
+                   if type(h) is logging.StreamHandler]
+        if streams:
+            return None
+        handler: logging.Handler = logging.StreamHandler()
+    else:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, mode=mode, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+    target.addHandler(handler)
+    return handler
+
+
+def remove_log_handlers(handlers, *, logger: str = "microbead") -> None:
+    """Detach and close handlers returned by :func:`add_log_handler` (None entries ignored)."""
+    target = logging.getLogger(logger)
+    for h in handlers:
+        if h is not None:
+            target.removeHandler(h)
+            h.close()
+
+
 # --------------------------------------------------------------------------- listing / pairing
 
 

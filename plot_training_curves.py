@@ -67,6 +67,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+import microbead_io as mio  # noqa: E402  (logging helpers only; no image I/O here)
+
 log = logging.getLogger("microbead.plot_training_curves")
 
 # Reference lines on every Jaccard figure: the best val Jaccard of the previous (seed) run and
@@ -1148,23 +1150,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _setup_logging(output_dir: Path | None) -> list[logging.Handler]:
-    handlers: list[logging.Handler] = []
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    if output_dir is None:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.FileHandler(output_dir / LOG_FILE, mode="w", encoding="utf-8")
-    handler.setFormatter(fmt)
-    log.addHandler(handler)
-    handlers.append(handler)
-    log.setLevel(logging.INFO)
-    return handlers
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    handlers = _setup_logging(None)
+    handlers = [mio.add_log_handler()]
     try:
         histories, errors = load_histories(args.run_dirs)
         for msg in errors:
@@ -1178,7 +1166,7 @@ def main(argv=None) -> int:
         except OSError as err:
             log.error("%s: cannot create output folder (%s)", out, err.strerror or err)
             return 1
-        handlers += _setup_logging(out)
+        handlers.append(mio.add_log_handler(out / LOG_FILE, mode="w"))
         log.info("%d history file(s) from %d run(s) -> %s", len(histories),
                  len({h.run for h in histories}), out)
 
@@ -1212,9 +1200,7 @@ def main(argv=None) -> int:
             log.warning("%d input(s) skipped:\n  %s", len(errors), "\n  ".join(errors))
         return 0
     finally:
-        for handler in handlers:
-            log.removeHandler(handler)
-            handler.close()
+        mio.remove_log_handlers(handlers)
 
 
 if __name__ == "__main__":

@@ -395,20 +395,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def setup_logging(out_dir: Path) -> logging.Handler:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    if not any(type(h) is logging.StreamHandler for h in root.handlers):
-        sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(fmt)
-        root.addHandler(sh)
-    fh = logging.FileHandler(out_dir / "prediction.log")
-    fh.setFormatter(fmt)
-    root.addHandler(fh)
-    return fh
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.output_dir)
@@ -432,12 +418,11 @@ def main(argv=None) -> int:
         print(exc, file=sys.stderr)
         return 2
     out_dir.mkdir(parents=True, exist_ok=True)
-    handler = setup_logging(out_dir)
+    handlers = [mio.add_log_handler(), mio.add_log_handler(out_dir / "prediction.log")]
     try:
         return _run(args, files, model_path, cfg, note, out_dir)
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        mio.remove_log_handlers(handlers)
 
 
 def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
