@@ -61,6 +61,19 @@ def _check(rc: int, what: str) -> None:
         raise SystemExit(f"demo: {what} failed (exit code {rc}); see the log above")
 
 
+def prepare_out_dir(out: Path) -> Path | None:
+    """Create ``out``; a non-empty one is first renamed ``<out>_previous_<time>`` (returned)."""
+    aside = None
+    if out.exists() and any(out.iterdir()):
+        import microbead_io as mio
+
+        aside = mio.unique_path(
+            out.with_name(f"{out.name}_previous_{_dt.datetime.now():%Y%m%d_%H%M%S}"))
+        out.rename(aside)
+    out.mkdir(parents=True, exist_ok=True)
+    return aside
+
+
 def run_demo(args) -> dict:
     import analyze_microbead_dataset
     import evaluate_predictions
@@ -70,11 +83,9 @@ def run_demo(args) -> dict:
     import train_microbead_optimized
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        aside = out.with_name(f"{out.name}_previous_{_dt.datetime.now():%Y%m%d_%H%M%S}")
-        out.rename(aside)
+    aside = prepare_out_dir(out)
+    if aside:
         log.info("moved the previous demo output aside to %s", aside)
-    out.mkdir(parents=True, exist_ok=True)
     data = out / "dataset_microscope"
     times = {}
 

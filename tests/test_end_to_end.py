@@ -1,0 +1,105 @@
+"""The whole chain, script to script through their main()s, on tiny synthetic data.
+
+Runs ``demo.main`` (generate -> analyze -> train -> plot -> predict -> evaluate) and checks
+that each stage read what the previous one wrote, not merely that files exist.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("keras")
+
+import demo  # noqa: E402
+import microbead_io as mio  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "demo"
+    rc = demo.main([
+        "--out", str(out), "--n", "10", "--size", "128", "--large", "2",
+        "--large_size", "384", "256", "--seed", "3",
+        "--train_args", "--filters 4 --depth 2 --epochs 2 --steps_per_epoch 2 --batch_size 4 "
+                        "--patch_size 64",
+    ])
+    assert rc == 0
+    return out
+
+
+def test_every_stage_consumed_the_previous_one(demo_out):
+    results = json.loads((demo_out / "demo_results.json").read_text())
+    data = demo_out / "dataset_microscope"
+
+    # analysis read the generated dataset
+    summary = json.loads((demo_out / "dataset_analysis" / "summary.json").read_text())
+    assert summary["dataset_size"] == 10
+
+    # training read the generated tiles and the generator's pixel scale
+    run_dir = Path(results["run_dir"])
+    assert run_dir.parent == demo_out / "runs" and run_dir.name.startswith("microbead_training_")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["data"]["n_images"] == 10
+    gen = json.loads((data / "dataset.json").read_text())
+    assert cfg["preprocessing"]["pixel_scale"] == pytest.approx(gen["pixel_scale"])
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) == 10
+    with open(run_dir / "training_summary.csv", newline="") as fh:
+        rows = {r["model"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"unet", "attention_unet", "attention_resunet"}
+    assert set(results["models"]) == set(rows)
+
+    # plotting read the run's histories
+    stats = run_dir / "training_analysis" / "training_summary_statistics.csv"
+    with open(stats, newline="") as fh:
+        plotted = {r["model"]: r for r in csv.DictReader(fh)}
+    for m, r in rows.items():
+        assert float(plotted[m]["best_val_jacard"]) == pytest.approx(float(r["best_val_jacard"]),
+                                                                     abs=1e-4)
+
+    # prediction used the best model of that run and wrote one mask per frame, at frame size
+    pred = demo_out / "predictions"
+    best = max(rows.values(), key=lambda r: float(r["best_val_jacard"]))["model"]
+    assert f"{best} chosen from" in (pred / "prediction.log").read_text()
+    frames = mio.list_images(data / "large" / "images")
+    assert len(frames) == 2
+    for f in frames:
+        m = mio.read_mask(pred / "masks" / f"{f.stem}_mask.png")
+        assert m.shape == (256, 384)
+
+    # evaluation paired those masks with the generator's truth
+    ev = json.loads((demo_out / "evaluation" / "summary.json").read_text())
+    assert ev["n_evaluated"] == 2
+    with open(data / "large" / "counts.csv", newline="") as fh:
+        true_total = sum(int(r["n_beads"]) for r in csv.DictReader(fh))
+    assert ev["counts"]["true_total"] == true_total
+    with open(pred / "prediction_summary.csv", newline="") as fh:
+        pred_total = sum(int(r["beads"]) for r in csv.DictReader(fh) if r["status"] == "ok")
+    assert ev["counts"]["pred_total"] == pred_total
+    lf = results["large_frames"]
+    assert lf["true_beads"] == true_total and lf["predicted_beads"] == pred_total
+    assert np.isfinite(lf["f1_at_0.5"])
+
+
+def test_rerunning_the_demo_never_overwrites(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "result.txt").write_text("first run")
+    aside = demo.prepare_out_dir(out)
+    assert aside is not None and (aside / "result.txt").read_text() == "first run"
+    assert out.is_dir() and not any(out.iterdir())
+    (out / "result.txt").write_text("second run")
+    aside2 = demo.prepare_out_dir(out)
+    assert aside2 != aside and (aside2 / "result.txt").read_text() == "second run"
+    assert demo.prepare_out_dir(tmp_path / "fresh") is None
+
+
+def test_table_formats_every_model(demo_out):
+    results = json.loads((demo_out / "demo_results.json").read_text())
+    text = demo.format_table(results)
+    for m in ("unet", "attention_unet", "attention_resunet"):
+        assert m in text
+    assert "median relative bead-count error" in text
