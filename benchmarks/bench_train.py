@@ -1,0 +1,216 @@
+"""Benchmark: train each model with the CPU preset on the synthetic dataset (no timing asserts).
+
+Generates the synthetic dataset (73 tiles of 256x256 px, ``make_synthetic_dataset.
+generate_dataset``, seed 0) into a temporary folder unless ``--data`` names one, then runs
+``train_microbead_optimized.main(["--preset", "cpu", ...])`` once per model, exactly as a user
+would, and records for each model the best validation Jaccard (inference mode, as logged and
+as reproduced by the reloaded ``.hdf5``), the batch-statistics Jaccard, the epoch of the best
+model, the fit time and the wall time of the whole ``main()`` call (data loading, TensorFlow
+setup, graph tracing, training, reload and snapshot included).
+
+Targets (issue 4): U-Net val Jaccard >= 0.85 within 10 minutes on a 2-core CPU; all three
+models >= 0.80. They are reported, never asserted.
+
+Outputs
+    A table on stdout and ``benchmarks/results/bench_train.json`` (``--out``): per-model
+    results, the settings used (from the run's ``config.json``), machine info (CPU count,
+    platform, load average) and the date. Training run folders go to a temporary folder
+    (removed) unless ``--output_dir`` is given.
+
+Example
+    python benchmarks/bench_train.py --models unet --out /tmp/bench_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import train_microbead_optimized as tmo  # noqa: E402
+
+log = logging.getLogger("microbead.bench_train")
+
+TARGETS = {"unet_val_jaccard": 0.85, "unet_minutes": 10.0, "all_models_val_jaccard": 0.80}
+
+
+def machine_info() -> dict:
+    """CPU count, usable CPUs, platform, Python / TensorFlow versions, load average."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    info = {
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "python": platform.python_version(),
+    }
+    try:
+        import tensorflow as tf
+
+        info["tensorflow"] = tf.__version__
+        info["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
+    except ImportError:
+        info["tensorflow"] = None
+    return info
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def ensure_dataset(data: str | None, scratch: Path) -> tuple[Path, bool]:
+    """Existing ``data`` folder, or a fresh synthetic one (73 tiles, 256 px) in ``scratch``."""
+    if data:
+        return Path(data), False
+    from make_synthetic_dataset import generate_dataset
+
+    out = scratch / "synthetic_73"
+    t0 = time.perf_counter()
+    generate_dataset(out, n=73, size=256, seed=0, log_file=False)
+    log.info("generated %s in %.1f s", out, time.perf_counter() - t0)
+    return out, True
+
+
+def train_model(name: str, data_dir: Path, out_dir: Path, extra=()) -> dict:
+    """One ``main()`` call with ``--preset cpu`` for one model; returns its results."""
+    run_file = out_dir / f"run_dir_{name}.txt"
+    argv = ["--data_dir", str(data_dir), "--preset", "cpu", "--models", name,
+            "--output_dir", str(out_dir), "--run_dir_file", str(run_file), "--verbose", "0",
+            *extra]
+    t0 = time.perf_counter()
+    rc = tmo.main(argv)
+    wall = time.perf_counter() - t0
+    run_dir = Path(run_file.read_text().strip())
+    with open(run_dir / "training_summary.csv", newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["model"] == name)
+    with open(run_dir / f"{name}_history.csv", newline="") as fh:
+        hist = list(csv.DictReader(fh))
+    config = json.loads((run_dir / "config.json").read_text())
+    split = json.loads((run_dir / "split.json").read_text())
+    return {
+        "exit_code": rc,
+        "argv": argv,
+        "best_val_jaccard": float(row["best_val_jacard"]),
+        "best_val_jaccard_reloaded_hdf5": float(row["best_val_jacard_reloaded"]),
+        "val_jaccard_batchstats": float(row["val_jacard_batchstats"]),
+        "final_val_jaccard": float(row["final_val_jacard"]),
+        "best_val_dice": float(row["best_val_dice"]),
+        "best_epoch": int(row["best_epoch"]),
+        "epochs_run": int(row["epochs_run"]),
+        "params": int(row["params"]),
+        "fit_seconds": float(row["train_time"]),
+        "wall_seconds": round(wall, 1),
+        "val_jaccard_per_epoch": [round(float(r["val_jacard_coef"]), 4) for r in hist],
+        "run_dir": str(run_dir),
+        "config_training": config["training"],
+        "n_train_val": [len(split["train"]), len(split["val"])],
+    }
+
+
+def settings_used(results: dict) -> dict:
+    """The training settings shared by the runs (taken from the first run's config.json)."""
+    first = next(iter(results.values()))["config_training"]
+    keys = ("preset", "filters", "depth", "batch_size", "patch_size", "image_size", "lr",
+            "loss", "dropout", "epochs", "patience", "steps_per_epoch_used", "bn_momentum_used",
+            "val_fraction", "seed", "rotation", "intensity_aug", "elastic", "mixed_precision")
+    return {k: first.get(k) for k in keys}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(tmo.MODEL_NAMES),
+                   help="comma-separated subset of " + ",".join(tmo.MODEL_NAMES))
+    p.add_argument("--out", "--output", dest="out",
+                   default=str(ROOT / "benchmarks" / "results" / "bench_train.json"),
+                   help="JSON results file")
+    p.add_argument("--data", "--data_dir", "--data-dir", dest="data", default=None,
+                   help="dataset folder (default: generate the 73-tile synthetic set)")
+    p.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
+                   help="keep the training run folders here (default: temporary, removed)")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in tmo.MODEL_NAMES]
+    if bad:
+        p.error(f"unknown model(s) {bad}; choose from {', '.join(tmo.MODEL_NAMES)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    started = _dt.datetime.now().astimezone()
+    load_start = load_average()
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        scratch = Path(tmp)
+        data_dir, generated = ensure_dataset(args.data, scratch)
+        out_dir = Path(args.output_dir) if args.output_dir else scratch / "runs"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = {}
+        for name in args.models:
+            log.info("training %s with --preset cpu on %s", name, data_dir)
+            results[name] = train_model(name, data_dir, out_dir)
+        settings = settings_used(results)
+        for r in results.values():
+            r.pop("config_training")
+            if not args.output_dir:
+                r["run_dir"] = None  # removed with the temporary folder
+
+    unet = results.get("unet")
+    report = {
+        "benchmark": "train_microbead_optimized --preset cpu",
+        "date": started.isoformat(timespec="seconds"),
+        "dataset": {"path": None if generated else str(data_dir), "generated": generated,
+                    "synthetic": "73 tiles 256x256, seed 0" if generated else None},
+        "settings": settings,
+        "machine": {**machine_info(), "load_average_1min_start": load_start,
+                    "load_average_1min_end": load_average()},
+        "targets": TARGETS,
+        "targets_met": {
+            "unet": None if unet is None else bool(
+                unet["best_val_jaccard"] >= TARGETS["unet_val_jaccard"]
+                and unet["wall_seconds"] <= 60 * TARGETS["unet_minutes"]),
+            "all_models": bool(all(r["best_val_jaccard"] >= TARGETS["all_models_val_jaccard"]
+                                   for r in results.values())),
+        },
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"\n{'model':>18} {'val J':>7} {'reload':>7} {'batchst':>7} {'best ep':>7} "
+          f"{'fit s':>7} {'wall s':>7} {'params':>9}")
+    for name, r in results.items():
+        print(f"{name:>18} {r['best_val_jaccard']:7.4f} {r['best_val_jaccard_reloaded_hdf5']:7.4f}"
+              f" {r['val_jaccard_batchstats']:7.4f} {r['best_epoch']:7d} {r['fit_seconds']:7.1f}"
+              f" {r['wall_seconds']:7.1f} {r['params']:9,d}")
+    m = report["machine"]
+    print(f"machine: {m['cpu_count']} CPUs ({m['usable_cpus']} usable), {m['platform']}, "
+          f"load average {m['load_average_1min_start']} -> {m['load_average_1min_end']}")
+    print(f"targets met: {report['targets_met']}   written: {out}")
+    return 0 if all(r["exit_code"] == 0 for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
