@@ -66,6 +66,7 @@ __all__ = [
     "gating_signal",
     "get_loss",
     "jacard_coef",
+    "pred_fg",
     "jaccard_loss",
     "load_model",
     "res_conv_block",
@@ -468,6 +469,17 @@ def dice_coef(y_true, y_pred):
     return _ratio_or_one(2.0 * intersection, total)
 
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+def pred_fg(y_true, y_pred):
+    """Per-image fraction of pixels predicted as bead (``y_pred > 0.5``), shape ``(batch,)``.
+
+    Logged as ``val_pred_fg``: the trainer's collapse detector compares it with the true
+    foreground fraction, at no extra forward pass. ``y_true`` is unused.
+    """
+    del y_true
+    return ops.mean(_binary(y_pred), axis=1)
+
+
 # The losses use soft (unthresholded) overlaps with smooth = 1, i.e. one pixel. In a loss it
 # keeps an empty-truth image defined (soft Dice = 1 / (sum(p) + 1)) with a gradient that
 # pushes the prediction to zero; one pixel is negligible against the hundreds of foreground
@@ -619,13 +631,14 @@ def get_loss(name: str | Callable) -> Callable:
 
 CUSTOM_OBJECTS: dict[str, Callable] = {
     fn.__name__: fn
-    for fn in (jacard_coef, dice_coef, soft_dice_coef, soft_jaccard_coef, *LOSSES.values())
+    for fn in (jacard_coef, dice_coef, pred_fg, soft_dice_coef, soft_jaccard_coef,
+               *LOSSES.values())
 }
 
 
 def compile_model(model: keras.Model, *, lr: float = 1e-4, loss: str | Callable = "dice",
                   **compile_kwargs) -> keras.Model:
-    """Compile with Adam, a loss from :func:`get_loss` and metrics ``[jacard_coef, dice_coef]``.
+    """Compile with Adam, a loss from :func:`get_loss`, metrics ``jacard_coef, dice_coef, pred_fg``.
 
     Parameters
     ----------
@@ -641,10 +654,11 @@ def compile_model(model: keras.Model, *, lr: float = 1e-4, loss: str | Callable 
     Returns
     -------
     keras.Model
-        The same model, compiled; history keys ``loss``, ``jacard_coef``, ``dice_coef``.
+        The same model, compiled; history keys ``loss``, ``jacard_coef``, ``dice_coef``,
+        ``pred_fg`` (and their ``val_`` versions).
     """
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=get_loss(loss),
-                  metrics=[jacard_coef, dice_coef], **compile_kwargs)
+                  metrics=[jacard_coef, dice_coef, pred_fg], **compile_kwargs)
     return model
 
 

@@ -594,9 +594,9 @@ def make_callbacks(model_name, out_dir: Path, x_val, y_val, args, initial_best=-
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            pred = self.model.predict(x_val, batch_size=args.batch_size, verbose=0)
-            fg = float(np.mean(pred >= args.threshold))
-            logs["val_pred_fg"], logs["val_true_fg"] = fg, self.true_fg
+            # models.pred_fg is a compiled metric: no extra forward pass over validation.
+            fg = float(logs.get("val_pred_fg", np.nan))
+            logs["val_true_fg"] = self.true_fg
             if fg < 0.1 * self.true_fg or fg > min(0.95, 3 * self.true_fg + 0.05):
                 log.warning(
                     "!!! %s epoch %d: predictions COLLAPSED: %.2f%% of validation pixels "
@@ -621,7 +621,6 @@ def make_callbacks(model_name, out_dir: Path, x_val, y_val, args, initial_best=-
             if improved:
                 self.best = score
                 models.save_model(self.model, out_dir / f"best_{model_name}_model.hdf5")
-                models.save_model(self.model, out_dir / f"best_{model_name}_model.keras")
             # Resume point: weights + optimizer state, written atomically every epoch.
             models.save_model(self.model, out_dir / "checkpoints" / f"last_{model_name}.keras")
             log.info(
@@ -805,6 +804,7 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
     vj = np.array([r["val_jacard_coef"] for r in hist])
     best_i = int(np.nanargmax(vj))
     best = load_best(out_dir, name)
+    models.save_model(best, out_dir / f"best_{name}_model.keras")
     prob = best.predict(x_val, batch_size=args.batch_size, verbose=0)
     reloaded = float(np.mean(per_image_jaccard(prob, y_val, args.threshold)))
     batchstat = batchstat_jaccard(best, x_val, y_val, args.threshold)

@@ -1,0 +1,160 @@
+"""All project benchmarks in one run, one JSON (the numbers in the README's "Measured").
+
+Steps (each a separate process, so timings and peak memory do not mix):
+
+1. generate the synthetic set: 73 tiles of 256x256 + one 3840x2160 frame per dilution
+   (160x ... 10240x) with ground truth;
+2. ``bench_train.py``: the three models with ``--preset cpu`` -> val Jaccard and wall time;
+3. ``bench_pipeline.py``: full training pipeline vs bare model step (images/s ratio);
+4. ``predict_microscope.py`` with the best model on the large frames, then
+   ``evaluate_predictions.py`` -> median count error, F1@0.5, and the dilution-series
+   linearity (slope and R² of log count vs log dilution, ideal slope -1);
+5. ``bench_predict.py`` on two frames -> s/frame, ratio to one forward pass, peak RSS.
+
+Output: ``benchmarks/results/run_all.json`` (``--out``) and a printed summary.
+Nothing is asserted.
+
+Example
+    python benchmarks/run_all.py --work /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def run(cmd: list[str], log_path: Path) -> float:
+    """Run a command, tee-less: output to a log file; raise with the log's tail on failure."""
+    t = time.perf_counter()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as fh:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        tail = log_path.read_text()[-3000:]
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {rc}:\n{tail}")
+    return time.perf_counter() - t
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(),
+            "date": _dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="/tmp/microbead_bench", help="scratch folder (created)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "run_all.json"))
+    p.add_argument("--skip_pipeline", action="store_true")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    work = work / stamp
+    work.mkdir()
+    data = work / "dataset_microscope"
+    res: dict = {"machine": machine(), "work": str(work)}
+    bench = ROOT / "benchmarks"
+
+    res["generate_s"] = round(run([PY, "make_synthetic_dataset.py", "--out", str(data),
+                                   "--n", "73", "--seed", "0", "--large", "7"],
+                                  work / "generate.log"), 1)
+
+    train_json = work / "bench_train.json"
+    run([PY, str(bench / "bench_train.py"), "--data", str(data), "--out", str(train_json),
+         "--output_dir", str(work / "runs")], work / "bench_train.log")
+    res["train"] = json.loads(train_json.read_text())
+
+    if not args.skip_pipeline:
+        pipe_json = work / "bench_pipeline.json"
+        run([PY, str(bench / "bench_pipeline.py"), "--data", str(data), "--out",
+             str(pipe_json)], work / "bench_pipeline.log")
+        res["pipeline"] = json.loads(pipe_json.read_text())
+
+    # Best model over the trained ones (each bench_train model has its own run folder).
+    models = res["train"]["models"]
+    best_name = max(models, key=lambda m: models[m]["best_val_jacard"])
+    best_run = models[best_name]["run_dir"]
+    pred, ev = work / "predictions", work / "evaluation"
+    t = run([PY, "predict_microscope.py", "--model", best_run, "--input_dir",
+             str(data / "large" / "images"), "--output_dir", str(pred)], work / "predict.log")
+    run([PY, "evaluate_predictions.py", "--pred_dir", str(pred), "--gt_dir",
+         str(data / "large" / "masks"), "--gt_labels_dir", str(data / "large" / "labels"),
+         "--output_dir", str(ev), "--no_progress"], work / "evaluate.log")
+    summary = json.loads((ev / "summary.json").read_text())
+    with open(pred / "prediction_summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(data / "large" / "counts.csv", newline="") as fh:
+        truth = {r["file"]: int(r["n_beads"]) for r in csv.DictReader(fh)}
+    sys.path.insert(0, str(ROOT))
+    import predict_microscope as pm
+
+    fit_pred = pm.fit_dilution_series([int(r["dilution"]) for r in rows],
+                                      [int(r["beads"]) for r in rows])
+    fit_true = pm.fit_dilution_series([int(r["dilution"]) for r in rows],
+                                      [truth[r["file"]] for r in rows])
+    res["large_frames"] = {
+        "model": best_name, "run_dir": best_run, "n_frames": len(rows),
+        "predict_total_s": round(t, 1),
+        "per_frame": [{"file": r["file"], "dilution": int(r["dilution"]),
+                       "true": truth[r["file"]], "pred": int(r["beads"]),
+                       "time_s": float(r["time_s"])} for r in rows],
+        "median_rel_count_error": summary["counts"]["median_rel_error"],
+        "mean_rel_count_error": summary["counts"]["mean_rel_error"],
+        "f1_at_0.5": summary["objects"]["f1"],
+        "mean_pixel_jaccard": summary["pixel"]["mean_per_image"]["jaccard"],
+        "dilution_fit_predicted": fit_pred,
+        "dilution_fit_truth": fit_true,
+    }
+
+    pb_json = work / "bench_predict.json"
+    run([PY, str(bench / "bench_predict.py"), "--model", best_run, "--out", str(pb_json),
+         "--repeats", "2"], work / "bench_predict.log")
+    res["predict"] = json.loads(pb_json.read_text())
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+
+    print(f"machine: {res['machine']['cpu']} ({res['machine']['cpu_count']} cores), "
+          f"{res['machine']['date']}")
+    for m, r in models.items():
+        print(f"train {m:<18} val Jaccard {r['best_val_jacard']:.4f}  wall {r['wall_s']:.0f} s")
+    if "pipeline" in res:
+        pr = res["pipeline"]
+        print(f"pipeline vs bare step: ratio {pr.get('ratio_fastest', pr.get('ratio'))}")
+    lf = res["large_frames"]
+    print(f"large frames ({lf['n_frames']}, model {best_name}): median count error "
+          f"{100 * lf['median_rel_count_error']:.2f} %, F1@0.5 {lf['f1_at_0.5']:.4f}, "
+          f"dilution slope {lf['dilution_fit_predicted']['slope']:.3f} "
+          f"(truth {lf['dilution_fit_truth']['slope']:.3f}), R² "
+          f"{lf['dilution_fit_predicted']['r2']:.4f}")
+    pr = res["predict"]
+    print(f"3840x2160 predict: {pr['median_wall_s']:.2f} s/frame, {pr['median_ratio']:.2f}x one "
+          f"forward pass, peak RSS {pr['peak_rss_mb']:.0f} MB")
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
