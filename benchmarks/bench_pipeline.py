@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         data = tmo.load_training_data(targs)
     strata = tmo.density_strata(data["counts"], targs.density_bins)
     train_idx, val_idx = tmo.stratified_split(strata, targs.val_fraction, targs.seed)
-    tf_facts = tmo.setup_tensorflow(targs)
+    tf_facts, _ = tmo.setup_tensorflow(targs)
 
     import tensorflow as tf
 

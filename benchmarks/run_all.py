@@ -66,23 +66,28 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/microbead_bench", help="scratch folder (created)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "run_all.json"))
     p.add_argument("--skip_pipeline", action="store_true")
+    p.add_argument("--reuse", default=None,
+                   help="an earlier run_all work folder: keep its dataset and trained models, "
+                        "redo the other steps")
     args = p.parse_args(argv)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
-    work = work / stamp
-    work.mkdir()
+    if args.reuse:
+        work = Path(args.reuse)
+    else:
+        work = Path(args.work) / _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+        work.mkdir(parents=True)
     data = work / "dataset_microscope"
     res: dict = {"machine": machine(), "work": str(work)}
     bench = ROOT / "benchmarks"
 
-    res["generate_s"] = round(run([PY, "make_synthetic_dataset.py", "--out", str(data),
-                                   "--n", "73", "--seed", "0", "--large", "7"],
-                                  work / "generate.log"), 1)
+    if not args.reuse:
+        res["generate_s"] = round(run([PY, "make_synthetic_dataset.py", "--out", str(data),
+                                       "--n", "73", "--seed", "0", "--large", "7"],
+                                      work / "generate.log"), 1)
 
     train_json = work / "bench_train.json"
-    run([PY, str(bench / "bench_train.py"), "--data", str(data), "--out", str(train_json),
-         "--output_dir", str(work / "runs")], work / "bench_train.log")
+    if not args.reuse:
+        run([PY, str(bench / "bench_train.py"), "--data", str(data), "--out", str(train_json),
+             "--output_dir", str(work / "runs")], work / "bench_train.log")
     res["train"] = json.loads(train_json.read_text())
 
     if not args.skip_pipeline:
@@ -92,10 +97,15 @@ def main(argv=None) -> int:
         res["pipeline"] = json.loads(pipe_json.read_text())
 
     # Best model over the trained ones (each bench_train model has its own run folder).
-    models = res["train"]["models"]
-    best_name = max(models, key=lambda m: models[m]["best_val_jacard"])
+    models = res["train"]["results"]
+    best_name = max(models, key=lambda m: models[m]["best_val_jaccard"])
     best_run = models[best_name]["run_dir"]
     pred, ev = work / "predictions", work / "evaluation"
+    for d in (pred, ev):  # a --reuse run redoes these
+        if d.exists():
+            import shutil
+
+            shutil.rmtree(d)
     t = run([PY, "predict_microscope.py", "--model", best_run, "--input_dir",
              str(data / "large" / "images"), "--output_dir", str(pred)], work / "predict.log")
     run([PY, "evaluate_predictions.py", "--pred_dir", str(pred), "--gt_dir",
@@ -139,10 +149,13 @@ def main(argv=None) -> int:
     print(f"machine: {res['machine']['cpu']} ({res['machine']['cpu_count']} cores), "
           f"{res['machine']['date']}")
     for m, r in models.items():
-        print(f"train {m:<18} val Jaccard {r['best_val_jacard']:.4f}  wall {r['wall_s']:.0f} s")
+        print(f"train {m:<18} val Jaccard {r['best_val_jaccard']:.4f}  wall "
+              f"{r['wall_seconds']:.0f} s (fit {r['fit_seconds']:.0f} s)")
     if "pipeline" in res:
         pr = res["pipeline"]
-        print(f"pipeline vs bare step: ratio {pr.get('ratio_fastest', pr.get('ratio'))}")
+        print(f"pipeline vs bare step: {pr['ratio_pipeline_to_bare_fit']:.3f} (fastest epochs), "
+              f"{pr['ratio_pipeline_to_bare_fit_median']:.3f} (medians); CPU overhead "
+              f"{pr['cpu_overhead_pct']:.1f} %")
     lf = res["large_frames"]
     print(f"large frames ({lf['n_frames']}, model {best_name}): median count error "
           f"{100 * lf['median_rel_count_error']:.2f} %, F1@0.5 {lf['f1_at_0.5']:.4f}, "
