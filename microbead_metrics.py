@@ -155,6 +155,16 @@ def pixel_metrics(pred, truth, *, threshold: float = 0.5) -> dict[str, float]:
 # --------------------------------------------------------------------------- bead area
 
 
+def count_components(mask) -> int:
+    """Number of 8-connected foreground components of a binary mask ``(H, W)``.
+
+    The raw object count (touching beads count once): the density measure the trainer
+    stratifies by and the predictor reports beside its bead count. Empty mask -> 0.
+    """
+    m = as_binary(mask).astype(np.uint8, copy=False)
+    return int(cv2.connectedComponents(m, connectivity=8)[0] - 1)
+
+
 def _component_stats(mask: np.ndarray):
     """8-connected components: (labels int32, areas, touches_border, compact) per component."""
     m = mask.astype(np.uint8, copy=False)

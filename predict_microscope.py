@@ -220,7 +220,7 @@ def predict_frame(image: np.ndarray, predict_fn, cfg: dict, *, tile_size: int, o
     labels = mio.resize_labels(labels_small, (h, w)) if labels_small.shape != (h, w) \
         else labels_small
     labels[mask == 0] = 0
-    n_comp = int(_n_components(mask))
+    n_comp = microbead_metrics.count_components(mask)
     fg = int(mask.sum())
     return {
         "prob": prob, "mask": mask, "labels": labels, "beads": n, "n_components": n_comp,
@@ -229,12 +229,6 @@ def predict_frame(image: np.ndarray, predict_fn, cfg: dict, *, tile_size: int, o
         "area_estimate": fg / area_native if area_native > 0 else float("nan"),
         "median_bead_area_native_px": area_native,
     }
-
-
-def _n_components(mask: np.ndarray) -> int:
-    import cv2
-
-    return cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
 
 
 def make_keras_predict_fn(model, batch_size: int):

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 import microbead_io as mio
+import microbead_metrics
 
 log = logging.getLogger("microbead.train")
 
@@ -137,13 +138,6 @@ def auto_bn_momentum(steps_per_epoch: int) -> float:
     50 -> 0.9, 250 -> 0.98.
     """
     return float(np.clip(1.0 - 5.0 / max(1, steps_per_epoch), 0.8, 0.99))
-
-
-def count_objects(mask: np.ndarray) -> int:
-    """8-connected components of a binary mask (density measure used for stratification)."""
-    from scipy import ndimage
-
-    return int(ndimage.label(mask > 0, structure=np.ones((3, 3), int))[1])
 
 
 def density_strata(counts, edges=None, min_per_stratum: int = 2, max_bins: int = 5) -> np.ndarray:
@@ -411,7 +405,7 @@ def load_training_data(args) -> dict:
         "images": loaded.images,
         "masks": loaded.masks,
         "files": loaded.files,
-        "counts": np.array([count_objects(m) for m in loaded.masks]),
+        "counts": np.array([microbead_metrics.count_components(m) for m in loaded.masks]),
         "stored_size": stored,
         "skipped": pairing.problems() + loaded.failures,
     }
@@ -913,8 +907,6 @@ def versions() -> dict:
 
 def build_config(args, data, split_info, tf_facts, pixel_scale: float) -> dict:
     """The resolved configuration written next to the weights; prediction reads it back."""
-    import microbead_metrics
-
     train_masks = [data["masks"][i] for i in split_info["train_idx"]]
     area = float(microbead_metrics.estimate_bead_area(train_masks))
     stored_h = data["stored_size"][0]

@@ -330,3 +330,13 @@ def test_pixel_metrics_match_models_keras_metrics():
     np.testing.assert_allclose(jac, [o["jaccard"] for o in ours], atol=1e-6)
     np.testing.assert_allclose(dice, [o["dice"] for o in ours], atol=1e-6)
     assert jac[2] == 1.0 and jac[3] == 0.0
+
+
+def test_count_components_is_8_connected_and_counts_touching_beads_once():
+    m = np.zeros((10, 10), np.uint8)
+    m[1:3, 1:3] = 1
+    m[3:5, 3:5] = 1  # diagonal neighbour of the first square: same 8-connected component
+    m[7:9, 7:9] = 1
+    assert mm.count_components(m) == 2
+    assert mm.count_components(np.zeros((4, 4))) == 0
+    assert mm.count_components(m.astype(np.float32) * 0.9) == 2  # float: foreground > 0.5
