@@ -537,7 +537,10 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     p = Path(path)
     arr = np.asarray(image)
     if p.suffix.lower() in (".tif", ".tiff"):
-        _atomic_write(p, lambda t: tifffile.imwrite(t, arr, compression="zlib"))
+        # zlib level 1: less than half the time of the default level 6 on a 4K label image
+        # (0.020 vs 0.046 s); the file is ~3.5x larger but still ~0.5 % of raw (91 kB).
+        _atomic_write(p, lambda t: tifffile.imwrite(t, arr, compression="zlib",
+                                                    compressionargs={"level": 1}))
         return
     if arr.ndim == 3 and arr.shape[-1] == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
@@ -748,13 +751,25 @@ def predict_tiled(
     def ramp(start, t, length, ov):
         return blend_ramp(t, ov, taper_start=start > 0, taper_end=start + t < length)
 
+    coords = [(y, xx) for y in plan.ys for xx in plan.xs]
+    # Every call gets the same number of tiles (the last batch is filled up with zero tiles
+    # whose output is dropped), so a compiled/traced network sees one shape per tile layout;
+    # a frame of fewer tiles than batch_size sends only its own tiles.
+    per_call = max(1, min(batch_size, len(coords)))
+    if len(coords) == 1:  # one tile: no blending, nothing computed twice
+        out = np.asarray(predict_fn(x[None, :th, :tw]), dtype=np.float32)
+        if progress is not None:
+            progress(1)
+        return np.array(out.reshape(th, tw)[:h, :w])
     acc = np.zeros(x.shape[:2], np.float32)
     wsum = np.zeros(x.shape[:2], np.float32)
-    coords = [(y, xx) for y in plan.ys for xx in plan.xs]
-    for i in range(0, len(coords), batch_size):
-        chunk = coords[i : i + batch_size]
+    for i in range(0, len(coords), per_call):
+        chunk = coords[i : i + per_call]
         batch = np.stack([x[y : y + th, xx : xx + tw] for y, xx in chunk])
-        out = np.asarray(predict_fn(batch), dtype=np.float32)
+        if len(chunk) < per_call:
+            batch = np.concatenate(
+                [batch, np.zeros((per_call - len(chunk),) + batch.shape[1:], batch.dtype)])
+        out = np.asarray(predict_fn(batch), dtype=np.float32)[: len(chunk)]
         if out.ndim == 4:
             out = out[..., 0]
         for (y, xx), p in zip(chunk, out):

@@ -283,6 +283,57 @@ def test_label_beads_uses_prob_valley():
     assert lab[20, 15] != lab[20, 25]
 
 
+def _dense_touching_frame(seed=0, shape=(180, 260), n=150):
+    """Many overlapping discs (clumps of 2-6 beads) plus a smooth probability map."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros(shape, np.uint8)
+    for _ in range(n):
+        m |= disc(shape, rng.integers(R, shape[0] - R), rng.integers(R, shape[1] - R))
+    # Kept inside (0, 1) with noise: a clipped map would be flat (tied) inside the beads.
+    prob = 0.05 + 0.9 * cv2_blur(m.astype(np.float32)) + rng.normal(0, 0.01, shape)
+    return m, prob.astype(np.float32)
+
+
+def cv2_blur(x):
+    import cv2
+
+    return cv2.GaussianBlur(x, (5, 5), 1.2)
+
+
+def test_batched_split_equals_one_component_at_a_time():
+    m, prob = _dense_touching_frame()
+    n, lab, stats, areas, _ = mm._component_stats(m.astype(bool))
+    big = np.flatnonzero(areas > 1.5 * DISC_AREA)
+    assert len(big) >= 10  # the frame really has many clumps to split
+    radius = math.sqrt(DISC_AREA / math.pi)
+    crops, pcrops = [], []
+    for k in big:
+        x, y, w, h = stats[k + 1, :4]
+        crops.append(lab[y:y + h, x:x + w] == k + 1)
+        pcrops.append(prob[y:y + h, x:x + w])
+    min_area = 0.25 * DISC_AREA
+    batched = mm._split_components(crops, radius, min_area, pcrops)
+    pieces = 0
+    for c, pc, got in zip(crops, pcrops, batched):
+        one = mm._split_component(np.pad(c, 1), radius, min_area, np.pad(pc, 1))[1:-1, 1:-1]
+        # A continuous probability map leaves no ties: identical labels, ids included.
+        np.testing.assert_array_equal(got, one)
+        pieces += int(got.max())
+    assert pieces > len(crops)  # clumps were split
+    # Without a probability map the distance transform has plateaus; the watershed breaks
+    # those ties by its queue order, which packing changes: a tied pixel may go to the other
+    # bead, and rarely a sliver then falls under the merge size. Same beads otherwise.
+    n_batched = n_single = 0
+    for c, got in zip(crops, mm._split_components(crops, radius, min_area)):
+        one = mm._split_component(np.pad(c, 1), radius, min_area, None)[1:-1, 1:-1]
+        assert abs(int(got.max()) - int(one.max())) <= 1
+        assert set(np.unique(got[c])) == set(range(1, int(got.max()) + 1))
+        assert np.all((got > 0) == c)
+        n_batched, n_single = n_batched + int(got.max()), n_single + int(one.max())
+    assert abs(n_batched - n_single) <= 0.05 * n_single
+    assert mm._split_components([], radius, min_area) == []
+
+
 def test_estimate_bead_area_rules():
     shape = (64, 64)
     singles = [disc(shape, 12, 12), disc(shape, 12, 40), disc(shape, 40, 12)]

@@ -238,6 +238,28 @@ def test_tiled_prediction_equals_whole_image(shape):
     np.testing.assert_allclose(tiled[inner], whole[inner], atol=1e-3)
 
 
+def test_every_call_gets_the_same_batch_and_one_tile_is_not_padded():
+    img = np.random.default_rng(2).random((150, 230, 1)).astype(np.float32)
+    seen = []
+
+    def fn(batch):
+        seen.append(batch.shape)
+        return _local_fn(batch)
+
+    plan = mio.plan_tiles(img.shape, 64, 16, 16)
+    assert plan.n_tiles % 4  # the last batch is short
+    tiled = mio.predict_tiled(img, fn, tile_size=64, overlap=16, batch_size=4)
+    assert {s[0] for s in seen} == {4}  # zero tiles fill the last batch: one traced shape
+    assert len(seen) == -(-plan.n_tiles // 4)
+    inner = (slice(1, -1), slice(1, -1))
+    np.testing.assert_allclose(tiled[inner], _local_fn(img[None])[0][inner], atol=1e-3)
+    seen.clear()
+    whole = mio.predict_tiled(img, fn, tile_size=256, overlap=16, batch_size=4)
+    assert seen == [(1, 160, 240, 1)]  # one tile: one tile computed, not batch_size
+    np.testing.assert_allclose(whole, _local_fn(np.pad(img, ((0, 10), (0, 10), (0, 0)),
+                                                       mode="reflect")[None])[0][:150, :230])
+
+
 def test_blend_window_positive_and_symmetric():
     w = mio.blend_window(64, 16)
     assert w.shape == (64, 64) and w.min() > 0 and w.max() == pytest.approx(1.0)

@@ -45,7 +45,7 @@ def test_tiled_prediction_equals_whole_image_with_a_real_unet(tiny_unet):
     rng = np.random.default_rng(1)
     img = rng.random((152, 236, 1)).astype(np.float32)  # divisible by 2**depth: no padding
     whole = np.asarray(tiny_unet.predict_on_batch(img[None]))[0, ..., 0]
-    fn = pm.make_keras_predict_fn(tiny_unet, 3)
+    fn = pm.make_keras_predict_fn(tiny_unet)
     tiled = mio.predict_tiled(img, fn, tile_size=64, overlap=48, batch_size=3, pad_multiple=4)
     assert tiled.shape == (152, 236)
     # The blended tiles reproduce the fully convolutional whole-image probabilities.
@@ -58,7 +58,7 @@ def test_tiled_prediction_equals_whole_image_with_a_real_unet(tiny_unet):
 def test_shifting_by_half_a_tile_gives_the_same_mask_in_the_overlap(tiny_unet):
     rng = np.random.default_rng(2)
     big = rng.random((128, 224, 1)).astype(np.float32)
-    fn = pm.make_keras_predict_fn(tiny_unet, 4)
+    fn = pm.make_keras_predict_fn(tiny_unet)
     a = mio.predict_tiled(big[:, :192], fn, tile_size=64, overlap=32, pad_multiple=4)
     b = mio.predict_tiled(big[:, 32:], fn, tile_size=64, overlap=32, pad_multiple=4)
     inner = (slice(16, -16), slice(32 + 16, 192 - 16))
@@ -193,3 +193,93 @@ def test_missing_config_and_unknown_keys_are_errors(tmp_path, tiny_unet, capsys)
     assert pm.main(["--model", str(run), "--input_dir", str(inp),
                     "--output_dir", str(tmp_path / "o2")]) == 2
     assert "resize_mode" in capsys.readouterr().err
+
+
+def _frames(folder, n, shape=(90, 130), bad=()):
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    files = []
+    for i in range(n):
+        p = folder / f"{160 * 2 ** i}x_2025-05-16_01-02-0{i}_10{i}.png"
+        if i in bad:
+            p.write_bytes(b"not an image")
+        else:
+            mask, _ = _disc_frame(shape, n=12, seed=i)
+            mio.write_image(p, (mask * 180 + 30 + rng.integers(0, 20, shape)).astype(np.uint8))
+        files.append(p)
+    return files
+
+
+def _out(folder):
+    for sub in ("masks", "labels", "overlays", "comparisons"):
+        (folder / sub).mkdir(parents=True)
+    return folder
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+
+
+def test_pipelined_and_sequential_give_the_same_rows_and_files(tmp_path):
+    files = _frames(tmp_path / "in", 5, bad=(2,))
+    cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
+    kw = dict(tile_size=64, overlap=16, batch_size=2)
+    fn = lambda b: b[..., 0]  # noqa: E731 - the normalised image is the "probability"
+    seq = pm.predict_files(files, fn, cfg, _out(tmp_path / "seq"), pipelined=False, **kw)
+    seen = []
+    par = pm.predict_files(files, fn, cfg, _out(tmp_path / "par"), pipelined=True,
+                           on_row=seen.append, **kw)
+    assert _strip(par) == _strip(seq)
+    assert [r["file"] for r in par] == [f.name for f in files]  # input order, bad one too
+    assert [r["file"] for r in seen] == [f.name for f in files]  # progress in order
+    assert files[2].name in par[2]["status"]
+    assert all(r["status"] == "ok" for i, r in enumerate(par) if i != 2)
+    assert all(r["beads"] > 5 for i, r in enumerate(par) if i != 2)
+    for f in (tmp_path / "seq").rglob("*.*"):
+        twin = tmp_path / "par" / f.relative_to(tmp_path / "seq")
+        assert twin.read_bytes() == f.read_bytes(), f.name
+
+
+def test_pipeline_reads_at_most_one_frame_ahead(tmp_path, monkeypatch):
+    files = _frames(tmp_path / "in", 6)
+    cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
+    reads, ahead = [], []
+    real_read = mio.read_image
+
+    def counting_read(path, channels=1):
+        reads.append(path)
+        return real_read(path, channels=channels)
+
+    def slow_fn(batch):
+        ahead.append(len(reads))
+        __import__("time").sleep(0.02)  # the network is the slow stage
+        return batch[..., 0]
+
+    monkeypatch.setattr(mio, "read_image", counting_read)
+    n_tiles = mio.plan_tiles((45, 65, 1), 64, 16, 4).n_tiles  # model scale: half size
+    calls_per_frame = -(-n_tiles // min(8, n_tiles))
+    rows = pm.predict_files(files, slow_fn, cfg, _out(tmp_path / "o"), tile_size=64,
+                            overlap=16, batch_size=8)
+    assert all(r["status"] == "ok" for r in rows)
+    assert len(ahead) == calls_per_frame * len(files)
+    # While frame i is in the network at most frame i + 1 has been read: memory is bounded
+    # by the queue, not by the number of images.
+    for call, n_read in enumerate(ahead):
+        assert n_read <= call // calls_per_frame + 2
+
+
+def test_a_failing_write_fails_that_image_only(tmp_path, monkeypatch):
+    files = _frames(tmp_path / "in", 3)
+    cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
+    real_write = mio.write_labels
+
+    def write_labels(path, labels):
+        if "320x" in str(path):
+            raise OSError(f"{path}: disk full")
+        real_write(path, labels)
+
+    monkeypatch.setattr(mio, "write_labels", write_labels)
+    rows = pm.predict_files(files, lambda b: b[..., 0], cfg, _out(tmp_path / "o"),
+                            tile_size=64, overlap=16, batch_size=2)
+    assert [r["status"] == "ok" for r in rows] == [True, False, True]
+    assert "disk full" in rows[1]["status"] and "320x" in rows[1]["status"]
