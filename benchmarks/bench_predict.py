@@ -42,7 +42,8 @@ def peak_rss_mb() -> float:
 
 
 def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int, batch_size: int,
-          figures: bool, repeats: int, modes=("pipelined", "sequential")) -> dict:
+          figures: bool, repeats: int, modes=("pipelined", "sequential"),
+          workers: int | None = None) -> dict:
     import numpy as np
 
     import microbead_io as mio
@@ -111,7 +112,8 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int, bat
                 t = time.perf_counter()
                 rows = pm.predict_files(files, predict_fn, cfg, out, tile_size=tile_size,
                                         overlap=overlap, batch_size=batch_size,
-                                        figures=figures, pipelined=mode == "pipelined")
+                                        figures=figures, pipelined=mode == "pipelined",
+                                        workers=workers)
                 walls[mode].append((time.perf_counter() - t) / len(files))
             bad = [r["status"] for r in rows if r["status"] != "ok"]
             if bad:
@@ -138,6 +140,7 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int, bat
         "keras_backend": __import__("keras").backend.backend(),
         "tile_size": tile_size, "overlap": overlap, "batch_size": batch_size,
         "figures": figures, "repeats": repeats, "n_frames": len(files),
+        "workers": workers or pm.default_workers(),
         "forward_s": round(forward_s, 4),
         "forward_s_range": [round(min(forward), 4), round(max(forward), 4)],
         "modes": passes, "frames": rows_out,
@@ -171,13 +174,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="passes over all frames per mode")
     p.add_argument("--modes", default="pipelined,sequential",
                    help="comma-separated: pipelined (the CLI default) and/or sequential")
+    p.add_argument("--workers", type=int, default=None,
+                   help="pipeline threads per stage (default: predict_microscope's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_predict.json"))
     args = p.parse_args(argv)
     if args.frames:
         frames = Path(args.frames)
         result = bench(args.model, frames, tile_size=args.tile_size, overlap=args.overlap,
                        batch_size=args.batch_size, figures=args.figures, repeats=args.repeats,
-                       modes=tuple(args.modes.split(",")))
+                       modes=tuple(args.modes.split(",")), workers=args.workers)
     else:
         import make_synthetic_dataset
 
@@ -186,11 +191,13 @@ def main(argv=None) -> int:
             result = bench(args.model, Path(tmp) / "d" / "large", tile_size=args.tile_size,
                            overlap=args.overlap, batch_size=args.batch_size,
                            figures=args.figures, repeats=args.repeats,
-                           modes=tuple(args.modes.split(",")))
+                           modes=tuple(args.modes.split(",")), workers=args.workers)
     result["machine"] = machine()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"Keras backend {result['keras_backend']}; {result['n_frames']} frame(s); one pure "
+    print(f"Keras backend {result['keras_backend']}; {result['n_frames']} frame(s), "
+          f"{result['workers']} worker(s) per stage, figures {'on' if args.figures else 'off'}; "
+          "one pure "
           f"forward pass over a whole frame: {result['forward_s']:.3f} s (median)")
     print(f"{'file':<44}{'size':>11}{'stage s':>9}{'beads':>7}{'true':>7}")
     for r in result["frames"]:

@@ -9,7 +9,8 @@ Steps (each a separate process, so timings and peak memory do not mix):
 4. ``predict_microscope.py`` with the best model on the large frames, then
    ``evaluate_predictions.py`` -> median count error, F1@0.5, and the dilution-series
    linearity (slope and R² of log count vs log dilution, ideal slope -1);
-5. ``bench_predict.py`` on two frames -> s/frame, ratio to one forward pass, peak RSS.
+5. ``bench_predict.py`` on the 7 large frames -> s/frame (pipelined and sequential),
+   ratio to one forward pass, peak RSS.
 
 Output: ``benchmarks/results/run_all.json`` (``--out``) and a printed summary.
 Nothing is asserted.
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
 
     pb_json = work / "bench_predict.json"
     run([PY, str(bench / "bench_predict.py"), "--model", best_run, "--out", str(pb_json),
-         "--repeats", "2"], work / "bench_predict.log")
+         "--frames", str(data / "large"), "--repeats", "2"], work / "bench_predict.log")
     res["predict"] = json.loads(pb_json.read_text())
 
     out = Path(args.out)
@@ -163,8 +164,9 @@ def main(argv=None) -> int:
           f"(truth {lf['dilution_fit_truth']['slope']:.3f}), R² "
           f"{lf['dilution_fit_predicted']['r2']:.4f}")
     pr = res["predict"]
-    print(f"3840x2160 predict: {pr['median_wall_s']:.2f} s/frame, {pr['median_ratio']:.2f}x one "
-          f"forward pass, peak RSS {pr['peak_rss_mb']:.0f} MB")
+    print(f"3840x2160 predict ({pr['n_frames']} frames): {pr['s_per_frame']:.2f} s/frame, "
+          f"{pr['ratio']:.2f}x one forward pass ({pr['forward_s']:.2f} s); sequential "
+          f"{pr['modes']['sequential']['ratio']:.2f}x; peak RSS {pr['peak_rss_mb']:.0f} MB")
     print(f"-> {out}")
     return 0
 

@@ -228,7 +228,7 @@ def test_pipelined_and_sequential_give_the_same_rows_and_files(tmp_path):
     seq = pm.predict_files(files, fn, cfg, _out(tmp_path / "seq"), pipelined=False, **kw)
     seen = []
     par = pm.predict_files(files, fn, cfg, _out(tmp_path / "par"), pipelined=True,
-                           on_row=seen.append, **kw)
+                           workers=3, on_row=seen.append, **kw)
     assert _strip(par) == _strip(seq)
     assert [r["file"] for r in par] == [f.name for f in files]  # input order, bad one too
     assert [r["file"] for r in seen] == [f.name for f in files]  # progress in order
@@ -240,7 +240,8 @@ def test_pipelined_and_sequential_give_the_same_rows_and_files(tmp_path):
         assert twin.read_bytes() == f.read_bytes(), f.name
 
 
-def test_pipeline_reads_at_most_one_frame_ahead(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pipeline_reads_at_most_workers_frames_ahead(tmp_path, monkeypatch, workers):
     files = _frames(tmp_path / "in", 6)
     cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
     reads, ahead = [], []
@@ -259,13 +260,14 @@ def test_pipeline_reads_at_most_one_frame_ahead(tmp_path, monkeypatch):
     n_tiles = mio.plan_tiles((45, 65, 1), 64, 16, 4).n_tiles  # model scale: half size
     calls_per_frame = -(-n_tiles // min(8, n_tiles))
     rows = pm.predict_files(files, slow_fn, cfg, _out(tmp_path / "o"), tile_size=64,
-                            overlap=16, batch_size=8)
+                            overlap=16, batch_size=8, workers=workers)
     assert all(r["status"] == "ok" for r in rows)
     assert len(ahead) == calls_per_frame * len(files)
-    # While frame i is in the network at most frame i + 1 has been read: memory is bounded
-    # by the queue, not by the number of images.
+    # While frame i is in the network at most frame i + workers has been read: memory is
+    # bounded by the queue, not by the number of images.
     for call, n_read in enumerate(ahead):
-        assert n_read <= call // calls_per_frame + 2
+        assert n_read <= call // calls_per_frame + 1 + workers
+    assert max(ahead) == len(files)  # and reading did run ahead of the network
 
 
 def test_a_failing_write_fails_that_image_only(tmp_path, monkeypatch):
