@@ -554,7 +554,11 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
     """Write a binary mask as 8-bit 0/255 (PNG recommended)."""
-    write_image(path, (binarize_mask(mask) * 255).astype(np.uint8))
+    m = np.asarray(mask)
+    if m.ndim == 2 and m.dtype in (np.bool_, np.uint8) and m.max(initial=0) <= 1:
+        write_image(path, m.view(np.uint8) * np.uint8(255))  # already {0, 1}: no float pass
+        return
+    write_image(path, (binarize_mask(m) * 255).astype(np.uint8))
 
 
 def write_labels(path: str | os.PathLike, labels: np.ndarray) -> None:

@@ -97,6 +97,17 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int, bat
             np.asarray(model.predict_on_batch(whole))
             forward.append(time.perf_counter() - t)
 
+    # One untimed pass of each mode over the first two frames: first-use costs (lazy
+    # imports in the workers, allocator growth, first file writes) are paid once per
+    # process, like the tracing above, and are not per-frame costs.
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            out = Path(tmp) / mode
+            for sub in ("masks", "labels", "overlays", "comparisons"):
+                (out / sub).mkdir(parents=True)
+            pm.predict_files(files[:2], predict_fn, cfg, out, tile_size=tile_size,
+                             overlap=overlap, batch_size=batch_size, figures=figures,
+                             pipelined=mode == "pipelined", workers=workers)
     sample_forward()
     # The predictor itself: predict_microscope.predict_files, the code path of the CLI
     # (read, normalise, tiled forward passes, blend, threshold, split beads, write mask +
@@ -152,9 +163,31 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int, bat
     }
 
 
+def accelerator() -> str:
+    """The device the Keras backend computes on, in words ('cpu' when none)."""
+    import keras
+
+    try:
+        if keras.backend.backend() == "jax":
+            import jax
+
+            return str(jax.devices()[0].device_kind) if jax.default_backend() != "cpu" \
+                else "cpu"
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            return tf.config.experimental.get_device_details(gpus[0]).get(
+                "device_name", "GPU") if gpus else "cpu"
+    except Exception as exc:  # provenance only: never fail a benchmark over it
+        return f"unknown ({type(exc).__name__})"
+    return "unknown"
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "accelerator": accelerator(),
             "date": _dt.datetime.now().isoformat(timespec="seconds")}
 
 
