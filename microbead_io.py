@@ -321,19 +321,22 @@ def read_mask(path: str | os.PathLike, *, warn: bool = True) -> np.ndarray:
 
 
 def normalize_image(
-    image: np.ndarray, low: float = 1.0, high: float = 99.8, *, clip: bool = True
+    image: np.ndarray, low: float = 1.0, high: float = 99.8, *, clip: bool = True,
+    sample_step: int = 1,
 ) -> np.ndarray:
     """Per-image percentile normalisation to ``[0, 1]`` (float32, same shape).
 
     ``(x - p_low) / (p_high - p_low)``, percentiles over all pixels and channels. The result
     does not depend on the storage bit depth (an 8-bit image and its 16-bit copy ``x * 257``
     normalise identically) or on exposure gain. A constant image maps to all zeros (never
-    NaN). Prediction applies this once per whole frame, never per tile.
+    NaN). Prediction applies this once per whole frame, never per tile. ``sample_step`` > 1
+    takes the percentiles from every n-th row and column only: for display, never for the
+    network's input.
     """
     x = np.asarray(image, dtype=np.float32)
     if x.size == 0:
         return x.copy()
-    lo, hi = np.percentile(x, [low, high])
+    lo, hi = np.percentile(x[::sample_step, ::sample_step], [low, high])
     scale = float(hi - lo)
     if scale <= 1e-12:
         return np.zeros_like(x, dtype=np.float32)

@@ -283,53 +283,27 @@ def _find_seeds(elev: np.ndarray, min_distance: int) -> np.ndarray:
     return pts[keep]
 
 
-def _split_component(
-    comp: np.ndarray, radius: float, min_area: float, prob: np.ndarray | None
-) -> np.ndarray:
-    """Watershed split of one component crop: int32 labels 0..k (k >= 1), on ``comp`` pixels.
-
-    ``comp`` must have a one-pixel background border (the caller pads the crop), so that the
-    distance transform sees the object edge and the outside background is connected.
-    """
-    from skimage.segmentation import watershed
-
-    comp_u8 = comp.astype(np.uint8)
-    # Holes filled: ring-shaped beads give one distance peak at the ring centre, not a ridge.
-    # Background is 4-connected where the foreground is 8-connected.
-    _, bg = cv2.connectedComponents(1 - comp_u8, connectivity=4)
-    filled = comp | ((bg > 0) & (bg != bg[0, 0]))
-    elev = cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    if prob is not None:
-        # Low probability at the contact line deepens the valley between touching beads.
-        elev = elev * np.clip(prob, 0.0, 1.0).astype(np.float32)
-    min_distance = max(1, int(round(_SEED_SPACING_RADII * radius)))
-    seeds = _find_seeds(elev, min_distance)
-    if len(seeds) <= 1:
-        return comp.astype(np.int32)
-    markers = np.zeros(comp.shape, dtype=np.int32)
-    markers[seeds[:, 0], seeds[:, 1]] = np.arange(1, len(seeds) + 1)
-    ws = watershed(-elev, markers, mask=filled, connectivity=2)
-    ws[~comp] = 0
-    return _merge_small_regions(ws, min_area)
-
-
 def _split_components(
     comps: Sequence[np.ndarray], radius: float, min_area: float,
     probs: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """:func:`_split_component` for many component crops at once: the same labels, faster.
+    """Watershed split of component crops: one int32 label crop (0 background, pieces 1..k,
+    k >= 1, on the crop's pixels) per crop.
 
-    ``comps`` are boolean crops (no padding needed), ``probs`` matching probability crops or
-    None. The crops are packed on one canvas, each surrounded by ``min_distance + 1`` pixels
-    of background, so that hole filling, the distance transform, the seed maximum filter
-    and the watershed, each run once over the canvas, see exactly what they would see on
-    each crop alone (no filter window reaches a neighbouring crop, and the 8-connected
-    flood cannot cross the gap). Seed ids are numbered crop by crop, in each crop's own
-    highest-first order, so the pieces come out numbered as :func:`_split_component` numbers
-    them. A dense frame has thousands of clumps: one pass instead of one Python-level call
-    per clump took its split from ~0.6 s to ~0.1 s.
+    ``comps`` are boolean crops of one component each (no padding needed), ``probs``
+    matching probability crops or None. Per crop: holes filled, distance transform (times
+    the probability, whose low values at a contact line deepen the valley between touching
+    beads), seeds at distance maxima ``_SEED_SPACING_RADII`` radii apart, watershed, pieces
+    below ``min_area`` merged into a neighbour; a crop with one seed stays whole.
 
-    Returns one int32 label crop (0 background, pieces 1..k) per input crop.
+    The crops are packed on one canvas, each surrounded by ``min_distance + 1`` pixels of
+    background, so that hole filling, the distance transform, the seed maximum filter and
+    the watershed, each run once over the canvas, see what they would see on each crop
+    alone (no filter window reaches a neighbouring crop, and the 8-connected flood cannot
+    cross the gap). Seed ids are numbered crop by crop, in each crop's own highest-first
+    order, so a crop's pieces are numbered as if it were split alone. A dense frame has
+    thousands of clumps: one pass instead of one Python-level call per clump took the
+    split of a dense 3840x2160 frame (1525 clumps at model scale) from 0.58 s to 0.29 s.
     """
     from skimage.segmentation import watershed
 
@@ -357,7 +331,8 @@ def _split_components(
         if pcanvas is not None:
             pcanvas[y0:y0 + h, x0:x0 + w] = probs[i]
     comp_all = canvas > 0
-    # Holes filled (rings give one distance peak at the centre); background 4-connected.
+    # Holes filled: ring-shaped beads give one distance peak at the ring centre, not a
+    # ridge. Background is 4-connected where the foreground is 8-connected.
     _, bg = cv2.connectedComponents(1 - canvas, connectivity=4)
     filled = comp_all | ((bg > 0) & (bg != bg[0, 0]))
     elev = cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
@@ -377,13 +352,12 @@ def _split_components(
     present = areas > 0
     present[0] = False
     small = present & (areas < min_area)
-    # Consecutive ids per crop (what _merge_small_regions returns when nothing merges).
-    crop_of_id = np.concatenate([[-1], seed_owner]).astype(np.int64)
+    # Consecutive ids per crop (what _merge_small_regions returns when nothing merges): an
+    # id's rank among the present ids, minus the present ids of the crops before its own.
     rank = np.cumsum(present)
-    first_rank = np.zeros(len(comps) + 1, dtype=np.int64)
-    starts = np.searchsorted(crop_of_id[1:], np.arange(len(comps)))  # first seed of crop
-    first_rank[:-1] = np.where(starts > 0, rank[starts], 0)
-    lut = np.where(present, rank - first_rank[np.maximum(crop_of_id, 0)], 0).astype(np.int32)
+    first_rank = rank[np.searchsorted(seed_owner, np.arange(len(comps)))]  # rank[0] == 0
+    crop_of_id = np.concatenate([[0], seed_owner]).astype(np.int64)  # id 0 is not present
+    lut = np.where(present, rank - first_rank[crop_of_id], 0).astype(np.int32)
     crops_with_small = set(seed_owner[small[1:]].tolist())
     out = []
     for i, (c, (y0, x0)) in enumerate(zip(comps, places)):

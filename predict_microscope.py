@@ -262,15 +262,10 @@ def make_keras_predict_fn(model):
 
 
 def display_gray(image: np.ndarray) -> np.ndarray:
-    """Frame ``(H, W[, C])`` -> float32 ``(H, W)`` in [0, 1] for figures (1-99.8 %
-    percentiles of every 4th pixel in each direction: display only, 16x cheaper on a 4K
-    frame; the network's input is normalised by ``microbead_io`` from every pixel)."""
+    """Frame ``(H, W[, C])`` -> float32 ``(H, W)`` in [0, 1] for figures: percentiles of
+    every 4th pixel in each direction (display only, 16x cheaper on a 4K frame)."""
     g = np.asarray(image, np.float32)
-    g = g.mean(axis=-1) if g.ndim == 3 else g
-    lo, hi = np.percentile(g[::4, ::4], (1.0, 99.8))
-    if hi <= lo:
-        return np.zeros(g.shape, np.float32)
-    return np.clip((g - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return mio.normalize_image(g.mean(axis=-1) if g.ndim == 3 else g, sample_step=4)
 
 
 def overlay_image(gray01: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -485,7 +480,7 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
     """Run ``load`` on ``loader`` ``ahead`` frames ahead, ``forward`` here, ``finish`` on
     ``finisher`` (at most ``ahead + 1`` frames queued or running); ``done(i, row)`` in
     input order."""
-    loads: dict = {}
+    loads: list = []  # read futures of the frames not yet taken, in input order
     finishing: list = []
 
     def drain(keep: int):
@@ -493,14 +488,17 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
             i, fut = finishing.pop(0)
             done(i, fut.result())
 
-    for j in range(min(ahead, len(files))):
-        loads[j] = loader.submit(load, files[j])
+    n_read = 0
+
+    def read_up_to(last: int):  # submit reads of frames up to index ``last``
+        nonlocal n_read
+        while n_read <= min(last, len(files) - 1):
+            loads.append(loader.submit(load, files[n_read]))
+            n_read += 1
+
     for i, path in enumerate(files):
-        fut = loads.pop(i)
-        # read the next frames while this one is in the network
-        for j in range(i + 1, min(i + ahead, len(files) - 1) + 1):
-            if j not in loads:
-                loads[j] = loader.submit(load, files[j])
+        read_up_to(i + ahead)  # the next frames are read while this one is in the network
+        fut = loads.pop(0)
         seconds = 0.0
         try:
             image, x, seconds = fut.result()
