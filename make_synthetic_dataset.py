@@ -56,6 +56,7 @@ import microbead_io as mio
 log = logging.getLogger("microbead.synthetic")
 
 GENERATOR = "make_synthetic_dataset.py"
+STYLES = ("microscope", "rings")
 DILUTIONS = (160, 320, 640, 1280, 2560, 5120, 10240)
 NATIVE_TILE = 512  # native frame pixels covered by one grid tile
 REFERENCE_SCALE = 0.5  # users' tiles: 256 px per 512 native px
@@ -130,10 +131,16 @@ class Debris:
 
 @dataclass
 class _Placer:
-    """Non-overlap bookkeeping for bead placement (brute force over the placed beads)."""
+    """Non-overlap bookkeeping for bead placement.
+
+    Placed beads are hashed into square cells of ``cell`` px (at least the largest possible
+    centre distance of two conflicting beads), so a test looks at the 3x3 neighbouring cells
+    only: a 3840x2160 frame at 160x (~40,000 beads) places in seconds.
+    """
 
     shape: tuple[int, int]
     capacity: int
+    cell: float = 32.0
     y: np.ndarray = field(init=False)
     x: np.ndarray = field(init=False)
     r: np.ndarray = field(init=False)
@@ -145,22 +152,32 @@ class _Placer:
         self.x = np.zeros(self.capacity)
         self.r = np.zeros(self.capacity)
         self.g = np.full(self.capacity, -1, np.int64)
+        self._cells: dict[tuple[int, int], list[int]] = {}
+
+    def _near(self, y: float, x: float) -> list[int]:
+        cy, cx = int(y // self.cell), int(x // self.cell)
+        out: list[int] = []
+        for a in (cy - 1, cy, cy + 1):
+            for b in (cx - 1, cx, cx + 1):
+                out.extend(self._cells.get((a, b), ()))
+        return out
 
     def fits(self, y: float, x: float, r: float, gap: float) -> bool:
         h, w = self.shape
         if not (0.0 <= y < h and 0.0 <= x < w):
             return False
-        k = self.k
-        if k == 0:
+        idx = self._near(y, x)
+        if not idx:
             return True
-        dy = self.y[:k] - y
-        dx = self.x[:k] - x
-        lim = self.r[:k] + r + gap
+        dy = self.y[idx] - y
+        dx = self.x[idx] - x
+        lim = self.r[idx] + r + gap
         return not bool(np.any(dy * dy + dx * dx < lim * lim))
 
     def add(self, y: float, x: float, r: float, group: int = -1) -> None:
         k = self.k
         self.y[k], self.x[k], self.r[k], self.g[k] = y, x, r, group
+        self._cells.setdefault((int(y // self.cell), int(x // self.cell)), []).append(k)
         self.k += 1
 
     def layout(self) -> BeadLayout:
@@ -169,11 +186,13 @@ class _Placer:
                           self.g[:k].copy())
 
 
-def default_cluster_fraction(n: int, shape) -> float:
-    """Fraction of beads placed in touching groups: ~8 % when sparse, ~33 % at 270/tile."""
+def default_cluster_fraction(n: int, shape, dense: float = 270.0, top: float = 0.33) -> float:
+    """Fraction of beads placed in touching groups: ~8 % when sparse, ``top`` at ``dense``
+    beads per 512x512 native tile (270 and 33 % for rings; the microscope style's 1300 and
+    45 %: clumps at 160x-320x)."""
     area_tiles = shape[0] * shape[1] / float(NATIVE_TILE * NATIVE_TILE)
-    density = n / max(area_tiles, 1e-9) / 270.0
-    return float(0.08 + 0.25 * min(density, 1.0))
+    density = n / max(area_tiles, 1e-9) / dense
+    return float(0.08 + (top - 0.08) * min(density, 1.0))
 
 
 def _group_sizes(rng: np.random.Generator, n_clustered: int) -> list[int]:
@@ -237,7 +256,8 @@ def sample_beads(
         cluster_fraction = default_cluster_fraction(n, shape)
     n_clustered = int(round(float(np.clip(cluster_fraction, 0.0, 1.0)) * n))
     sizes = _group_sizes(rng, n_clustered)
-    placer = _Placer(shape, n)
+    # Two beads conflict only if their centres are closer than 2 * max radius + gap.
+    placer = _Placer(shape, n, cell=float(2 * radii.max() + max(float(min_gap), 0.0) + 1.0))
     h, w = shape
     gap_attached = -TOUCH_TOLERANCE
     gap_free = max(float(min_gap), gap_attached)
@@ -600,6 +620,166 @@ def render_brightfield(
     return img.astype(np.float32, copy=False)
 
 
+# --------------------------------------------------------------------------- microscope style
+
+# The users' real tiles, measured (issue "Real brightfield tiles"): mean RGB inside the masks
+# ~(81, 75, 93) on a grey background ~(107, 108, 105); beads 7-9 px across at native scale;
+# illumination varies 12 % (median) and up to 32 % across a 512-px tile; noise ~0.7 grey
+# levels; slightly blurred.
+MICRO_BACKGROUND_RGB = np.array([107.0, 108.0, 105.0]) / 255.0
+MICRO_BEAD_RGB = np.array([81.0, 75.0, 93.0]) / 255.0
+MICRO_RADIUS = 4.0  # native px (7-9 px across with the sd below)
+MICRO_RADIUS_SD = 0.35
+MICRO_BEADS_AT_160X = 1300.0  # per 512x512 native tile
+MICRO_DENSE_CLUSTER_FRACTION = 0.45
+# The users' 8x4 grid on a 3840x2160 frame: column stride 475 (neighbours overlap by 37 px),
+# rows at 0, 549, 1099, 1648 (they do not touch).
+MICRO_GRID_COLS, MICRO_GRID_ROWS = 8, 4
+MICRO_COL_STRIDE = 475
+MICRO_ROW_STARTS = tuple(int(round(r * (FRAME_SHAPE[0] - NATIVE_TILE) / 3)) for r in range(4))
+
+
+def micro_tile_origin(row: int, col: int) -> tuple[int, int]:
+    """Top-left corner (y, x) in frame px of grid cell ``(row, col)`` of the users' grid."""
+    return MICRO_ROW_STARTS[row], col * MICRO_COL_STRIDE
+
+
+def sample_microscope_appearance(rng: np.random.Generator, frame_shape=FRAME_SHAPE) -> dict:
+    """Per-frame imaging parameters of the microscope style (shared by the frame's tiles).
+
+    Keys: ``background_rgb`` and ``bead_ratio`` (per-channel bead transmission relative to
+    the background, from the measured colours, jittered a few %), ``blur_sigma``
+    (0.8-1.3 px), ``noise_sd`` (0.5-0.9 grey levels), and an illumination field for
+    :func:`illumination_field`: a gentle frame-wide polynomial plus 5-9 broad lobes
+    (sigma 180-420 px), so a 512-px window varies by ~12 % (median; 90th percentile 24 %).
+    """
+    fh, fw = int(frame_shape[0]), int(frame_shape[1])
+    coef = rng.normal(0, 1, 6)
+    coef[0] = 0.0
+    gy, gx = np.meshgrid(np.linspace(-1, 1, 33), np.linspace(-1, 1, 33), indexing="ij")
+    amp = rng.uniform(0.04, 0.12)
+    coef *= amp / max(float(np.abs(_poly(coef, gy, gx)).max()), 1e-9)
+    nb = int(rng.integers(5, 10))
+    lobes = np.column_stack([
+        rng.uniform(-0.1 * fh, 1.1 * fh, nb), rng.uniform(-0.1 * fw, 1.1 * fw, nb),
+        rng.uniform(180, 420, nb), rng.choice([-1, 1], nb) * rng.uniform(0.12, 0.3, nb),
+    ])
+    bg = MICRO_BACKGROUND_RGB * rng.uniform(0.92, 1.05) * rng.uniform(0.98, 1.02, 3)
+    # The measured colour is the mean inside shrunk masks (bead centres); with blur and
+    # anti-aliased edges a solid disc needs ~1.2x that depth at its centre to match it.
+    depth = (1.0 - MICRO_BEAD_RGB / MICRO_BACKGROUND_RGB) * 1.2 * rng.uniform(0.95, 1.05, 3)
+    ratio = np.clip(1.0 - depth, 0.0, 1.0)
+    return {
+        "frame_shape": (fh, fw),
+        "background_rgb": bg,
+        "bead_ratio": ratio,
+        "illum_coef": coef,
+        "illum_amp": float(amp),
+        "blotches": lobes,
+        "blur_sigma": float(rng.uniform(0.8, 1.3)),
+        "noise_sd": float(rng.uniform(0.5, 0.9)) / 255.0,
+    }
+
+
+def _occupancy(rng, beads: BeadLayout, shape) -> np.ndarray:
+    """Anti-aliased bead coverage in [0, 1], each bead's own density 0.88-1.05 (clipped)."""
+    h, w = int(shape[0]), int(shape[1])
+    occ = np.zeros((h, w), np.float32)
+    n = len(beads)
+    if n == 0:
+        return occ
+    depth = rng.uniform(0.88, 1.05, n).astype(np.float32)
+    half = int(math.ceil(float(beads.r.max()) + 1.0))
+    iy0, ix0, dy, dx = _patch_offsets(beads.y, beads.x, half)
+    p = 2 * half + 1
+    canvas = np.zeros((h + 2 * p, w + 2 * p), np.float32)
+    for a in range(0, n, 4096):
+        b = min(n, a + 4096)
+        d = np.sqrt(dy[a:b] * dy[a:b] + dx[a:b] * dx[a:b])
+        patches = np.clip(beads.r[a:b, None, None].astype(np.float32) - d + 0.5, 0.0, 1.0)
+        patches *= depth[a:b, None, None]
+        for y, x, patch in zip((iy0[a:b] + p).tolist(), (ix0[a:b] + p).tolist(), patches):
+            canvas[y : y + p, x : x + p] += patch
+    np.clip(canvas[p : p + h, p : p + w], 0.0, 1.0, out=occ)
+    return occ
+
+
+def render_microscope(
+    rng: np.random.Generator,
+    beads: BeadLayout,
+    shape,
+    *,
+    appearance: dict,
+    debris: list[Debris] | None = None,
+    origin=(0, 0),
+    noise: bool = True,
+) -> np.ndarray:
+    """Render the microscope style: solid dark blue-purple beads on grey, RGB, native scale.
+
+    Per channel ``c``: ``background_c * (1 - (1 - bead_ratio_c) * coverage + debris)``
+    (debris is grey, unlike the beads), a slight gaussian blur, times the frame's smooth
+    illumination field at ``origin`` (tiles of one frame share it), plus gaussian noise.
+    Returns float32 ``(H, W, 3)`` RGB in ``[0, 1]``.
+    """
+    shape = (int(shape[0]), int(shape[1]))
+    ap = appearance
+    occ = _occupancy(rng, beads, shape)
+    grey = np.zeros(shape, np.float32)
+    if debris:
+        _add_debris(grey, debris)
+    illum = illumination_field(ap, shape, origin)
+    img = np.empty(shape + (3,), np.float32)
+    sig = ap["blur_sigma"]
+    for c in range(3):
+        t = np.float32(ap["background_rgb"][c]) * (
+            1.0 - np.float32(1.0 - ap["bead_ratio"][c]) * occ + grey)
+        t = cv2.GaussianBlur(t, (0, 0), sigmaX=sig, sigmaY=sig, borderType=cv2.BORDER_REFLECT)
+        img[..., c] = t * illum
+    if noise:
+        img += np.float32(ap["noise_sd"]) * rng.standard_normal(img.shape, dtype=np.float32)
+    np.clip(img, 0.0, 1.0, out=img)
+    return img
+
+
+def illumination_variation(field_: np.ndarray) -> float:
+    """Relative variation ``(max - min) / mean`` of an illumination window (0.12 = 12 %)."""
+    f = np.asarray(field_, np.float64)
+    return float((f.max() - f.min()) / max(f.mean(), 1e-12))
+
+
+def _micro_scene(rng, ap: dict, window_shape, origin, n_beads: int, *, radius: float,
+                 beads_at_160x: float) -> tuple[np.ndarray, BeadLayout, int]:
+    """Geometry + native render of one window of a frame (microscope style)."""
+    frac = default_cluster_fraction(n_beads, window_shape, dense=beads_at_160x,
+                                    top=MICRO_DENSE_CLUSTER_FRACTION)
+    beads = sample_beads(rng, window_shape, n_beads, radius=radius,
+                         radius_sd=MICRO_RADIUS_SD * radius / MICRO_RADIUS,
+                         cluster_fraction=frac)
+    n_debris = int(rng.poisson(0.02 * len(beads) + 2.0 * window_shape[0] * window_shape[1]
+                               / NATIVE_TILE**2))
+    debris = sample_debris(rng, window_shape, n_debris, beads=beads, radius=radius)
+    for d in debris:
+        d.darkness *= 0.5  # faint grey particles, less dark than the beads
+    img = render_microscope(rng, beads, window_shape, appearance=ap, debris=debris,
+                            origin=origin)
+    return img, beads, len(debris)
+
+
+def crop_truth(beads: BeadLayout, y0: float, x0: float, native: int, size: int):
+    """Exact mask and labels of the ``native``-px square at ``(y0, x0)``, drawn at ``size``.
+
+    Only beads whose disc reaches the square are drawn; ids are 1..N in bead order. Returns
+    ``(mask, labels, beads_in_tile)`` with the beads in tile coordinates (native px).
+    """
+    near = ((beads.y + beads.r > y0) & (beads.y - beads.r < y0 + native)
+            & (beads.x + beads.r > x0) & (beads.x - beads.r < x0 + native))
+    sub = beads.subset(near)
+    local = BeadLayout(sub.y - y0, sub.x - x0, sub.r, sub.group)
+    mask, labels = render_masks(local, (size, size), size / native)
+    local, labels = _relabel_present(local, labels)
+    return mask, labels, local
+
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -728,6 +908,41 @@ def plan_tiles(rng: np.random.Generator, n: int, beads_at_160x: float = 270.0) -
             left -= k
         t += int(rng.integers(120, 300))
     return tiles
+
+
+def plan_micro_windows(rng: np.random.Generator, n: int, beads_at_160x: float) -> list[dict]:
+    """Which tiles to cut, microscope style: runs of neighbouring grid cells of frame rows.
+
+    Like the users' data (73 tiles from 14 frame rows of 11 frames), each frame gives one or
+    two rows and each row a run of 2-7 neighbouring columns of the 8x4 grid, so neighbours
+    share their 37-px overlap. Returns one dict per row window: ``dilution``, ``frame``,
+    ``prefix`` (the frame's stem), ``row``, ``cols``, ``requested`` (beads per 512x512).
+    """
+    windows = []
+    t = 50 * 60 + int(rng.integers(0, 60))
+    frame_id = 0
+    for dil, m in zip(DILUTIONS, allocate_tiles(n)):
+        left, number = m, 0
+        while left > 0:
+            number += 1
+            t += int(rng.integers(20, 90))
+            prefix = f"{dil}x_{DATE}_{_stamp(t)}_{number:03d}"
+            n_rows = 2 if left >= 6 and rng.random() < 0.3 else 1
+            rows = sorted(int(r) for r in rng.choice(MICRO_GRID_ROWS, n_rows, replace=False))
+            for row in rows:
+                k = min(left, int(rng.integers(2, 8)))
+                if left - k == 1:
+                    k = left if k < 7 else k - 1
+                c0 = int(rng.integers(0, MICRO_GRID_COLS - k + 1))
+                windows.append({"dilution": dil, "frame": frame_id, "prefix": prefix,
+                                "row": row, "cols": list(range(c0, c0 + k)),
+                                "requested": expected_beads(dil, beads_at_160x)})
+                left -= k
+                if left <= 0:
+                    break
+            frame_id += 1
+        t += int(rng.integers(120, 300))
+    return windows
 
 
 def large_dilutions(n: int) -> list[int]:
@@ -867,15 +1082,17 @@ def generate_dataset(
     out_dir,
     *,
     n: int = 73,
-    size: int = 256,
+    size: int | None = None,
     seed: int = 0,
     large: int = 0,
     large_size=(3840, 2160),
-    radius: float = 4.7,
-    beads_at_160x: float = 270.0,
+    radius: float | None = None,
+    beads_at_160x: float | None = None,
     tiff_every: int = 5,
     overwrite: bool = False,
     log_file: bool = True,
+    style: str = "microscope",
+    label_noise: bool = False,
 ) -> dict:
     """Write a synthetic dataset in the users' layout and return its summary.
 
@@ -886,9 +1103,9 @@ def generate_dataset(
         :func:`prepare_out_dir`: only a previous dataset of this generator is replaced).
     n : int
         Number of tiles (>= 1), spread over the dilution series (:func:`allocate_tiles`).
-    size : int
+    size : int or None
         Tile edge in pixels; a tile always covers 512x512 native px, so
-        ``pixel_scale = size / 512``.
+        ``pixel_scale = size / 512``. None: 512 (microscope) or 256 (rings).
     seed : int
         Everything is a function of the seed; tiles and large frames use separate
         streams, so adding ``large`` does not change the tiles.
@@ -896,16 +1113,25 @@ def generate_dataset(
         Number of full frames (native scale, 8-bit PNG) to write under ``large/``.
     large_size : (W, H)
         Size of those frames.
-    radius : float
-        Mean bead radius in px of a 256-px tile (the users' tile scale, 0.5 px per native
-        px); native radius = ``radius / 0.5``, sd 0.5 native px scaled alike. The output
-        radius is ``radius * size / 256``.
-    beads_at_160x : float
-        Expected beads per tile at 160x; other dilutions scale as ``160 / dilution``.
+    radius : float or None
+        Mean bead radius in px of a 256-px tile (0.5 px per native px); native radius =
+        ``radius / 0.5``. None: 2.0 (microscope: 4 native px, beads 7-9 px across) or 4.7
+        (rings).
+    beads_at_160x : float or None
+        Expected beads per 512x512 native tile at 160x; other dilutions scale as
+        ``160 / dilution``. None: 1300 (microscope) or 270 (rings).
     tiff_every : int
         Every ``tiff_every``-th tile is a 16-bit TIFF (0 = none).
     log_file : bool
         Also log to ``out_dir/make_synthetic_dataset.log``.
+    style : {"microscope", "rings"}
+        ``microscope``: the users' real tiles (solid dark blue-purple beads on grey, RGB,
+        native 512-px tiles cut from frame rows on the 8x4 grid with 37-px column overlaps,
+        uneven light). ``rings``: the project's first style (grey ring beads, 256-px tiles).
+    label_noise : bool
+        Write training masks degraded like the users' (:func:`noisy_mask`: shrunk, touching
+        beads merged, faint beads dropped, some tiles offset); ``labels/``, ``counts.csv``
+        and the large frames stay exact.
 
     Returns
     -------
@@ -917,7 +1143,15 @@ def generate_dataset(
     ValueError
         Bad parameters. FileExistsError: see :func:`prepare_out_dir`.
     """
-    n, size, large = int(n), int(size), int(large)
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    micro = style == "microscope"
+    size = int(size if size is not None else (NATIVE_TILE if micro else 256))
+    radius = float(radius if radius is not None else
+                   (MICRO_RADIUS * REFERENCE_SCALE if micro else 4.7))
+    if beads_at_160x is None:
+        beads_at_160x = MICRO_BEADS_AT_160X if micro else 270.0
+    n, large = int(n), int(large)
     lw, lh = (int(v) for v in large_size)
     if n < 1 or size < 8 or large < 0 or lw < 16 or lh < 16:
         raise ValueError(
@@ -933,13 +1167,149 @@ def generate_dataset(
     try:
         return _generate(out, n=n, size=size, seed=int(seed), large=large, large_wh=(lw, lh),
                          radius=float(radius), beads_at_160x=float(beads_at_160x),
-                         tiff_every=int(tiff_every), log_file=log_file)
+                         tiff_every=int(tiff_every), log_file=log_file, style=style,
+                         label_noise=bool(label_noise))
     finally:
         mio.remove_log_handlers([handler])
 
 
+def _write_truth(out: Path, sub: str, stem: str, name: str, image: np.ndarray, bits: int,
+                 mask: np.ndarray, labels: np.ndarray) -> list[str]:
+    """Image, exact mask and instance labels of one tile or frame; returns relative paths."""
+    base = out / sub if sub else out
+    mio.write_image(base / "images" / name, _quantize(image, bits))
+    mio.write_mask(base / "masks" / f"{stem}.png", mask)
+    mio.write_labels(base / "labels" / f"{stem}.tif", labels)
+    pre = f"{sub}/" if sub else ""
+    return [f"{pre}images/{name}", f"{pre}masks/{stem}.png", f"{pre}labels/{stem}.tif"]
+
+
+def _count_row(name, stem, dilution, n_beads, requested, labels, mask, n_debris) -> dict:
+    return {
+        "file": name, "stem": stem, "dilution": dilution, "n_beads": int(n_beads),
+        "requested_beads": round(float(requested), 6), "n_touching": touching_count(labels),
+        "positive_ratio": round(float(mask.mean()), 6), "n_debris": int(n_debris),
+    }
+
+
+def _inside_areas(beads: BeadLayout, labels: np.ndarray, native: float) -> np.ndarray:
+    """Mask areas of the beads lying wholly inside the tile (for the median bead area)."""
+    inside = ((beads.y - beads.r >= 0) & (beads.x - beads.r >= 0)
+              & (beads.y + beads.r <= native) & (beads.x + beads.r <= native))
+    area = np.bincount(labels.ravel(), minlength=len(beads) + 1)[1:]
+    return area[inside]
+
+
+def noisy_mask(labels: np.ndarray, image: np.ndarray, rng: np.random.Generator,
+               scale: float) -> tuple[np.ndarray, dict]:
+    """A mask degraded like the users' blob-detector masks, from exact ``labels``.
+
+    ``label_quality.degrade_mask`` with the users' measured faults converted to this tile's
+    pixels (``scale`` = tile px per native px): beads shrunk by 1-2 native px, touching
+    beads merged, ~5 % of the faintest beads dropped, and 12 % of the tiles offset by
+    2-4 native px. The instance labels stay exact.
+    """
+    import label_quality
+
+    lo = max(1, int(round(2 * scale)))
+    shrink = (max(1, int(round(1 * scale))), max(1, int(round(2 * scale))))
+    return label_quality.degrade_mask(labels, rng, image=image, shrink_px=shrink,
+                                      offset_px=(lo, max(lo, int(round(4 * scale)))))
+
+
+def _label_noise_record(stem: str, info: dict) -> dict:
+    return {"stem": stem, "dy": int(info["dy"]), "dx": int(info["dx"]),
+            "n_dropped": int(info["n_dropped"]), "n_merged": int(info["n_merged"]),
+            "shrink_px": int(info["shrink_px"])}
+
+
+def _micro_tiles(out: Path, *, n, size, seed, radius_native, beads_at_160x, tiff_every,
+                 label_noise=False, noise_log=None):
+    """Microscope style: render each planned frame row window once, cut its grid tiles."""
+    windows = plan_micro_windows(np.random.default_rng([seed, 0]), n, beads_at_160x)
+    frames: dict[int, dict] = {}
+    rows, areas, files = [], [], []
+    i = 0
+    for wi, win in enumerate(_progress(windows, desc="frame rows", unit="row")):
+        fid = win["frame"]
+        if fid not in frames:
+            frames[fid] = sample_microscope_appearance(np.random.default_rng([seed, 1, fid]))
+        rng = np.random.default_rng([seed, 2, wi])
+        y0, x0 = micro_tile_origin(win["row"], win["cols"][0])
+        shape = (NATIVE_TILE, (len(win["cols"]) - 1) * MICRO_COL_STRIDE + NATIVE_TILE)
+        want = win["requested"] * shape[0] * shape[1] / NATIVE_TILE**2
+        n_beads = max(MIN_BEADS, int(rng.poisson(want)))
+        img, beads, n_debris = _micro_scene(rng, frames[fid], shape, (y0, x0), n_beads,
+                                            radius=radius_native, beads_at_160x=beads_at_160x)
+        for col in win["cols"]:
+            tx = (col - win["cols"][0]) * MICRO_COL_STRIDE
+            tile = img[:, tx : tx + NATIVE_TILE]
+            if size != NATIVE_TILE:
+                tile = np.clip(mio.resize_image(tile, (size, size)), 0.0, 1.0)
+            mask, labels, local = crop_truth(beads, 0.0, float(tx), NATIVE_TILE, size)
+            stem = f"{win['prefix']}_grid_r{win['row']}_c{col}"
+            exact = mask
+            if label_noise:
+                mask, info = noisy_mask(labels, tile, np.random.default_rng([seed, 4, i]),
+                                        size / NATIVE_TILE)
+                noise_log.append(_label_noise_record(stem, info))
+            tiff = tiff_every > 0 and i % tiff_every == tiff_every // 2
+            name = stem + (".tif" if tiff else ".png")
+            files += _write_truth(out, "", stem, name, tile, 16 if tiff else 8, mask, labels)
+            areas.append(_inside_areas(local, labels, NATIVE_TILE))
+            share = n_debris * NATIVE_TILE / shape[1]
+            rows.append(_count_row(name, stem, win["dilution"], len(local), win["requested"],
+                                   labels, exact, round(share)))
+            i += 1
+    return rows, areas, files
+
+
+def _ring_tiles(out: Path, rows: list, areas: list, *, n, size, seed, radius_native,
+                beads_at_160x, tiff_every, label_noise=False, noise_log=None) -> list[str]:
+    """Rings style: each tile rendered on its own 512x512 native window, then downscaled."""
+    tiles = plan_tiles(np.random.default_rng([seed, 0]), n, beads_at_160x)
+    frames: dict[int, dict] = {}
+    files: list[str] = []
+    for i, tile in enumerate(_progress(tiles, desc="tiles", unit="tile")):
+        fid = tile["frame"]
+        if fid not in frames:
+            frames[fid] = sample_appearance(np.random.default_rng([seed, 1, fid]))
+        rng = np.random.default_rng([seed, 2, i])
+        n_beads = max(MIN_BEADS, int(rng.poisson(tile["requested"])))
+        origin = (tile["row"] * NATIVE_TILE, tile["col"] * NATIVE_TILE)
+        scene = make_scene(rng, (NATIVE_TILE, NATIVE_TILE), (size, size), n_beads,
+                           appearance=frames[fid], origin=origin, radius_native=radius_native)
+        tiff = tiff_every > 0 and i % tiff_every == tiff_every // 2
+        name = tile["stem"] + (".tif" if tiff else ".png")
+        mask = scene["mask"]
+        if label_noise:
+            mask, info = noisy_mask(scene["labels"], scene["image"],
+                                    np.random.default_rng([seed, 4, i]), size / NATIVE_TILE)
+            noise_log.append(_label_noise_record(tile["stem"], info))
+        files += _write_truth(out, "", tile["stem"], name, scene["image"], 16 if tiff else 8,
+                              mask, scene["labels"])
+        areas.append(_inside_areas(scene["beads"], scene["labels"], NATIVE_TILE))
+        rows.append(_count_row(name, tile["stem"], tile["dilution"], len(scene["beads"]),
+                               tile["requested"], scene["labels"], scene["mask"],
+                               scene["n_debris"]))
+    return files
+
+
+def _micro_frame(rng, frame_shape, dilution, radius_native, beads_at_160x):
+    ap = sample_microscope_appearance(rng, frame_shape)
+    requested = expected_beads(dilution, beads_at_160x) * frame_shape[0] * frame_shape[1] \
+        / NATIVE_TILE**2
+    n_beads = max(MIN_BEADS, int(rng.poisson(requested)))
+    img, beads, n_debris = _micro_scene(rng, ap, frame_shape, (0, 0), n_beads,
+                                        radius=radius_native, beads_at_160x=beads_at_160x)
+    mask, labels = render_masks(beads, frame_shape, 1.0)
+    beads, labels = _relabel_present(beads, labels)
+    return {"image": img, "mask": mask, "labels": labels, "beads": beads,
+            "n_debris": n_debris, "requested": requested}
+
+
 def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160x, tiff_every,
-              log_file) -> dict:
+              log_file, style="microscope", label_noise=False) -> dict:
     t_start, c_start = time.perf_counter(), time.process_time()
     pixel_scale = size / NATIVE_TILE
     radius_native = radius / REFERENCE_SCALE
@@ -952,38 +1322,20 @@ def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160
                     "dropped from masks and counts; use a larger --size",
                     radius_native * pixel_scale, size)
 
-    plan_rng = np.random.default_rng([seed, 0])
-    tiles = plan_tiles(plan_rng, n, beads_at_160x)
-    frames: dict[int, dict] = {}
-    rows, areas = [], []
     t0 = time.perf_counter()
-    for i, tile in enumerate(_progress(tiles, desc="tiles", unit="tile")):
-        fid = tile["frame"]
-        if fid not in frames:
-            frames[fid] = sample_appearance(np.random.default_rng([seed, 1, fid]))
-        rng = np.random.default_rng([seed, 2, i])
-        n_beads = max(MIN_BEADS, int(rng.poisson(tile["requested"])))
-        origin = (tile["row"] * NATIVE_TILE, tile["col"] * NATIVE_TILE)
-        scene = make_scene(rng, (NATIVE_TILE, NATIVE_TILE), (size, size), n_beads,
-                           appearance=frames[fid], origin=origin, radius_native=radius_native)
-        tiff = tiff_every > 0 and i % tiff_every == tiff_every // 2
-        name = tile["stem"] + (".tif" if tiff else ".png")
-        mio.write_image(out / "images" / name, _quantize(scene["image"], 16 if tiff else 8))
-        mio.write_mask(out / "masks" / f"{tile['stem']}.png", scene["mask"])
-        mio.write_labels(out / "labels" / f"{tile['stem']}.tif", scene["labels"])
-        files += [f"images/{name}", f"masks/{tile['stem']}.png", f"labels/{tile['stem']}.tif"]
-        b = scene["beads"]
-        inside = ((b.y - b.r >= 0) & (b.x - b.r >= 0) & (b.y + b.r <= NATIVE_TILE)
-                  & (b.x + b.r <= NATIVE_TILE))
-        area = np.bincount(scene["labels"].ravel(), minlength=len(b) + 1)[1:]
-        areas.append(area[inside])
-        rows.append({
-            "file": name, "stem": tile["stem"], "dilution": tile["dilution"],
-            "n_beads": len(b), "requested_beads": round(tile["requested"], 6),
-            "n_touching": scene["n_touching"],
-            "positive_ratio": round(float(scene["mask"].mean()), 6),
-            "n_debris": scene["n_debris"],
-        })
+    noise_log: list[dict] = []
+    if style == "microscope":
+        rows, areas, tile_files = _micro_tiles(
+            out, n=n, size=size, seed=seed, radius_native=radius_native,
+            beads_at_160x=beads_at_160x, tiff_every=tiff_every, label_noise=label_noise,
+            noise_log=noise_log)
+        files += tile_files
+    else:
+        rows, areas = [], []
+        files += _ring_tiles(out, rows, areas, n=n, size=size, seed=seed,
+                             radius_native=radius_native, beads_at_160x=beads_at_160x,
+                             tiff_every=tiff_every, label_noise=label_noise,
+                             noise_log=noise_log)
     t_tiles = time.perf_counter() - t0
     _write_counts(out / "counts.csv", rows)
     files.append("counts.csv")
@@ -996,26 +1348,22 @@ def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160
         frame_shape = (lh, lw)
         for j, dil in enumerate(_progress(large_dilutions(large), desc="frames", unit="frame")):
             rng = np.random.default_rng([seed, 3, j])
-            ap = sample_appearance(rng, frame_shape)
-            requested = expected_beads(dil, beads_at_160x) * lh * lw / NATIVE_TILE**2
-            n_beads = max(MIN_BEADS, int(rng.poisson(requested)))
-            scene = make_scene(rng, frame_shape, frame_shape, n_beads, appearance=ap,
-                               radius_native=radius_native)
+            if style == "microscope":
+                scene = _micro_frame(rng, frame_shape, dil, radius_native, beads_at_160x)
+            else:
+                ap = sample_appearance(rng, frame_shape)
+                requested = expected_beads(dil, beads_at_160x) * lh * lw / NATIVE_TILE**2
+                n_beads = max(MIN_BEADS, int(rng.poisson(requested)))
+                scene = make_scene(rng, frame_shape, frame_shape, n_beads, appearance=ap,
+                                   radius_native=radius_native)
+                scene["requested"] = requested
             stem = f"{dil}x_{DATE}_{_stamp(t)}_{101 + j:03d}"
             t += int(rng.integers(60, 240))
-            mio.write_image(out / "large" / "images" / f"{stem}.png",
-                            _quantize(scene["image"], 8))
-            mio.write_mask(out / "large" / "masks" / f"{stem}.png", scene["mask"])
-            mio.write_labels(out / "large" / "labels" / f"{stem}.tif", scene["labels"])
-            files += [f"large/images/{stem}.png", f"large/masks/{stem}.png",
-                      f"large/labels/{stem}.tif"]
-            large_rows.append({
-                "file": f"{stem}.png", "stem": stem, "dilution": dil,
-                "n_beads": len(scene["beads"]), "requested_beads": round(requested, 6),
-                "n_touching": scene["n_touching"],
-                "positive_ratio": round(float(scene["mask"].mean()), 6),
-                "n_debris": scene["n_debris"],
-            })
+            files += _write_truth(out, "large", stem, f"{stem}.png", scene["image"], 8,
+                                  scene["mask"], scene["labels"])
+            large_rows.append(_count_row(f"{stem}.png", stem, dil, len(scene["beads"]),
+                                         scene["requested"], scene["labels"], scene["mask"],
+                                         scene["n_debris"]))
             log.info("large frame %s: %d beads (%dx%d)", stem, len(scene["beads"]), lw, lh)
         _write_counts(out / "large" / "counts.csv", large_rows)
         files.append("large/counts.csv")
@@ -1025,12 +1373,24 @@ def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160
     per_dil = {str(d): sum(1 for r in rows if r["dilution"] == d) for d in DILUTIONS}
     summary = {
         "generator": GENERATOR,
+        "style": style,
+        # Training masks degraded like the users' (labels/ and large/ stay exact).
+        "label_noise": ({"enabled": True, "tiles": noise_log,
+                         "n_offset": sum(1 for r in noise_log if r["dy"] or r["dx"])}
+                        if label_noise else {"enabled": False}),
         "seed": seed,
         "n": n,
         "size": size,
         "pixel_scale": pixel_scale,
         "native_tile_px": NATIVE_TILE,
         "frame_size": list(FRAME_SHAPE[::-1]),
+        "grid": ({"cols": MICRO_GRID_COLS, "rows": MICRO_GRID_ROWS,
+                  "col_stride_px": MICRO_COL_STRIDE, "row_starts_px": list(MICRO_ROW_STARTS),
+                  "column_overlap_px": NATIVE_TILE - MICRO_COL_STRIDE}
+                 if style == "microscope" else
+                 {"cols": GRID_COLS, "rows": GRID_ROWS, "col_stride_px": NATIVE_TILE,
+                  "row_starts_px": [r * NATIVE_TILE for r in range(GRID_ROWS)],
+                  "column_overlap_px": 0}),
         "bead_radius_px": radius_native * pixel_scale,
         "bead_radius_native_px": radius_native,
         "median_bead_area_px": float(np.median(all_areas)) if all_areas.size else None,
@@ -1084,17 +1444,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", "--out_dir", "--out-dir", dest="out", required=True,
                    help="output folder (missing or empty)")
     p.add_argument("--n", type=int, default=73, help="number of tiles")
-    p.add_argument("--size", type=int, default=256, help="tile edge in px (covers 512 native)")
+    p.add_argument("--style", choices=STYLES, default="microscope",
+                   help="microscope: the users' real tiles (solid dark blue-purple beads, RGB, "
+                        "native 512-px grid tiles with 37-px column overlaps, uneven light); "
+                        "rings: the first synthetic style (ring beads, 256-px tiles)")
+    p.add_argument("--size", type=int, default=None,
+                   help="tile edge in px, covering 512 native px (default: 512 microscope, "
+                        "256 rings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--large", type=int, default=0, help="also write N full frames")
     p.add_argument("--large_size", "--large-size", type=int, nargs=2, default=[3840, 2160],
                    metavar=("W", "H"), help="size of the full frames")
-    p.add_argument("--radius", type=float, default=4.7,
-                   help="mean bead radius in px of a 256-px tile (native radius = 2x)")
-    p.add_argument("--beads_at_160x", "--beads-at-160x", type=float, default=270.0,
-                   help="expected beads per tile at 160x dilution")
+    p.add_argument("--radius", type=float, default=None,
+                   help="mean bead radius in px of a 256-px tile, native radius = 2x "
+                        "(default: 2.0 microscope, 4.7 rings)")
+    p.add_argument("--beads_at_160x", "--beads-at-160x", type=float, default=None,
+                   help="expected beads per 512x512 native px at 160x dilution (default: "
+                        "1300 microscope, 270 rings)")
     p.add_argument("--tiff_every", "--tiff-every", type=int, default=5,
                    help="every N-th tile is a 16-bit TIFF (0: none)")
+    p.add_argument("--label_noise", "--label-noise", action="store_true",
+                   help="degrade the training masks like the users' blob-detector masks "
+                        "(shrunk, merged, some dropped, some tiles offset); labels/ stay exact")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a dataset this generator wrote in --out before")
     return p.parse_args(argv)
@@ -1108,7 +1479,7 @@ def main(argv=None) -> int:
             args.out, n=args.n, size=args.size, seed=args.seed, large=args.large,
             large_size=tuple(args.large_size), radius=args.radius,
             beads_at_160x=args.beads_at_160x, tiff_every=args.tiff_every,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, style=args.style, label_noise=args.label_noise,
         )
     except (FileExistsError, ValueError, OSError) as exc:
         log.error("%s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

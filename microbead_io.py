@@ -24,6 +24,7 @@ Example
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tempfile
@@ -41,6 +42,11 @@ IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 MASK_SUFFIXES = ("_mask", "-mask", "_masks", "-masks", "_label", "_labels")
 # Default percentile normalisation: robust to hot pixels and to 8- vs 16-bit storage.
 DEFAULT_NORMALIZATION = {"method": "percentile", "low": 1.0, "high": 99.8}
+# Background window of the flat-field normalisation, in bead diameters (see flatfield_window).
+FLATFIELD_DIAMETERS = 8.0
+# Users' tiles: ``<frame>_grid_r<R>_c<C>`` = grid cell (R, C) of one microscope frame.
+GRID_RE = re.compile(r"^(?P<frame>.+?)[_\-]grid[_\-]?r(?P<row>\d+)[_\-]?c(?P<col>\d+)$",
+                     re.IGNORECASE)
 _DILUTION_RE = re.compile(r"(?:^|[_\-])(\d+)x(?=[_\-])", re.IGNORECASE)
 
 cv2.setNumThreads(max(1, (os.cpu_count() or 1)))
@@ -346,19 +352,121 @@ def normalize_image(
     return out.astype(np.float32, copy=False)
 
 
-def apply_normalization(image: np.ndarray, spec: dict | None = None) -> np.ndarray:
-    """Normalise with a config dict ``{"method": "percentile", "low": .., "high": ..}``.
+def flatfield_window(bead_diameter_px: float, *, diameters: float = FLATFIELD_DIAMETERS,
+                     minimum: int = 15) -> int:
+    """Odd background window (px) spanning ``diameters`` bead diameters, at least ``minimum``.
 
-    The trainer stores this dict in ``config.json``; the predictor passes it back here, so
-    both sides run exactly this function.
+    The grey closing in :func:`flatfield_ratio` removes every dark object narrower than the
+    window; 8 diameters clears single beads and the clumps of a 160x tile, while the
+    illumination (12-32 % across a 512-px tile) is still smooth on that scale.
+    """
+    w = int(math.ceil(max(float(minimum), diameters * float(bead_diameter_px))))
+    return w if w % 2 else w + 1
+
+
+def background_estimate(image: np.ndarray, window: int) -> np.ndarray:
+    """Local background of dark objects on a bright field: grey closing, then smoothing.
+
+    Closing (max filter, then min filter, ``window`` x ``window``) replaces every dark object
+    narrower than the window by its surroundings; a Gaussian (sigma = window / 4) removes the
+    closing's blockiness. Each output pixel depends only on input pixels within
+    ``window + 3 * sigma`` of it (borders: the closing ignores outside pixels, the blur
+    reflects), so the estimate of a crop equals the crop of the estimate away from a border
+    band of that width. float32, same shape as ``image`` (``(H, W)`` or ``(H, W, C)``).
+    """
+    x = np.asarray(image, dtype=np.float32)
+    window = max(3, int(window) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (window, window))
+    chans = x[..., None] if x.ndim == 2 else x
+    out = np.empty_like(chans)
+    sigma = window / 4.0
+    for c in range(chans.shape[-1]):
+        closed = cv2.morphologyEx(np.ascontiguousarray(chans[..., c]), cv2.MORPH_CLOSE, kernel,
+                                  borderType=cv2.BORDER_REPLICATE)
+        out[..., c] = cv2.GaussianBlur(closed, (0, 0), sigmaX=sigma, sigmaY=sigma,
+                                       borderType=cv2.BORDER_REFLECT)
+    return out[..., 0] if x.ndim == 2 else out
+
+
+def flatfield_ratio(image: np.ndarray, window: int) -> np.ndarray:
+    """``image / background``: ~1 on the background, < 1 on dark beads, whatever the light.
+
+    Multiplicative illumination (vignetting, an uneven lamp) cancels; the ratio is local, so
+    it does not depend on where a tile was cut from its frame (see
+    :func:`background_estimate` for the border band). A zero background gives ratio 0.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    bg = background_estimate(x, window)
+    return np.divide(x, bg, out=np.zeros_like(x), where=bg > 1e-6)
+
+
+def flatfield_normalize(image: np.ndarray, window: int, low: float, high: float) -> np.ndarray:
+    """Flat-field ratio mapped linearly so ``low`` -> 0 and ``high`` -> 1, clipped to [0, 1].
+
+    ``low``/``high`` are fixed per dataset (stored in ``config.json``), never per image, so
+    a tile and the frame it was cut from get the same values for the same pixels.
+    """
+    if not high > low:
+        raise ValueError(f"flatfield normalization needs high > low, got {low}, {high}")
+    r = flatfield_ratio(image, window)
+    out = (r - np.float32(low)) / np.float32(high - low)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def flatfield_levels(images, window: int, *, low_pct: float = 0.1, high_pct: float = 99.9,
+                     max_pixels: int = 4_000_000, seed: int = 0) -> tuple[float, float]:
+    """Dataset-level ``(low, high)`` for :func:`flatfield_normalize`: pooled ratio percentiles.
+
+    ``images`` is an iterable of ``(H, W, C)`` arrays (the training tiles at model scale).
+    At most ``max_pixels`` ratios are pooled (a seeded, equal share per image).
+    """
+    imgs = list(images)
+    if not imgs:
+        raise ValueError("flatfield_levels needs at least one image")
+    rng = np.random.default_rng(seed)
+    per = max(1, max_pixels // len(imgs))
+    pooled = []
+    for im in imgs:
+        r = flatfield_ratio(im, window).ravel()
+        pooled.append(r if r.size <= per else rng.choice(r, per, replace=False))
+    lo, hi = np.percentile(np.concatenate(pooled), [low_pct, high_pct])
+    if not hi > lo:
+        hi = lo + 1e-3
+    return float(lo), float(hi)
+
+
+NORMALIZATION_KEYS = {"percentile": {"low", "high"}, "flatfield": {"window", "low", "high"},
+                      "none": set()}
+# Read as stored (value range kept): for loaders that normalise later, at model scale.
+RAW = {"method": "none"}
+
+
+def apply_normalization(image: np.ndarray, spec: dict | None = None) -> np.ndarray:
+    """Normalise with the config dict the trainer stores in ``config.json``.
+
+    ``{"method": "percentile", "low": 1.0, "high": 99.8}``: per-image percentiles (the
+    original method; depends on the whole image, so a tile and its frame differ).
+    ``{"method": "flatfield", "window": W, "low": a, "high": b}``: :func:`flatfield_normalize`
+    (local background division, fixed dataset-level scale; crop-invariant). The predictor
+    passes the stored dict back here, so both sides run exactly this function.
     """
     spec = dict(DEFAULT_NORMALIZATION if spec is None else spec)
     method = spec.pop("method", "percentile")
-    if method != "percentile":
-        raise ValueError(f"unknown normalization method {method!r}")
-    unknown = set(spec) - {"low", "high"}
+    if method not in NORMALIZATION_KEYS:
+        raise ValueError(f"unknown normalization method {method!r} "
+                         f"(known: {', '.join(NORMALIZATION_KEYS)})")
+    unknown = set(spec) - NORMALIZATION_KEYS[method]
     if unknown:
-        raise ValueError(f"unknown normalization keys {sorted(unknown)}")
+        raise ValueError(f"unknown normalization keys {sorted(unknown)} for {method!r}")
+    if method == "none":
+        return np.asarray(image, dtype=np.float32)
+    if method == "flatfield":
+        missing = NORMALIZATION_KEYS[method] - set(spec)
+        if missing:
+            raise ValueError(f"flatfield normalization needs {sorted(missing)}")
+        return flatfield_normalize(image, int(spec["window"]), float(spec["low"]),
+                                   float(spec["high"]))
     return normalize_image(image, spec.get("low", 1.0), spec.get("high", 99.8))
 
 
@@ -447,7 +555,7 @@ def load_pair(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read, check and preprocess one image/mask pair.
 
-    The image is normalised at its stored resolution, then resized (area); the mask is
+    The image is resized (area) and normalised by :func:`preprocess_image`; the mask is
     binarized, resized nearest-neighbour and re-binarized. Returns
     ``(float32 (H, W, C), uint8 (H, W))``.
 
@@ -463,11 +571,32 @@ def load_pair(
             f"{image_path} is {img.shape[1]}x{img.shape[0]} but its mask {mask_path} is "
             f"{mask.shape[1]}x{mask.shape[0]}"
         )
-    img = apply_normalization(img, normalization)
+    img = preprocess_image(img, normalization, size=image_size)
     if image_size is not None:
-        img = resize_image(img, image_size)
         mask = resize_mask(mask, image_size)
     return img, mask
+
+
+def preprocess_image(image: np.ndarray, normalization: dict | None, *, size=None,
+                     scale: float | None = None) -> np.ndarray:
+    """Resize (to ``size`` or by ``scale``) and normalise, in the order the method needs.
+
+    Flat-field (and raw) images are resized first and normalised at model scale, where
+    the stored window applies; the crop-invariance of the result rests on that. The older
+    per-image percentile method normalises at the stored resolution first, as it always
+    did, so runs trained with it predict exactly as before. Training tiles and prediction
+    frames both come through here.
+    """
+    method = (normalization or DEFAULT_NORMALIZATION).get("method", "percentile")
+    if size is None and scale is not None:
+        size = scaled_shape(image.shape, scale)
+
+    def resize(x):
+        return x if size is None else resize_image(x, size)
+
+    if method == "percentile":
+        return resize(apply_normalization(image, normalization))
+    return apply_normalization(resize(image), normalization)
 
 
 def load_pairs(
@@ -599,6 +728,33 @@ def parse_dilution(name: str | os.PathLike) -> int | None:
     """
     m = _DILUTION_RE.search(Path(name).name)
     return int(m.group(1)) if m else None
+
+
+def grid_cell(name: str | os.PathLike) -> tuple[str, int, int] | None:
+    """``(frame, row, col)`` of a grid tile name like ``640x_..._003_grid_r1_c4.png``.
+
+    None when the stem does not end in ``_grid_r<R>_c<C>`` (mask suffixes are ignored).
+    """
+    m = GRID_RE.match(stem_key(name))
+    return (m.group("frame"), int(m.group("row")), int(m.group("col"))) if m else None
+
+
+def frame_group(name: str | os.PathLike, pattern: str | None = None) -> str:
+    """Source-frame key of a tile, so tiles of one frame never straddle a split.
+
+    Without ``pattern``: the stem without its ``_grid_rR_cC`` ending (the users' layout);
+    a name without one is its own group. With ``pattern`` (a regex searched in the stem):
+    its first capture group, or the whole match if it has none; a stem it does not match is
+    its own group.
+    """
+    stem = stem_key(name)
+    if pattern is None:
+        cell = grid_cell(name)
+        return cell[0] if cell else stem
+    m = re.search(pattern, stem)
+    if not m:
+        return stem
+    return m.group(1) if m.groups() and m.group(1) is not None else m.group(0)
 
 
 def unique_path(path: str | os.PathLike) -> Path:

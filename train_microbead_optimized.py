@@ -55,6 +55,7 @@ HISTORY_COLUMNS = (
 SUMMARY_COLUMNS = (
     "model", "best_epoch", "best_val_jacard", "final_val_jacard", "train_time", "params",
     "epochs_run", "best_val_dice", "best_val_jacard_reloaded", "val_jacard_batchstats",
+    "label_ceiling",
 )
 
 # The seed's recipe. steps_per_epoch=0 and bn_momentum=0 mean "auto" (see below).
@@ -69,7 +70,7 @@ DEFAULTS = {
     "loss": "dice",
     "filters": 64,
     "depth": 4,
-    "image_size": 256,
+    "image_size": 0,
     "patch_size": 0,
     "val_fraction": 0.15,
     "patience": 20,
@@ -80,6 +81,8 @@ DEFAULTS = {
     "density_bins": None,
     "channels": 1,
     "pixel_scale": None,
+    "normalization": "flatfield",
+    "group_pattern": None,
     "threshold": 0.5,
     "rotation": 15.0,
     "intensity_aug": True,
@@ -184,17 +187,73 @@ def density_strata(counts, edges=None, min_per_stratum: int = 2, max_bins: int =
     return out
 
 
-def stratified_split(strata, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _group_ids(groups, n: int) -> np.ndarray | None:
+    """Integer group ids, or None when every image is its own group (or no groups given)."""
+    if groups is None:
+        return None
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} images")
+    _, ids = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    return None if ids.max(initial=-1) + 1 == n else ids
+
+
+def _group_folds(strata, gid: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """Validation index sets of ``k`` stratified group folds (scikit-learn's
+    ``StratifiedGroupKFold``): every group lies in exactly one fold."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = int(gid.max()) + 1
+    if n_groups < k:
+        raise ValueError(
+            f"only {n_groups} source-frame group(s) for {k} folds: tiles of one frame must "
+            "stay on one side of a split. Use fewer folds, or --group_pattern if the frames "
+            "are named differently")
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    strata = np.asarray(strata)
+    while True:
+        with warnings.catch_warnings():
+            # "The least populated class in y has only N members": strata smaller than k
+            # are expected with few frames; they are still spread as evenly as possible.
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                folds = [np.sort(va) for _, va in sgkf.split(np.zeros(len(gid)), strata, gid)]
+                break
+            except ValueError:
+                # Every stratum is smaller than k: merge neighbouring strata and retry
+                # (one stratum at the end, i.e. plain group folds).
+                if strata.max(initial=0) == 0:
+                    raise
+                strata = strata // 2
+    return [f for f in folds if f.size]
+
+
+def stratified_split(strata, val_fraction: float, seed: int, groups=None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train/validation index split, reproducible for a seed.
 
     Each stratum gives ``val_fraction`` of its images to validation (largest-remainder
     rounding so the total is ``max(1, round(N * val_fraction))``), keeping at least one
     training image per stratum. Needs N >= 2.
+
+    With ``groups`` (one key per image, e.g. the source frame from
+    :func:`microbead_io.frame_group`) that are not all distinct, whole groups move:
+    ``round(1 / val_fraction)`` stratified group folds are made and the one whose size is
+    closest to ``val_fraction`` of the images becomes validation, so no group is on both
+    sides.
     """
     strata = np.asarray(strata)
     n = strata.size
     if n < 2:
         raise ValueError(f"need at least 2 images to split into train and validation, got {n}")
+    gid = _group_ids(groups, n)
+    if gid is not None:
+        k = max(2, int(min(gid.max() + 1, round(1.0 / max(val_fraction, 1e-6)))))
+        folds = _group_folds(strata, gid, k, seed)
+        target = n * val_fraction
+        val = min(folds, key=lambda f: (abs(f.size - target), f[0]))
+        return np.setdiff1d(np.arange(n), val), val
     n_val = int(min(n - 1, max(1, round(n * val_fraction))))
     rng = np.random.default_rng(seed)
     ids = np.unique(strata)
@@ -214,12 +273,23 @@ def stratified_split(strata, val_fraction: float, seed: int) -> tuple[np.ndarray
     return train, val
 
 
-def stratified_kfold(strata, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K stratified folds: within each stratum, shuffled images are dealt round-robin."""
+def stratified_kfold(strata, k: int, seed: int, groups=None
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K stratified folds: within each stratum, shuffled images are dealt round-robin.
+
+    With ``groups`` that are not all distinct, stratified group folds instead (see
+    :func:`stratified_split`): every group is validated in exactly one fold.
+    """
     strata = np.asarray(strata)
     n = strata.size
     if k < 2 or k > n:
         raise ValueError(f"--kfold must be between 2 and the number of images ({n}), got {k}")
+    gid = _group_ids(groups, n)
+    if gid is not None:
+        folds = _group_folds(strata, gid, k, seed)
+        if len(folds) < k:
+            raise ValueError(f"only {len(folds)} non-empty group folds for --kfold {k}")
+        return [(np.setdiff1d(np.arange(n), va), va) for va in folds]
     rng = np.random.default_rng(seed)
     fold_of = np.empty(n, int)
     offset = 0
@@ -300,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("loss", help="dice, bce_dice, bce, focal, tversky, jaccard")
     add("filters", type=int, help="base filters (64 = classic U-Net)")
     add("depth", type=int, help="number of poolings")
-    add("image_size", type=int, help="tiles are resized to this (area / nearest)")
+    add("image_size", type=int,
+        help="tiles are resized to this (area / nearest); 0 = the stored tile size (never "
+             "upsampled: beads of the users' native 512-px tiles are ~3 px across at 256)")
     add("patch_size", type=int,
         help="train on random crops of this size (0 = whole tile); validation uses whole tiles")
     add("val_fraction", type=float)
@@ -313,7 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="object-count bin edges for the stratified split (default: quantiles)")
     add("channels", type=int, choices=(1, 3))
     add("pixel_scale", type=float,
-        help="tile pixels per microscope-frame pixel (default: DATA_DIR/dataset.json, else 0.5)")
+        help="stored tile pixels per microscope-frame pixel (default: DATA_DIR/dataset.json, "
+             "else 1.0 for '..._grid_rR_cC' tiles, else an error: pass it)")
+    add("normalization", choices=("flatfield", "percentile"),
+        help="flatfield: divide by the local background (crop-invariant, evens out uneven "
+             "light), dataset-level scale; percentile: per-tile 1-99.8 %% (the old method)")
+    add("group_pattern",
+        help="regex whose first group names a tile's source frame (default: the name without "
+             "'_grid_rR_cC'); tiles of one frame never straddle a split")
     add("threshold", type=float, help="probability threshold stored for prediction")
     add("rotation", type=float, help="max random rotation in degrees (0 = off)")
     add("intensity_aug", type=_bool, help="brightness/contrast/gamma/noise on images")
@@ -366,33 +445,100 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [m for m in args.models if m not in MODEL_NAMES]
     if bad:
         parser.error(f"unknown model(s) {bad}; choose from {', '.join(MODEL_NAMES)}")
-    if args.image_size % (2 ** args.depth):
-        parser.error(f"--image_size {args.image_size} must be divisible by 2**depth")
-    p = args.patch_size
-    if p and (p % (2 ** args.depth) or p > args.image_size):
-        parser.error("--patch_size must be divisible by 2**depth and <= image_size")
+    check_sizes(args, parser.error)
     return args
+
+
+def check_sizes(args, error) -> None:
+    """``image_size`` and ``patch_size`` fit the network's pooling grid (0 = resolved later)."""
+    if args.image_size and args.image_size % (2 ** args.depth):
+        error(f"--image_size {args.image_size} must be divisible by 2**depth "
+              f"({2 ** args.depth})")
+    p = args.patch_size
+    if p and (p % (2 ** args.depth) or (args.image_size and p > args.image_size)):
+        error("--patch_size must be divisible by 2**depth and <= image_size")
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def load_training_data(args) -> dict:
-    """Pair, read and preprocess the dataset; unpaired and unreadable files are listed."""
-    data_dir = Path(args.data_dir)
+def resolve_image_size(args, stored_hw) -> tuple[int, str]:
+    """Network input size and where it came from: the flag, or the stored tile size.
+
+    The default (0) trains at the stored size: never upsampled, and not downsampled either,
+    since the users' native 512-px tiles hold beads only ~7-9 px across.
+    """
+    stored = int(min(stored_hw))
+    if args.image_size:
+        if args.image_size > stored:
+            log.warning("--image_size %d upsamples the %d-px stored tiles: beads gain no "
+                        "detail, training costs %.1fx more", args.image_size, stored,
+                        (args.image_size / stored) ** 2)
+        return int(args.image_size), "--image_size"
+    multiple = 2 ** args.depth
+    size = stored - stored % multiple
+    if size <= 0:
+        raise SystemExit(f"error: stored tiles are {stored} px, smaller than the network's "
+                         f"pooling grid ({multiple}); pass a smaller --depth")
+    return size, f"stored tile size ({stored} px)" + (
+        f", cropped to a multiple of {multiple}" if size != stored else "")
+
+
+def flatfield_spec(masks: np.ndarray, images: np.ndarray) -> dict:
+    """The run's flat-field normalisation: window from the bead size, dataset-level levels.
+
+    ``masks`` ``(N, H, W)`` and raw ``images`` ``(N, H, W, C)`` at model scale. The window
+    spans :data:`microbead_io.FLATFIELD_DIAMETERS` median bead diameters; ``low``/``high``
+    are pooled percentiles of the background ratio over all tiles (one scale for the whole
+    dataset, never per image, so tiles and frames normalise alike).
+    """
+    area = float(microbead_metrics.estimate_bead_area(list(masks)))
+    diameter = 2.0 * math.sqrt(area / math.pi) if area > 0 else 5.0
+    window = mio.flatfield_window(diameter)
+    low, high = mio.flatfield_levels(images, window)
+    return {"method": "flatfield", "window": int(window), "low": round(low, 6),
+            "high": round(high, 6)}
+
+
+def _fatal(message: str):
+    raise SystemExit(f"error: {message}")
+
+
+def _dataset_dirs(data_dir) -> tuple[Path, Path]:
+    data_dir = Path(data_dir)
     images_dir, masks_dir = data_dir / "images", data_dir / "masks"
     for d in (images_dir, masks_dir):
         if not d.is_dir():
-            raise SystemExit(f"error: {d}: folder not found (expected {data_dir}/images and "
-                             f"{data_dir}/masks with the same file names)")
+            _fatal(f"{d}: folder not found (expected {data_dir}/images and {data_dir}/masks "
+                   "with the same file names)")
+    return images_dir, masks_dir
+
+
+def _image_names(data_dir) -> list[str]:
+    return [p.name for p in mio.list_images(_dataset_dirs(data_dir)[0])]
+
+
+def load_training_data(args) -> dict:
+    """Pair, read and preprocess the dataset; unpaired and unreadable files are listed.
+
+    Resolves (and stores on ``args``) the input size when it was left at 0. With flat-field
+    normalisation the tiles are read raw at model scale first, since the background window
+    depends on the bead size measured on the masks.
+    """
+    data_dir = Path(args.data_dir)
+    images_dir, masks_dir = _dataset_dirs(data_dir)
     pairing = mio.pair_files(images_dir, masks_dir)
     for line in pairing.problems():
         log.warning("skipped: %s", line)
     if not pairing.pairs:
         raise SystemExit(f"error: {data_dir}: no image/mask pairs found")
+    stored = mio.read_image(pairing.pairs[0][0]).shape[:2]
+    args.image_size, size_source = resolve_image_size(args, stored)
+    check_sizes(args, _fatal)
+    norm = mio.DEFAULT_NORMALIZATION if args.normalization == "percentile" else mio.RAW
     loaded = mio.load_pairs(
         pairing.pairs, image_size=args.image_size, channels=args.channels,
-        normalization=mio.DEFAULT_NORMALIZATION, progress=True,
+        normalization=norm, progress=True,
     )
     if loaded.failures:
         log.warning("%d pair(s) could not be used:\n  %s", len(loaded.failures),
@@ -400,8 +546,24 @@ def load_training_data(args) -> dict:
     if len(loaded.files) < 2:
         raise SystemExit(f"error: {data_dir}: need at least 2 usable pairs, got "
                          f"{len(loaded.files)}")
-    stored = mio.read_image(pairing.pairs[0][0]).shape[:2]
+    if args.normalization == "flatfield":
+        norm = flatfield_spec(loaded.masks, loaded.images)
+        log.info("flat-field normalisation: background window %d px, ratio %.3f -> 0, "
+                 "%.3f -> 1 (pooled over all %d tiles)", norm["window"], norm["low"],
+                 norm["high"], len(loaded.files))
+        for i in range(len(loaded.images)):
+            loaded.images[i] = mio.apply_normalization(loaded.images[i], norm)
+    log.info("input size %d px (%s)", args.image_size, size_source)
+    ceiling = label_ceiling(pairing.pairs)
+    if ceiling:
+        log.info("label-consistency ceiling: masks of neighbouring tiles agree at pooled "
+                 "Jaccard %.3f on their shared pixels (%d pairs); val Jaccard is capped near "
+                 "that", ceiling["pooled_jaccard"], ceiling["n_pairs"])
     return {
+        "label_ceiling": ceiling,
+        "normalization": dict(norm),
+        "image_size_source": size_source,
+        "groups": [mio.frame_group(f, args.group_pattern) for f in loaded.files],
         "images": loaded.images,
         "masks": loaded.masks,
         "files": loaded.files,
@@ -411,22 +573,38 @@ def load_training_data(args) -> dict:
     }
 
 
-def resolve_pixel_scale(args) -> float:
-    """Tile pixels per microscope-frame pixel, from the flag, dataset.json or the default."""
-    if args.pixel_scale:
-        return float(args.pixel_scale)
-    meta = Path(args.data_dir) / "dataset.json"
+class ScaleError(SystemExit):
+    """Nothing determines the pixel scale; the message names the flag to pass."""
+
+
+def resolve_pixel_scale(data_dir, flag: float | None, files=()) -> tuple[float, str]:
+    """Stored tile px per microscope-frame px, and where that number came from.
+
+    In order: ``--pixel_scale``; ``pixel_scale`` in ``DATA_DIR/dataset.json``; 1.0 when the
+    tiles are named ``..._grid_rR_cC`` (the users' layout: native-resolution crops of their
+    frames). Anything else stops with :class:`ScaleError`: a guessed scale silently changes
+    every count at prediction (a wrong 0.5 cost the users' real tiles 46 % of their beads).
+    """
+    if flag:
+        return float(flag), "--pixel_scale"
+    meta = Path(data_dir) / "dataset.json"
     if meta.is_file():
         try:
             value = json.loads(meta.read_text()).get("pixel_scale")
-            if value:
-                log.info("pixel scale %.4g from %s", value, meta)
-                return float(value)
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("%s: unreadable (%s); ignoring", meta, exc)
-    log.warning("pixel scale unknown: assuming the tiles are 2x downscaled microscope frames "
-                "(0.5). Pass --pixel_scale if not; prediction rescales frames with it.")
-    return 0.5
+        except (OSError, json.JSONDecodeError, AttributeError) as exc:
+            raise ScaleError(f"error: {meta}: unreadable ({exc}); fix it or pass "
+                             "--pixel_scale") from None
+        if value:
+            return float(value), f"{meta}"
+    names = [f for f in files if mio.grid_cell(f)]
+    if files and len(names) == len(files):
+        return 1.0, ("file names: '..._grid_rR_cC' tiles are native-resolution crops of "
+                     "their microscope frames")
+    raise ScaleError(
+        f"error: {data_dir}: cannot tell the pixel scale (no --pixel_scale, no pixel_scale in "
+        f"{meta.name}, and {len(files) - len(names)} of {len(files)} tiles are not named "
+        "'..._grid_rR_cC'). Pass --pixel_scale: stored tile px per microscope-frame px, e.g. "
+        "1.0 for native-resolution crops, 0.5 for tiles downscaled 2x.")
 
 
 # ----------------------------------------------------------------------------- TF pipeline
@@ -807,6 +985,9 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
                     reloaded, vj[best_i])
     save_snapshot(out_dir / f"validation_snapshot_{name}.png", name, x_val, y_val, prob,
                   [data["files"][i] for i in val_idx], args.threshold)
+    append_validation_counts(out_dir / VALIDATION_COUNTS, name, prob, y_val,
+                             [data["files"][i] for i in val_idx], args.threshold,
+                             data["median_area_px"], data["model_scale"])
     return {
         "model": name,
         "best_epoch": int(hist[best_i]["epoch"]),
@@ -818,9 +999,57 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
         "best_val_dice": round(float(hist[best_i].get("val_dice_coef", np.nan)), 6),
         "best_val_jacard_reloaded": round(reloaded, 6),
         "val_jacard_batchstats": round(batchstat, 6),
+        "label_ceiling": (round(data["label_ceiling"]["pooled_jaccard"], 4)
+                          if data.get("label_ceiling") else ""),
         "_steps_per_epoch": steps,
         "_bn_momentum": bn_m,
     }
+
+
+VALIDATION_COUNTS = "validation_counts.csv"
+VALIDATION_COUNT_COLUMNS = ("model", "file", "n_true", "n_pred", "area_px")
+
+
+def validation_count_rows(name, prob, y_val, files, threshold: float, median_area: float,
+                          model_scale: float) -> list[dict]:
+    """Per validation tile: beads in the label mask and in the prediction, split alike.
+
+    Both masks go through ``microbead_metrics.label_beads`` with the same median bead area
+    (prediction: with its probabilities, as ``predict_microscope`` does), so ``n_pred -
+    n_true`` is the model's own counting error. ``area_px`` is the tile's area in native
+    frame pixels (for densities). ``quantify_assay.py --model`` reads these rows.
+    """
+    rows = []
+    for p, t, f in zip(prob, y_val, files):
+        p2 = np.asarray(p)[..., 0]
+        t2 = (np.asarray(t)[..., 0] > 0.5).astype(np.uint8)
+        n_pred = int(microbead_metrics.label_beads(
+            (p2 >= threshold).astype(np.uint8), median_area=median_area, prob=p2).max())
+        n_true = int(microbead_metrics.label_beads(t2, median_area=median_area).max())
+        rows.append({"model": name, "file": f, "n_true": n_true, "n_pred": n_pred,
+                     "area_px": round(t2.size / model_scale ** 2, 1)})
+    return rows
+
+
+def append_validation_counts(path: Path, name, prob, y_val, files, threshold, median_area,
+                             model_scale) -> None:
+    """Replace ``name``'s rows of ``validation_counts.csv`` (atomic; other models kept)."""
+    rows = [r for r in _read_csv_rows(path) if r["model"] != name]
+    rows += validation_count_rows(name, prob, y_val, files, threshold, median_area,
+                                  model_scale)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=VALIDATION_COUNT_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _read_csv_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def load_best(out_dir: Path, name: str):
@@ -905,7 +1134,8 @@ def versions() -> dict:
     return out
 
 
-def build_config(args, data, split_info, tf_facts, pixel_scale: float) -> dict:
+def build_config(args, data, split_info, tf_facts, pixel_scale: float,
+                 pixel_scale_source: str = "--pixel_scale") -> dict:
     """The resolved configuration written next to the weights; prediction reads it back."""
     train_masks = [data["masks"][i] for i in split_info["train_idx"]]
     area = float(microbead_metrics.estimate_bead_area(train_masks))
@@ -923,8 +1153,14 @@ def build_config(args, data, split_info, tf_facts, pixel_scale: float) -> dict:
             "input_size": [args.image_size, args.image_size],
             "stored_tile_size": list(map(int, data["stored_size"])),
             "pixel_scale": pixel_scale,
+            "pixel_scale_source": pixel_scale_source,
             "scale": model_scale,
-            "normalization": dict(mio.DEFAULT_NORMALIZATION),
+            "scale_source": (f"pixel_scale x input size / stored tile size = {pixel_scale:g} x "
+                             f"{args.image_size} / {stored_h}; input size from "
+                             f"{data.get('image_size_source', '--image_size')}"),
+            "channel_mode": ("luminance (ITU-R BT.601 of RGB)" if args.channels == 1
+                             else "RGB"),
+            "normalization": dict(data.get("normalization", mio.DEFAULT_NORMALIZATION)),
             "pad_multiple": 2 ** args.depth,
         },
         "postprocessing": {
@@ -939,6 +1175,7 @@ def build_config(args, data, split_info, tf_facts, pixel_scale: float) -> dict:
             "skipped": data["skipped"],
             "mean_objects_per_image": float(np.mean(data["counts"])),
             "positive_ratio": float(np.mean(data["masks"])),
+            "label_consistency_ceiling": data.get("label_ceiling"),
         },
         "environment": {
             **versions(), **tf_facts,
@@ -982,30 +1219,55 @@ def read_summary(path: Path) -> list[dict]:
 
 
 def comparison_lines(rows: list[dict]) -> list[str]:
-    """Compare each model's best val Jaccard with the users' previous run (0.1427)."""
+    """Compare each model's best val Jaccard with the users' previous run (0.1427) and, when
+    the data has one, with the label-consistency ceiling."""
     out = []
     for r in rows:
         v = float(r["best_val_jacard"])
+        ceiling = r.get("label_ceiling")
         out.append(
             f"{r['model']:>18}: best val Jaccard {v:.4f} (epoch {r['best_epoch']}) vs previous "
             f"{PREVIOUS_BEST_VAL_JACCARD:.4f}: {v / PREVIOUS_BEST_VAL_JACCARD:.1f}x, "
             f"{v - PREVIOUS_BEST_VAL_JACCARD:+.4f}"
+            + (f"; label-consistency ceiling {float(ceiling):.3f}" if ceiling not in
+               (None, "") else "")
         )
     return out
+
+
+def label_ceiling(pairs) -> dict | None:
+    """How well the masks agree with themselves where grid neighbours share pixels.
+
+    ``label_quality.consistency_ceiling_from_files`` on the stored tiles (native
+    resolution); None without ``_grid_rR_cC`` neighbours. No model can be expected to agree
+    with the labels much better than this pooled Jaccard.
+    """
+    import label_quality
+
+    res = label_quality.consistency_ceiling_from_files([i for i, _ in pairs],
+                                                       [m for _, m in pairs])
+    if not res:
+        return None
+    return {k: res[k] for k in ("pooled_jaccard", "median_pair_jaccard", "n_pairs")}
 
 
 def train_split(data, train_idx, val_idx, args, out_dir: Path, strategy, counts) -> list[dict]:
     """Train every requested model on one split into ``out_dir``; skip finished ones."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = data["files"]
+    files, groups = data["files"], data["groups"]
     write_json(out_dir / "split.json", {
         "train": [files[i] for i in train_idx],
         "val": [files[i] for i in val_idx],
         "train_objects": [int(counts[i]) for i in train_idx],
         "val_objects": [int(counts[i]) for i in val_idx],
+        "train_groups": sorted({groups[i] for i in train_idx}),
+        "val_groups": sorted({groups[i] for i in val_idx}),
+        "group_pattern": args.group_pattern or "default: name without _grid_rR_cC",
         "seed": args.seed,
     })
     done = {r["model"]: r for r in read_summary(out_dir / "training_summary.csv")}
+    data = {**data, "median_area_px": float(microbead_metrics.estimate_bead_area(
+        [data["masks"][i] for i in train_idx]))}
     rows = []
     for name in args.models:
         if name in done and (out_dir / f"final_{name}_model.hdf5").is_file():
@@ -1047,23 +1309,36 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
     log.info("run folder: %s%s", run_dir, " (resuming)" if resuming else "")
     if args.run_dir_file:
         Path(args.run_dir_file).write_text(f"{run_dir.resolve()}\n")
+    pixel_scale, scale_source = resolve_pixel_scale(
+        args.data_dir, args.pixel_scale, _image_names(args.data_dir))
+    log.info("pixel scale %.4g (stored tile px per frame px) from %s", pixel_scale,
+             scale_source)
     data = load_training_data(args)
-    pixel_scale = resolve_pixel_scale(args)
+    data["model_scale"] = pixel_scale * args.image_size / data["stored_size"][0]
     counts = data["counts"]
+    groups = data["groups"]
     strata = density_strata(counts, args.density_bins)
     tf_facts, strategy = setup_tensorflow(args)
     tf_facts["replicas"] = int(strategy.num_replicas_in_sync)
     log.info("%d image pairs, %.1f objects/image on average, %d density strata, %d replica(s)",
              len(data["files"]), counts.mean(), strata.max() + 1, tf_facts["replicas"])
 
-    if args.kfold and args.kfold > 1:
-        splits = stratified_kfold(strata, args.kfold, args.seed)
-        folders = [run_dir / f"fold_{k + 1:02d}" for k in range(len(splits))]
-    else:
-        splits = [stratified_split(strata, args.val_fraction, args.seed)]
-        folders = [run_dir]
+    n_groups = len(set(groups))
+    log.info("%d source-frame group(s) (%s)", n_groups,
+             "no image shares a frame" if n_groups == len(groups) else
+             f"largest holds {max(groups.count(g) for g in set(groups))} tiles")
+    try:
+        if args.kfold and args.kfold > 1:
+            splits = stratified_kfold(strata, args.kfold, args.seed, groups=groups)
+            folders = [run_dir / f"fold_{k + 1:02d}" for k in range(len(splits))]
+        else:
+            splits = [stratified_split(strata, args.val_fraction, args.seed, groups=groups)]
+            folders = [run_dir]
+    except ValueError as exc:
+        raise SystemExit(f"error: {args.data_dir}: {exc}") from None
     first_train = splits[0][0]
-    config = build_config(args, data, {"train_idx": first_train}, tf_facts, pixel_scale)
+    config = build_config(args, data, {"train_idx": first_train}, tf_facts, pixel_scale,
+                          scale_source)
     if len(splits) > 1:
         # Written before the folds train so an interrupted k-fold run can be --resume'd.
         write_json(run_dir / "config.json", config)

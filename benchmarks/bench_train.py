@@ -86,7 +86,7 @@ def ensure_dataset(data: str | None, scratch: Path) -> tuple[Path, bool]:
 
     out = scratch / "synthetic_73"
     t0 = time.perf_counter()
-    generate_dataset(out, n=73, size=256, seed=0, log_file=False)
+    generate_dataset(out, n=73, size=256, seed=0, log_file=False, style="rings")
     log.info("generated %s in %.1f s", out, time.perf_counter() - t0)
     return out, True
 

@@ -33,7 +33,8 @@ def dataset(tmp_path_factory):
     import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("dist") / "data"
-    make_synthetic_dataset.generate_dataset(out, n=10, size=64, seed=0, log_file=False)
+    make_synthetic_dataset.generate_dataset(out, n=10, size=64, seed=0, log_file=False,
+                                            style="rings")
     return out
 
 

@@ -48,7 +48,8 @@ def touching_ids(labels: np.ndarray) -> set[int]:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     out = tmp_path_factory.mktemp("syn") / "ds"
-    summary = syn.generate_dataset(out, n=14, size=128, seed=0, large=2, large_size=(512, 384))
+    summary = syn.generate_dataset(out, n=14, size=128, seed=0, large=2, large_size=(512, 384),
+                                   style="rings")
     return out, summary
 
 
@@ -74,7 +75,7 @@ def test_requested_density_comes_out(tmp_path, beads_at_160x):
     # cannot fail by chance for this fixed seed; it fails if placement loses beads or the
     # density formula drifts. Per dilution only groups asking >= 1000 beads are checked
     # (sd <= 3.2 %, 10 % >= 3 sd); sparse groups are too noisy for a 10 % test.
-    summary = syn.generate_dataset(tmp_path / "d", n=42, size=64, seed=0,
+    summary = syn.generate_dataset(tmp_path / "d", n=42, size=64, seed=0, style="rings",
                                    beads_at_160x=beads_at_160x, log_file=False)
     rows = read_counts(tmp_path / "d" / "counts.csv")
     requested = np.array([float(r["requested_beads"]) for r in rows])
@@ -105,7 +106,7 @@ def test_densest_tile_places_every_bead():
 def test_default_positive_ratio_near_users(tmp_path):
     # Users' tiles: ~11.5 % foreground at 109 beads/tile of ~69 px. Size 128 keeps this
     # fast; the expected pixel count of a randomly placed disc equals its area at any scale.
-    summary = syn.generate_dataset(tmp_path / "d", size=128, seed=0, log_file=False)
+    summary = syn.generate_dataset(tmp_path / "d", size=128, seed=0, log_file=False, style="rings")
     assert summary["n"] == 73
     assert 0.10 <= summary["mean_positive_ratio"] <= 0.13  # got 0.1144 (seed 0)
     assert 100 <= summary["mean_beads"] <= 120
@@ -301,8 +302,10 @@ def _files(root: Path) -> dict[str, bytes]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
 
 
-def test_deterministic_for_a_seed(tmp_path):
-    kw = {"n": 6, "size": 64, "large": 1, "large_size": (128, 96), "log_file": False}
+@pytest.mark.parametrize("style", syn.STYLES)
+def test_deterministic_for_a_seed(tmp_path, style):
+    kw = {"n": 6, "size": 64, "large": 1, "large_size": (128, 96), "log_file": False,
+          "style": style}
     s1 = syn.generate_dataset(tmp_path / "a", seed=7, **kw)
     s2 = syn.generate_dataset(tmp_path / "b", seed=7, **kw)
     f1, f2 = _files(tmp_path / "a"), _files(tmp_path / "b")
@@ -358,3 +361,115 @@ def test_overwrite_replaces_only_own_dataset(tmp_path, caplog):
     assert len(list((out / "images").iterdir())) == 5  # refusal deleted nothing
     assert (out / "dataset.json").is_file()
     assert "my_tile.png" in caplog.text
+
+
+# --------------------------------------------------------------------------- microscope style
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro") / "ds"
+    summary = syn.generate_dataset(out, n=12, seed=3, large=1, large_size=(640, 512),
+                                   log_file=False)
+    return out, summary
+
+
+def test_microscope_style_is_the_default_and_native_scale(micro):
+    out, summary = micro
+    assert summary["style"] == "microscope" and summary["size"] == 512
+    assert summary["pixel_scale"] == 1.0
+    assert summary["grid"]["column_overlap_px"] == 37
+    img = mio._read_raw(next((out / "images").glob("*.png")))
+    assert img.shape == (512, 512, 3) and img.dtype == np.uint8  # RGB like the users' tiles
+    for f in (out / "images").iterdir():
+        assert mio.grid_cell(f) is not None, f.name
+
+
+def test_neighbouring_columns_share_exactly_37_px(micro):
+    out, _ = micro
+    cells = {}
+    for f in (out / "images").iterdir():
+        frame, r, c = mio.grid_cell(f)
+        cells[(frame, r, c)] = f
+    pairs = [(cells[k], cells[(k[0], k[1], k[2] + 1)]) for k in cells
+             if (k[0], k[1], k[2] + 1) in cells]
+    assert pairs, "the plan cuts runs of neighbouring columns"
+    for left, right in pairs:
+        a = mio._read_raw(left).astype(np.int64)
+        b = mio._read_raw(right).astype(np.int64)
+        if a.max() > 255:  # a 16-bit copy of the same 8-bit-scaled pixels
+            a //= 257
+        if b.max() > 255:
+            b //= 257
+        assert np.abs(a[:, -37:] - b[:, :37]).max() <= 1
+        assert not np.array_equal(a[:, -38:-37], b[:, 0:1])  # and not 38
+        ma = mio.read_mask(out / "masks" / f"{mio.stem_key(left)}.png")
+        mb = mio.read_mask(out / "masks" / f"{mio.stem_key(right)}.png")
+        assert np.array_equal(ma[:, -37:], mb[:, :37])
+
+
+def test_microscope_beads_are_solid_dark_blue_purple(micro):
+    out, _ = micro
+    core_rgb, bg_rgb = [], []
+    for f in sorted((out / "images").glob("*.png"))[:6]:
+        img = mio._read_raw(f).astype(np.float64)
+        mask = mio.read_mask(out / "masks" / f.name)
+        core = ndimage.binary_erosion(mask, iterations=2)
+        if core.sum() < 20:
+            continue
+        # Solid, not rings: a bead's centre is darker than its rim.
+        rim = mask.astype(bool) & ~core
+        assert img[core].mean() < img[rim].mean() - 5
+        core_rgb.append(img[core].mean(0))
+        bg_rgb.append(img[ndimage.binary_dilation(mask, iterations=4) == 0].mean(0))
+    core, bg = np.mean(core_rgb, 0), np.mean(bg_rgb, 0)
+    # Measured on the users' tiles: beads ~(81, 75, 93) RGB on grey ~(107, 108, 105).
+    assert np.all(np.abs(bg - [107, 108, 105]) < 8), bg
+    assert np.all(np.abs(core - [81, 75, 93]) < 10), core
+    assert core[1] < core[0] < core[2]  # blue-purple: green darkest, blue lightest
+
+
+def test_microscope_illumination_varies_like_the_microscope():
+    rng = np.random.default_rng(1)
+    var = []
+    for k in range(60):
+        ap = syn.sample_microscope_appearance(np.random.default_rng(k))
+        origin = syn.micro_tile_origin(int(rng.integers(0, 4)), int(rng.integers(0, 8)))
+        var.append(syn.illumination_variation(syn.illumination_field(ap, (512, 512), origin)))
+    # Users' tiles: 12 % median, up to 32 % across a tile.
+    assert 0.08 < np.median(var) < 0.18
+    assert np.percentile(var, 90) > 0.18
+
+
+def test_microscope_labels_match_masks_and_counts(micro):
+    out, _ = micro
+    rows = {r["stem"]: r for r in read_counts(out / "counts.csv")}
+    for stem, row in rows.items():
+        lab = tifffile.imread(out / "labels" / f"{stem}.tif")
+        mask = mio.read_mask(out / "masks" / f"{stem}.png")
+        assert np.array_equal(lab > 0, mask > 0)
+        assert int(row["n_beads"]) == len(np.unique(lab)) - 1 == lab.max()
+    large = read_counts(out / "large" / "counts.csv")
+    lab = tifffile.imread(out / "large" / "labels" / f"{large[0]['stem']}.tif")
+    assert lab.shape == (512, 640) and lab.max() == int(large[0]["n_beads"])
+
+
+def test_microscope_tiles_group_by_frame(micro):
+    out, _ = micro
+    groups = {mio.frame_group(f) for f in (out / "images").iterdir()}
+    assert 1 < len(groups) < 12  # several tiles per frame
+    assert all("_grid_" not in g for g in groups)
+
+
+def test_dense_frame_places_quickly():
+    # A 1920x1080 window at the 160x density (~10,000 beads) places in well under a minute
+    # thanks to the cell hash (the brute-force placer was quadratic).
+    rng = np.random.default_rng(0)
+    beads = syn.sample_beads(rng, (1080, 1920), 10000, radius=4.0, radius_sd=0.35,
+                             cluster_fraction=0.45)
+    assert len(beads) >= 9900
+    d = np.hypot(beads.y[:, None][:400] - beads.y[None, :], beads.x[:, None][:400]
+                 - beads.x[None, :])
+    lim = beads.r[:400, None] + beads.r[None, :] - syn.TOUCH_TOLERANCE - 1e-9
+    np.fill_diagonal(d[:, :400], np.inf)
+    assert not np.any(d < lim)

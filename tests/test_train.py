@@ -44,7 +44,7 @@ RUN_NAME = re.compile(r"^microbead_training_\d{8}_\d{6}$")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "ds"
     # radius 8 at 256 px -> 2 px beads at 64 px (the default 4.7 would give 1.2 px dots).
-    generate_dataset(out, n=N_TILES, size=TILE, seed=0, radius=8.0, log_file=False)
+    generate_dataset(out, n=N_TILES, size=TILE, seed=0, radius=8.0, log_file=False, style="rings")
     return out
 
 
@@ -445,7 +445,11 @@ def test_config_has_what_prediction_needs(main_run, dataset):
     assert pre["pixel_scale"] == pytest.approx(TILE / 512)
     assert pre["scale"] == pytest.approx(TILE / 512)
     assert pre["input_size"] == [TILE, TILE] and pre["channels"] == 1
-    assert pre["normalization"] == mio.DEFAULT_NORMALIZATION
+    norm = pre["normalization"]  # flat-field: window from the bead size, dataset levels
+    assert norm["method"] == "flatfield" and norm["window"] % 2 == 1
+    assert 0 < norm["low"] < 1 < norm["high"] < 1.2
+    assert pre["pixel_scale_source"].endswith("dataset.json")
+    assert "input size from --image_size" in pre["scale_source"]
     assert post["threshold"] == 0.5
     assert 0.5 * meta["median_bead_area_px"] <= post["median_bead_area_px"] <= \
         2 * meta["median_bead_area_px"]
