@@ -16,6 +16,16 @@ What it does, in order:
 3. **Recommended training configuration** (``recommended_config.json``, loadable by
    ``train_microbead_optimized.py --config``) with the evidence behind each value in
    ``recommended_config_evidence.json`` and in the report.
+4. **Label quality** (``label_quality``, at native resolution): each mask against its own
+   image's darkness map: offset masks (best shift within +-6 px, with the gain), masks that
+   mark almost none of their image's beads (with the image they match best: the mask of
+   another tile?), bead-sized dark blobs left out, objects merging several beads; and the
+   agreement of neighbouring grid tiles' masks on the pixels they share: the
+   label-consistency ceiling. Per-file rows in ``integrity_problems.csv``,
+   ``label_quality.csv``, ``overlap_pairs.csv``, ``label_quality.png``, a report section and
+   ``summary.json`` keys ``label_quality`` and ``label_consistency_ceiling``.
+   ``--write_fixed DIR`` writes a corrected copy of the dataset (offset masks shifted back,
+   every other file copied byte for byte); the data folder is never written to.
 
 Inputs
 ------
@@ -27,7 +37,8 @@ Outputs (in ``--output_dir``; never inside ``--data_dir``)
 ----------------------------------------------------------
 ``summary.json``, ``per_image.csv``, ``per_dilution.csv``, ``integrity_problems.csv``,
 ``sample_images.png``, ``distribution_analysis.png``, ``MICROBEAD_ANALYSIS_RESULTS.md``,
-``recommended_config.json``, ``recommended_config_evidence.json``, ``analysis.log`` and
+``recommended_config.json``, ``recommended_config_evidence.json``, ``label_quality.csv``,
+``overlap_pairs.csv``, ``label_quality.png``, ``analysis.log`` and
 ``analysis_manifest.json``. The manifest marks the folder as this script's: an existing
 output folder is reused only if it has the manifest or holds none of these file names, and
 only these files are replaced; anything else in it is left alone.
@@ -63,6 +74,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+import label_quality as lq
 import microbead_io as mio
 import microbead_metrics as mm
 
@@ -112,7 +124,8 @@ REPORT = "MICROBEAD_ANALYSIS_RESULTS.md"
 OUTPUT_FILES = (
     "summary.json", "per_image.csv", "per_dilution.csv", "integrity_problems.csv",
     "sample_images.png", "distribution_analysis.png", REPORT, "recommended_config.json",
-    "recommended_config_evidence.json", LOG_FILE, MANIFEST,
+    "recommended_config_evidence.json", "label_quality.csv", "overlap_pairs.csv",
+    "label_quality.png", LOG_FILE, MANIFEST,
 )
 
 # Problem codes (column ``problem`` of integrity_problems.csv).
@@ -130,6 +143,10 @@ NEARLY_FULL_MASK = "nearly_full_mask"
 DUPLICATE_IMAGE = "duplicate_image"
 INVERTED = "inverted_contrast"
 BLANK_IMAGE = "blank_image"
+MASK_OFFSET = "mask_offset"
+MASK_MISMATCH = "mask_image_mismatch"
+MISSED_BEADS = "missed_beads"
+MERGED_BEADS = "merged_beads"
 
 PER_IMAGE_COLUMNS = (
     "file", "mask_file", "dilution", "native_width", "native_height", "mask_encoding",
@@ -638,8 +655,12 @@ def recommend_config(stats: dict, *, val_fraction: float = DEFAULT_VAL_FRACTION
     else:
         d_nat = float(d_an) * native / float(stats["analysis_image_size"])
         if d_nat < MIN_BEAD_DIAMETER_PX:
-            size = _round_to(native * MIN_BEAD_DIAMETER_PX / d_nat, multiple, "up")
-            why = f"beads are {d_nat:.1f} px at native size (< {MIN_BEAD_DIAMETER_PX:g}): enlarge"
+            # Never upsample past the stored tiles: interpolation adds no detail, only cost.
+            size = _round_to(native, multiple, "down")
+            d256 = d_nat * 256.0 / native
+            why = (f"beads are {d_nat:.1f} px at the stored size (< {MIN_BEAD_DIAMETER_PX:g}) "
+                   f"and would be {d256:.1f} px at 256: train at the stored size, never "
+                   f"upsampled (costs {(size / 256.0) ** 2:.1f}x a 256-px input per tile)")
         elif d_nat > max_diam:
             size = _round_to(native * max_diam / d_nat, multiple, "down")
             why = f"beads are {d_nat:.1f} px at native size (> RF/4 = {max_diam:g}): shrink"
@@ -657,8 +678,8 @@ def recommend_config(stats: dict, *, val_fraction: float = DEFAULT_VAL_FRACTION
     evidence["image_size"] = {
         "value": int(size),
         "rule": (f"median bead diameter at the input size in [{MIN_BEAD_DIAMETER_PX:g}, RF/4] "
-                 f"px; keep the native tile size when it already is; multiple of "
-                 f"2^depth = {multiple}"),
+                 f"px; keep the stored tile size when it already is, or when beads are "
+                 f"smaller (never upsample past it); multiple of 2^depth = {multiple}"),
         "evidence": {
             "native_tile_size": native, "median_bead_diameter_native_px": d_nat,
             "median_bead_diameter_at_recommended_size_px": d_at,
@@ -868,6 +889,7 @@ class Analysis:
     calibration: dict
     n_images: int = 0
     n_masks: int = 0
+    labels: dict = field(default_factory=dict)  # label_checks(); "fixed" after --write_fixed
 
 
 def _pixel_scale(data_dir: Path) -> float | None:
@@ -982,6 +1004,9 @@ def analyze_dataset(data_dir, *, image_size: int = 256, progress: bool = True,
         s.update(n_bead_candidates=int(passing.sum()), n_unlabelled_candidates=int(unl.sum()),
                  unlabelled_fraction=frac, partial_mask_suspect=suspect)
 
+    labels = label_checks(records, root, problems, skip=inverted, image_size=image_size,
+                          median_area=median_area, progress=progress) if records else {}
+
     # Errors (files not analysed) first, then by file: the table reads as a to-do list.
     problems.sort(key=lambda p: (p.severity != "error", p.file, p.problem))
     problem_by_file: dict[str, list[str]] = {}
@@ -995,12 +1020,15 @@ def analyze_dataset(data_dir, *, image_size: int = 256, progress: bool = True,
                             n_images=n_images, n_masks=n_masks, n_pairs=len(pairing.pairs))
     summary["pixel_scale"] = _pixel_scale(root)
     summary["partial_mask_calibration"] = calib
+    summary["label_quality"] = labels.get("summary")
+    summary["label_consistency_ceiling"] = (labels["summary"]["label_consistency_ceiling"]
+                                            if labels else None)
     if records:
         config, evidence = recommend_config(summary, val_fraction=val_fraction)
     else:
         config, evidence = {}, {}
     return Analysis(root, image_size, records, problems, summary, config, evidence, calib,
-                    n_images, n_masks)
+                    n_images, n_masks, labels=labels)
 
 
 def build_summary(records: list[ImageRecord], problems: list[Problem], *, image_size: int,
@@ -1068,8 +1096,27 @@ def build_summary(records: list[ImageRecord], problems: list[Problem], *, image_
         "objects_per_image": [s["n_objects"] for s in st],
         "objects_per_image_histogram": {"edges": edges.tolist(), "counts": hist.tolist()},
         "per_dilution": per_dilution(records),
+        "source_frames": source_frames(records),
     }
     return summary
+
+
+def source_frames(records: list[ImageRecord]) -> dict:
+    """Tiles grouped by source frame (``microbead_io.frame_group``), as the trainer splits.
+
+    Returns ``n_groups``, ``n_grid_tiles`` (names ending ``_grid_rR_cC``), the largest group
+    size and ``groups`` (frame key -> tile names). Tiles of one frame share pixels where
+    columns overlap, so they must never straddle a train/validation split.
+    """
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        groups.setdefault(mio.frame_group(r.name), []).append(r.name)
+    return {
+        "n_groups": len(groups),
+        "n_grid_tiles": sum(1 for r in records if mio.grid_cell(r.name)),
+        "largest_group": max((len(v) for v in groups.values()), default=0),
+        "groups": {k: sorted(v) for k, v in sorted(groups.items())},
+    }
 
 
 def per_dilution(records: list[ImageRecord]) -> dict:
@@ -1097,6 +1144,458 @@ def per_dilution(records: list[ImageRecord]) -> dict:
             "partial_mask_suspects": sum(bool(r.stats.get("partial_mask_suspect")) for r in g),
         }
     return out
+
+
+# --------------------------------------------------------------------------- label checks
+
+
+def _offset_text(dy: int, dx: int) -> str:
+    return f"dy={dy:+d}, dx={dx:+d}"
+
+
+def label_checks(records: list[ImageRecord], root: Path, problems: list[Problem], *,
+                 skip: set[str], image_size: int, median_area: float,
+                 progress: bool = False) -> dict:
+    """Masks against their own images, at native resolution (``label_quality``).
+
+    Per pair: registration (offset and gain), bead evidence, missed and merged beads. Over the
+    dataset: mismatched masks (evidence far below the median at any shift) with the image
+    each matches best, and the masks' agreement on pixels neighbouring grid tiles share (the
+    label-consistency ceiling). Appends one :class:`Problem` per finding to ``problems``.
+
+    Parameters
+    ----------
+    skip : set of str
+        Record names not assessed (inverted images): their darkness map means nothing.
+    image_size, median_area
+        Analysis size and the single-bead area there; scaled to each tile's native size for
+        the darkness map's background window.
+
+    Returns
+    -------
+    dict
+        ``rows`` (name -> per-file numbers), ``pairs`` (overlap rows), ``summary``
+        (``summary.json["label_quality"]``), ``ceiling`` (pooled dict or None).
+    """
+    from tqdm import tqdm
+
+    rows: dict[str, dict] = {}
+    regs: dict[str, lq.Registration] = {}
+    diameters: dict[str, float | None] = {}
+    assessed: list[ImageRecord] = []
+    for rec in tqdm(records, desc="labels", unit="img", disable=not progress):
+        row = {"file": rec.name, "mask_file": rec.mask_path.name, "assessed": False,
+               "note": ""}
+        rows[rec.name] = row
+        if rec.name in skip:
+            row["note"] = "inverted image"
+            continue
+        try:
+            img = mio.read_image(rec.image_path, 1)[..., 0]
+            mask = mio.read_mask(rec.mask_path, warn=False)
+        except mio.ImageReadError as exc:  # changed since the integrity pass
+            row["note"] = str(exc)
+            continue
+        ratio = float(np.count_nonzero(mask)) / mask.size
+        if ratio == 0 or ratio > NEARLY_FULL_RATIO or rec.contrast == 0:
+            row["note"] = "empty mask" if ratio == 0 else (
+                "nearly full mask" if ratio > NEARLY_FULL_RATIO else "blank image")
+            continue
+        scale = rec.native_shape[1] / float(image_size)
+        diam = (2.0 * math.sqrt(median_area / math.pi) * scale
+                if math.isfinite(median_area) and median_area > 0 else None)
+        dark = lq.darkness_map(img, bead_diameter=diam)
+        diameters[rec.name] = diam
+        reg = lq.register_mask(mask, dark)
+        fixed = lq.shift_mask(mask, -reg.dy, -reg.dx) if reg.is_offset() else mask
+        shape = lq.shape_check(dark, fixed)
+        regs[rec.name] = reg
+        assessed.append(rec)
+        row.update(
+            assessed=True, mask_px=reg.n_mask_px, offset_dy=reg.dy, offset_dx=reg.dx,
+            dark_score_unshifted=reg.score_unshifted, dark_score=reg.score,
+            offset_gain=reg.gain, evidence=reg.evidence, mask_offset=reg.is_offset(),
+            offset_at_search_limit=reg.at_search_edge and reg.is_offset(), mismatch=False,
+            best_match="", best_match_evidence=None,
+            **{k: v for k, v in shape.items() if k.startswith("n_")},
+            missed_yx=shape["missed_yx"])
+
+    # Mismatch: evidence far below the dataset's, at the best shift.
+    median, threshold = lq.mismatch_threshold([regs[r.name].evidence for r in assessed])
+    flagged = [r for r in assessed if math.isfinite(threshold)
+               and regs[r.name].evidence < threshold]
+    if flagged:
+        masks = {r.name: mio.read_mask(r.mask_path, warn=False) for r in flagged}
+        best: dict[str, tuple[str, lq.Registration]] = {}
+        for cand in tqdm(assessed, desc="mask sources", unit="img", disable=not progress):
+            dark = None
+            for r in flagged:
+                if r is cand or masks[r.name].shape != tuple(cand.native_shape):
+                    continue
+                if dark is None:
+                    dark = lq.darkness_map(mio.read_image(cand.image_path, 1)[..., 0],
+                                           bead_diameter=diameters[cand.name])
+                reg = lq.register_mask(masks[r.name], dark)
+                if r.name not in best or reg.evidence > best[r.name][1].evidence:
+                    best[r.name] = (_rel(cand.image_path, root), reg)
+        for r in flagged:
+            own, row = regs[r.name], rows[r.name]
+            row["mismatch"] = True
+            row["mask_offset"] = False  # an offset of a mask of nothing means nothing
+            match = best.get(r.name)
+            detail = (f"the mask marks almost none of its image's beads: bead evidence "
+                      f"{own.evidence:.1f} at its best shift vs dataset median {median:.1f} "
+                      f"(threshold {threshold:.1f}); ")
+            if match and match[1].evidence >= lq.MATCH_FRACTION * median \
+                    and match[1].evidence > own.evidence:
+                row["best_match"], row["best_match_evidence"] = match[0], match[1].evidence
+                detail += (f"it matches {match[0]} (evidence {match[1].evidence:.1f}, offset "
+                           f"{_offset_text(*match[1].offset)}): the mask of another tile?")
+            else:
+                detail += "no image in the dataset matches it"
+            problems.append(Problem(_rel(r.mask_path, root), MASK_MISMATCH, detail))
+
+    for r in assessed:
+        row, reg = rows[r.name], regs[r.name]
+        if row["mismatch"]:
+            continue
+        if row["mask_offset"]:
+            edge = (f" (at the search limit +-{reg.max_shift} px: may be larger)"
+                    if reg.at_search_edge else "")
+            problems.append(Problem(
+                _rel(r.mask_path, root), MASK_OFFSET,
+                f"mask sits {_offset_text(reg.dy, reg.dx)} px from its image's beads{edge}; "
+                f"undoing it raises the mean darkness under the mask from "
+                f"{reg.score_unshifted:.1f} to {reg.score:.1f} ({reg.gain:+.0%}); "
+                "--write_fixed shifts it back"))
+        missed, merged = lq.shape_flags(row)
+        row["missed_beads"], row["merged_beads"] = missed, merged
+        if missed:
+            problems.append(Problem(
+                _rel(r.mask_path, root), MISSED_BEADS,
+                f"{row['n_missed']} of {row['n_image_beads']} bead-sized dark blobs in the "
+                "image are not in the mask"))
+        if merged:
+            problems.append(Problem(
+                _rel(r.mask_path, root), MERGED_BEADS,
+                f"{row['n_merged_objects']} mask objects each cover 2 or more of the image's "
+                "beads that the touching-bead split cannot separate "
+                f"({row['n_beads_in_merged']} of {row['n_image_beads']} beads; "
+                f"{row['n_beads_lost']} lost to every count made from this mask)"))
+
+    # Overlap consistency between grid neighbours that share pixels.
+    names = [r.name for r in records]
+    ovs = lq.find_grid_overlaps(names, lambda i: mio.read_image(records[i].image_path, 1))
+    pairs = lq.overlap_agreement(
+        ovs, lambda i: mio.read_mask(records[i].mask_path, warn=False), names=names)
+    ceiling = lq.pooled_agreement(pairs)
+    after = None
+    moved = {r.name for r in assessed if rows[r.name]["mask_offset"]}
+    if ceiling and any(p["first"] in moved or p["second"] in moved for p in pairs):
+        def fixed_mask(i):
+            m = mio.read_mask(records[i].mask_path, warn=False)
+            reg = regs.get(records[i].name)
+            return lq.shift_mask(m, -reg.dy, -reg.dx) if records[i].name in moved else m
+        after = lq.pooled_agreement(lq.overlap_agreement(ovs, fixed_mask, names=names))
+    for p in pairs:
+        for key in ("first", "second"):
+            row = rows[p[key]]
+            row.setdefault("overlap_jaccards", []).append(p["jaccard"])
+
+    offsets = [rows[r.name] for r in assessed if rows[r.name]["mask_offset"]]
+    summary = {
+        "n_assessed": len(assessed),
+        "max_shift_px": lq.MAX_SHIFT,
+        "offset_rule": f"|offset| >= {lq.MIN_OFFSET_PX} px and gain >= "
+                       f"{lq.MIN_OFFSET_GAIN:.0%}",
+        "n_offset": len(offsets),
+        "offset_files": [{"file": o["file"], "dy": o["offset_dy"], "dx": o["offset_dx"],
+                          "gain": o["offset_gain"]} for o in offsets],
+        "evidence_median": median,
+        "mismatch_threshold": threshold,
+        "mismatch_files": [{"file": rows[r.name]["file"], "evidence": regs[r.name].evidence,
+                            "best_match": rows[r.name]["best_match"] or None}
+                           for r in flagged],
+        "missed_beads_files": [n for n, r in rows.items() if r.get("missed_beads")],
+        "merged_beads_files": [n for n, r in rows.items() if r.get("merged_beads")],
+        "n_grid_neighbours_by_name": len(lq.grid_neighbours(names)),
+        "overlap": ({k: v for k, v in ceiling.items()} if ceiling else None),
+        "overlap_after_offset_fix": after,
+        "label_consistency_ceiling": ceiling["pooled_jaccard"] if ceiling else None,
+    }
+    return {"rows": rows, "pairs": pairs, "summary": summary, "ceiling": ceiling,
+            "after": after}
+
+
+LABEL_COLUMNS = (
+    "file", "mask_file", "assessed", "note", "mask_px", "offset_dy", "offset_dx",
+    "dark_score_unshifted", "dark_score", "offset_gain", "mask_offset",
+    "offset_at_search_limit", "evidence", "mismatch", "best_match", "best_match_evidence",
+    "n_image_beads", "n_missed", "missed_beads", "n_mask_objects", "n_merged_objects",
+    "n_beads_in_merged", "n_beads_lost", "merged_beads", "n_overlap_pairs",
+    "mean_overlap_jaccard",
+)
+OVERLAP_COLUMNS = (
+    "first", "second", "side", "width", "image_correlation", "image_max_abs_diff",
+    "images_identical", "intersection", "union", "jaccard",
+)
+
+
+def _cell(v):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, bool | np.bool_):
+        return int(v)
+    return f"{v:.6g}" if isinstance(v, float | np.floating) else v
+
+
+def label_rows(analysis: Analysis) -> list[list]:
+    """Rows of ``label_quality.csv`` in :data:`LABEL_COLUMNS` order."""
+    out = []
+    for r in analysis.labels.get("rows", {}).values():
+        r = dict(r)
+        js = r.pop("overlap_jaccards", [])
+        r["n_overlap_pairs"] = len(js)
+        js = [j for j in js if math.isfinite(j)]
+        r["mean_overlap_jaccard"] = float(np.mean(js)) if js else None
+        out.append([_cell(r.get(c)) for c in LABEL_COLUMNS])
+    return out
+
+
+def render_label_section(analysis: Analysis) -> list[str]:
+    """Markdown lines of the label-quality section (numbers from ``analysis.labels``)."""
+    lab = analysis.labels
+    if not lab:
+        return []
+    s, rows = lab["summary"], lab["rows"]
+    out = ["## 5. Label quality: masks against their images\n"]
+    out.append(
+        f"{s['n_assessed']} of {len(rows)} masks assessed at native resolution (inverted "
+        "images, empty or nearly full masks and blank images are not). *Bead evidence* is a "
+        "darkness map: 1 - luminance / local background (grey closing over 8 bead diameters, "
+        "smoothed: `microbead_io.flatfield_ratio`), minus the tile's median, clipped at 0; a "
+        "ratio, so sparse and dense, 8- and 16-bit tiles share one scale. A mask's *dark "
+        "score* is 100 x the mean darkness under it (percent by which the masked pixels are "
+        "darker than their background); its *evidence* is that minus the tile's mean darkness "
+        "(about 0 for a mask placed at random). Per-file numbers: `label_quality.csv`; "
+        "figure: `label_quality.png`.\n")
+    out.append(f"**Registration.** Every integer shift within +-{s['max_shift_px']} px is "
+               "scored; the best one (centre of the near-best plateau) gives the mask's offset "
+               "from its beads and the gain of undoing it. Reported: "
+               f"{s['offset_rule']}. **{s['n_offset']} offset mask(s).**\n")
+    offs = [rows[o["file"]] for o in s["offset_files"]]
+    if offs:
+        out.append(_table(["file", "offset dy, dx (px)", "dark score as stored", "shifted back",
+                           "gain"],
+                          [[r["file"], f"{r['offset_dy']:+d}, {r['offset_dx']:+d}"
+                            + (" (search limit)" if r["offset_at_search_limit"] else ""),
+                            _fmt(r["dark_score_unshifted"]), _fmt(r["dark_score"]),
+                            f"{r['offset_gain']:+.0%}"] for r in offs]))
+        out.append("")
+    out.append(f"**Mask-image mismatch.** Median evidence {_fmt(s['evidence_median'])}; a mask "
+               f"below {lq.MISMATCH_FRACTION:g} x the median (threshold "
+               f"{_fmt(s['mismatch_threshold'])}) at its best shift does not mark its own "
+               "image's beads; it is then scored against every other image of its size, and "
+               f"the best is named when it reaches {lq.MATCH_FRACTION:g} x the median. "
+               f"**{len(s['mismatch_files'])} mismatched mask(s).**\n")
+    if s["mismatch_files"]:
+        out.append(_table(["file", "evidence", "matches image", "evidence there"],
+                          [[m["file"], _fmt(m["evidence"]), m["best_match"] or "none",
+                            _fmt(rows[m["file"]]["best_match_evidence"])]
+                           for m in s["mismatch_files"]]))
+        out.append("")
+    ov = s["overlap"]
+    text = (f"**Overlap consistency.** {s['n_grid_neighbours_by_name']} neighbour pair(s) by "
+            "grid name (`..._grid_r<R>_c<C>`, same frame, adjacent row or column); a pair "
+            "shares pixels when a border strip of one equals the opposite border strip of the "
+            "other (widths 1-128 px, high-passed strips correlating >= "
+            f"{lq.MIN_OVERLAP_CORR:g}).")
+    if ov:
+        text += (
+            f" **{ov['n_pairs']} pair(s) share pixels** ({ov['n_identical']} bit-identical); "
+            f"on those strips the two masks agree at **pooled Jaccard "
+            f"{_fmt(ov['pooled_jaccard'])}** (median per pair {_fmt(ov['median_pair_jaccard'])}"
+            f", {ov['n_pairs_with_beads']} pairs with beads). This is the *label-consistency "
+            "ceiling* (`summary.json` `label_consistency_ceiling`): the labels agree with "
+            "themselves only that well on identical pixels, so a perfect model cannot score "
+            "much higher against them.")
+        if lab.get("after"):
+            text += (f" With the offsets undone: pooled Jaccard "
+                     f"{_fmt(lab['after']['pooled_jaccard'])}.")
+        out.append(text + "\n")
+        out.append(_table(["first", "second", "side", "overlap px", "pixels identical",
+                           "mask Jaccard"],
+                          [[p["first"], p["second"], p["side"], p["width"],
+                            "yes" if p["images_identical"] else
+                            f"no (r = {p['image_correlation']:.4f})", _fmt(p["jaccard"])]
+                           for p in lab["pairs"][:40]]))
+        if len(lab["pairs"]) > 40:
+            out.append(f"\n({len(lab['pairs']) - 40} more in `overlap_pairs.csv`.)")
+        out.append("")
+    else:
+        out.append(text + " No two tiles share pixels: no ceiling can be measured.\n")
+    miss, merg = s["missed_beads_files"], s["merged_beads_files"]
+    out.append("**Missed and merged beads.** Dark blobs = darkness >= half the median "
+               "darkness under the (offset-corrected) mask, holes filled, touching beads split "
+               "by the watershed of `microbead_metrics.label_beads`. A blob of 0.4-2.5 "
+               "single-bead areas that the mask, dilated by 2 px, does not touch is *missed*. A "
+               "binary mask cannot separate touching beads and need not (training and counting "
+               "split its objects with the same `label_beads`), so a mask object is *merged* "
+               "only when it covers more image beads than that split finds in it: those beads "
+               "are lost to every count made from the mask. Reported when at least "
+               f"{lq.MIN_FLAGGED_BEADS} beads make at least {lq.MIN_FLAGGED_FRACTION:.0%} of "
+               f"the tile's blobs: **{len(miss)} file(s) with missed beads, {len(merg)} with "
+               "merged beads** (rows `missed_beads`, `merged_beads` in the problem table). "
+               "Dark debris of bead size counts as a missed bead.\n")
+    fixed = lab.get("fixed")
+    if fixed:
+        out.append(f"**Corrected copy** (`--write_fixed`): `{fixed['dir']}`. "
+                   f"{len(fixed['changed'])} mask(s) shifted back by their offset (pixels "
+                   "moved past the border are lost, the strip left behind is background); "
+                   "every other file copied byte for byte; the input folder was not touched."
+                   + (f" Not copied: {', '.join(fixed['not_copied'])}."
+                      if fixed["not_copied"] else "") + "\n")
+        if fixed["changed"]:
+            out.append(_table(["mask", "shifted by dy, dx (px)"],
+                              [[c["file"], f"{c['shift_dy']:+d}, {c['shift_dx']:+d}"]
+                               for c in fixed["changed"]]))
+            out.append("")
+    out.append("![label quality](label_quality.png)\n")
+    return out
+
+
+def plot_label_quality(analysis: Analysis, path: Path) -> None:
+    """Offsets, bead evidence per mask, overlap agreement, and the largest offset on its
+    image (mask as stored red, shifted back green)."""
+    plt = _pyplot()
+    lab = analysis.labels or {"rows": {}, "pairs": [], "summary": {}}
+    rows = [r for r in lab["rows"].values() if r.get("assessed")]
+    s = lab["summary"]
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
+    a1, a2, a3, a4 = axes
+    if rows:
+        dx = np.array([r["offset_dx"] for r in rows], float)
+        dy = np.array([r["offset_dy"] for r in rows], float)
+        flag = np.array([bool(r["mask_offset"]) for r in rows])
+        bad = np.array([bool(r["mismatch"]) for r in rows])
+        jit = np.random.default_rng(0).uniform(-0.15, 0.15, (2, len(rows)))
+        a1.scatter((dx + jit[0])[~bad], (dy + jit[1])[~bad], s=14,
+                   c=np.where(flag, "tab:red", "tab:blue")[~bad])
+        if bad.any():
+            a1.scatter(dx[bad], dy[bad], marker="x", color="grey", label="mismatched mask")
+            a1.legend(fontsize=7)
+        for r in rows:
+            if r["mask_offset"]:
+                a1.annotate(r["file"][-22:], (r["offset_dx"], r["offset_dy"]), fontsize=6)
+        m = lq.MIN_OFFSET_PX - 0.5
+        a1.add_patch(plt.Rectangle((-m, -m), 2 * m, 2 * m, fill=False, ls=":", color="grey"))
+        lim = s.get("max_shift_px", lq.MAX_SHIFT) + 0.5
+        a1.set(xlim=(-lim, lim), ylim=(lim, -lim))
+        ev = sorted((r["evidence"], r["file"], r["mismatch"]) for r in rows)
+        a2.bar(range(len(ev)), [e[0] for e in ev],
+               color=["tab:red" if e[2] else "tab:green" for e in ev])
+        if s.get("evidence_median") is not None and math.isfinite(s["evidence_median"]):
+            a2.axhline(s["evidence_median"], color="k", ls="--", lw=1, label="median")
+        if s.get("mismatch_threshold") is not None and math.isfinite(s["mismatch_threshold"]):
+            a2.axhline(s["mismatch_threshold"], color="tab:red", ls=":", lw=1,
+                       label="mismatch threshold")
+        a2.legend(fontsize=7)
+    a1.set(title="Mask offset from its beads (native px)", xlabel="dx", ylabel="dy")
+    a2.set(title="Bead evidence per mask (sorted)", xlabel="masks", ylabel="evidence")
+    js = [p["jaccard"] for p in lab["pairs"] if math.isfinite(p["jaccard"])]
+    if js:
+        a3.hist(js, bins=np.linspace(0, 1, 21), color="tab:purple", edgecolor="white")
+        c = s["label_consistency_ceiling"]
+        a3.axvline(c, color="k", ls="--", label=f"pooled {c:.2f} (ceiling)")
+        a3.legend(fontsize=7)
+    else:
+        a3.text(0.5, 0.5, "no tiles share pixels", ha="center", va="center",
+                transform=a3.transAxes)
+    a3.set(title="Mask agreement on shared strips", xlabel="Jaccard per neighbour pair",
+           ylabel="pairs")
+    a4.axis("off")
+    offs = [r for r in rows if r["mask_offset"]]
+    if offs:
+        r = max(offs, key=lambda r: r["offset_gain"])
+        rec = next(x for x in analysis.records if x.name == r["file"])
+        img = mio.normalize_image(mio.read_image(rec.image_path, 1)[..., 0])
+        m = mio.read_mask(rec.mask_path, warn=False).astype(bool)
+        f = lq.shift_mask(m, -r["offset_dy"], -r["offset_dx"])
+        cy, cx = (int(v) for v in np.argwhere(m).mean(axis=0))
+        h = min(64, img.shape[0] // 2, img.shape[1] // 2)
+        y0 = int(np.clip(cy - h, 0, img.shape[0] - 2 * h))
+        x0 = int(np.clip(cx - h, 0, img.shape[1] - 2 * h))
+        win = (slice(y0, y0 + 2 * h), slice(x0, x0 + 2 * h))
+        rgb = np.repeat(img[win][..., None], 3, axis=-1)
+        for mm_, colour in ((m[win], (1.0, 0.1, 0.1)), (f[win], (0.1, 0.9, 0.1))):
+            edge = mm_ & ~ndi.binary_erosion(mm_, structure=np.ones((3, 3), bool))
+            rgb[edge] = colour
+        a4.imshow(rgb, interpolation="nearest")
+        a4.set_title(f"{r['file'][-34:]}\noffset {_offset_text(r['offset_dy'], r['offset_dx'])}"
+                     " (red: stored, green: shifted back)", fontsize=8)
+    else:
+        a4.text(0.5, 0.5, "no offset mask", ha="center", va="center", transform=a4.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fixed_dir_problem(fixed: Path, data_dir: Path, output_dir: Path) -> str | None:
+    """None if ``--write_fixed`` may write to ``fixed``, else a one-line reason."""
+    f, d, o = fixed.resolve(), data_dir.resolve(), output_dir.resolve()
+    if f == d or d in f.parents or f in d.parents:
+        return (f"{fixed}: --write_fixed folder overlaps the data folder {data_dir}; the input "
+                "is never written to, choose another folder")
+    if f == o or o in f.parents or f in o.parents:
+        return f"{fixed}: --write_fixed folder overlaps --output_dir {output_dir}"
+    if f.exists() and (not f.is_dir() or any(f.iterdir())):
+        return f"{fixed}: --write_fixed folder exists and is not empty"
+    return None
+
+
+def write_fixed_copy(analysis: Analysis, dest: Path) -> dict:
+    """Corrected copy of the dataset: offset masks shifted back, everything else copied.
+
+    ``images/``, ``masks/`` and the data folder's top-level files are copied byte for byte
+    (other sub-folders, such as ``large/``, are not copied and are listed); each mask
+    reported as offset is then rewritten, moved by minus its offset, with its stored dtype,
+    foreground value and file format. ``dest/label_fixes.csv`` lists the changes. The input
+    folder is only read.
+
+    Returns
+    -------
+    dict
+        ``dir``, ``changed`` (list of ``{file, shift_dy, shift_dx}``), ``not_copied``.
+    """
+    import shutil
+
+    src = analysis.data_dir
+    dest.mkdir(parents=True, exist_ok=True)
+    not_copied = []
+    for p in sorted(src.iterdir()):
+        if p.is_dir() and p.name in ("images", "masks"):
+            shutil.copytree(p, dest / p.name)
+        elif p.is_file():
+            shutil.copy2(p, dest / p.name)
+        else:
+            not_copied.append(p.name + ("/" if p.is_dir() else ""))
+    changed = []
+    for rec in analysis.records:
+        row = analysis.labels.get("rows", {}).get(rec.name, {})
+        if not row.get("mask_offset"):
+            continue
+        raw = mio._read_raw(rec.mask_path)
+        sy, sx = -int(row["offset_dy"]), -int(row["offset_dx"])
+        target = dest / rec.mask_path.relative_to(src)
+        mio.write_image(target, lq.shift_mask(raw, sy, sx))
+        changed.append({"file": _rel(rec.mask_path, src), "shift_dy": sy, "shift_dx": sx})
+    _write_csv(dest / "label_fixes.csv", ["file", "change", "shift_dy", "shift_dx"],
+               [[c["file"], "mask shifted back by its offset", c["shift_dy"], c["shift_dx"]]
+                for c in changed])
+    for c in changed:
+        log.info("%s: mask shifted by dy=%+d, dx=%+d in %s", c["file"], c["shift_dy"],
+                 c["shift_dx"], dest)
+    return {"dir": str(dest), "changed": changed, "not_copied": not_copied}
 
 
 # --------------------------------------------------------------------------- figures
@@ -1360,6 +1859,15 @@ def render_report(analysis: Analysis, *, samples: list[str], runtime_s: float,
                      _fmt(v["mean_positive_ratio"]), _fmt(v["mean_brightness"]),
                      v["partial_mask_suspects"]] for k, v in s["per_dilution"].items()]))
         add("")
+    sf = s.get("source_frames") or {}
+    if sf.get("n_groups"):
+        add("### Source frames\n")
+        add(f"{n} tiles come from **{sf['n_groups']} source frame(s)** (largest: "
+            f"{sf['largest_group']} tiles; {sf['n_grid_tiles']} named `…_grid_rR_cC`). Tiles of "
+            "one frame can share pixels (the users' grid columns overlap by 37 px), so the "
+            "trainer keeps each frame on one side of the train/validation split "
+            "(`--group_pattern` for other naming schemes). Groups are listed in "
+            "`summary.json` (`source_frames`).\n")
     add("### Figures\n")
     add("![distributions](distribution_analysis.png)\n")
     add(f"Objects-per-image histogram: {len(s['objects_per_image_histogram']['counts'])} bins "
@@ -1438,10 +1946,12 @@ def render_report(analysis: Analysis, *, samples: list[str], runtime_s: float,
             "to scale with objects per image), so the trainer's defaults apply.\n")
     else:
         add("No recommendation: no image could be analysed.\n")
+    out.extend(render_label_section(analysis))
     add("## Files\n")
     add("`summary.json`, `per_image.csv`, `per_dilution.csv`, `integrity_problems.csv`, "
         "`distribution_analysis.png`, `sample_images.png`, `recommended_config.json`, "
-        "`recommended_config_evidence.json`, `analysis.log`.\n")
+        "`recommended_config_evidence.json`, `label_quality.csv`, `overlap_pairs.csv`, "
+        "`label_quality.png`, `analysis.log`.\n")
     return "\n".join(out)
 
 
@@ -1505,6 +2015,10 @@ def write_outputs(analysis: Analysis, out: Path, *, t0: float, command: str) -> 
                [[k] + [_jsonable(v[c]) for c in cols[1:]] for k, v in dil.items()])
     plot_distributions(analysis, out / "distribution_analysis.png")
     samples = plot_samples(analysis, out / "sample_images.png")
+    _write_csv(out / "label_quality.csv", LABEL_COLUMNS, label_rows(analysis))
+    _write_csv(out / "overlap_pairs.csv", OVERLAP_COLUMNS,
+               [[_cell(p[c]) for c in OVERLAP_COLUMNS] for p in analysis.labels.get("pairs", [])])
+    plot_label_quality(analysis, out / "label_quality.png")
     summary = dict(analysis.summary)
     summary.pop("objects_per_image", None)  # per image: per_image.csv
     summary["sample_images"] = samples
@@ -1540,6 +2054,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="exit non-zero if the integrity check finds any problem")
     p.add_argument("--no_progress", "--no-progress", action="store_true",
                    help="no progress bars")
+    p.add_argument("--write_fixed", "--write-fixed", type=Path, default=None, metavar="DIR",
+                   help="write a corrected copy of the dataset to DIR (new or empty, outside "
+                        "--data_dir): offset masks shifted back, every other file copied "
+                        "unchanged (default: off)")
     args = p.parse_args(argv)
     if args.image_size < 16:
         p.error(f"--image_size must be >= 16, got {args.image_size}")
@@ -1577,6 +2095,11 @@ def main(argv=None) -> int:
         except OutputDirError as exc:
             log.error("%s", exc)
             return 2
+        if args.write_fixed is not None:
+            reason = fixed_dir_problem(args.write_fixed, args.data_dir, args.output_dir)
+            if reason:
+                log.error("%s", reason)
+                return 2
         args.output_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(mio.add_log_handler(args.output_dir / LOG_FILE, mode="w"))
         log.info("analysing %s at %d px -> %s", args.data_dir, args.image_size, args.output_dir)
@@ -1587,6 +2110,9 @@ def main(argv=None) -> int:
         except (FileNotFoundError, mio.PairingError) as exc:
             log.error("%s", exc)
             return 2
+        if args.write_fixed is not None and analysis.records:
+            analysis.labels["fixed"] = write_fixed_copy(analysis, args.write_fixed)
+            analysis.summary["label_quality"]["fixed"] = analysis.labels["fixed"]
         summary = write_outputs(analysis, args.output_dir, t0=t0, command=command)
         for p in analysis.problems:
             (log.error if p.severity == "error" else log.warning)(

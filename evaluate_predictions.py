@@ -40,6 +40,19 @@ Metrics (definitions in ``microbead_metrics``)
 * Per-density groups: by true bead count in bins 0, 1-10, 11-50, 51-150, >150 (``--density_bins``
   changes the edges) and by dilution when names carry ``NNNx_``.
 
+Truth-label quality (when the truth images are found: ``images/`` next to the truth
+``masks/``, or ``--gt_images_dir``; ``label_quality``)
+---------------------------------------------------------------------------------------
+* ``mask_offset`` column: ``dy=+2 dx=-3`` when the truth mask sits that far from its image's
+  beads (best shift within +-6 px raising the mean darkness under the mask by >= 5 %),
+  ``none`` when assessed and aligned, ``mismatch`` when it marks almost none of its image's
+  beads at any shift (the mask of another image?), empty when not assessed. An offset truth
+  mask caps the IoU of a prediction that sits on the beads.
+* Label-consistency ceiling: pooled Jaccard of the truth masks of neighbouring grid tiles
+  (``..._grid_r<R>_c<C>``) on the pixels they share; printed next to the Jaccard in the
+  report and stored as ``summary.json["label_consistency_ceiling"]`` (null when no two
+  truth tiles share pixels).
+
 Outputs (``--output_dir``; created; an existing non-empty folder is refused unless
 ``--overwrite``, which deletes and rewrites the files named here and touches nothing else;
 the folder may not lie inside the truth dataset)
@@ -74,6 +87,7 @@ from pathlib import Path
 
 import numpy as np
 
+import label_quality as lq
 import microbead_io as mio
 import microbead_metrics as mm
 
@@ -288,6 +302,82 @@ def evaluate_pair(
     return row, by_thr
 
 
+def resolve_truth_images(gt_masks: Path, images_dir: str | Path | None) -> Path | None:
+    """Folder of the truth images: ``images_dir`` if given, else ``images/`` beside a truth
+    ``masks/`` folder, else None.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``images_dir`` is given and is not a folder (the message names it).
+    """
+    if images_dir is not None:
+        d = Path(images_dir)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: truth images folder not found")
+        return d
+    if gt_masks.name == "masks" and (gt_masks.parent / "images").is_dir():
+        return gt_masks.parent / "images"
+    return None
+
+
+def truth_label_quality(truth_paths: Sequence[Path], images: dict[str, Path],
+                        progress: bool = False) -> tuple[dict[Path, str], dict | None]:
+    """Offsets of the truth masks against their images, and the label-consistency ceiling.
+
+    Parameters
+    ----------
+    truth_paths : truth mask files
+    images : ``stem_key -> image path`` (:func:`index_by_stem` of the truth images folder)
+
+    Returns
+    -------
+    offsets : dict
+        truth path -> ``"dy=+2 dx=-3"`` (offset), ``"none"`` (aligned), ``"mismatch"`` (the
+        mask marks almost none of its image's beads at any shift: far below the other truth
+        masks, :func:`label_quality.mismatch_threshold`) or ``""`` (no image, empty mask,
+        sizes differ, unreadable).
+    ceiling : dict or None
+        :func:`label_quality.consistency_ceiling_from_files` of the truth pairs with images.
+    """
+    from tqdm import tqdm
+
+    offsets: dict[Path, str] = {}
+    regs: dict[Path, lq.Registration] = {}
+    with_image = []
+    for tp in tqdm(truth_paths, desc="truth offsets", unit="img", disable=not progress,
+                   leave=False):
+        offsets[tp] = ""
+        ip = images.get(mio.stem_key(tp))
+        if ip is None:
+            continue
+        try:
+            img, mask = mio.read_image(ip, 1)[..., 0], mio.read_mask(tp, warn=False)
+        except mio.ImageReadError as exc:
+            log.warning("%s: truth offset not assessed (%s)", tp, exc)
+            continue
+        if img.shape != mask.shape:
+            log.warning("%s: truth mask is %dx%d but its image %s is %dx%d; offset not "
+                        "assessed", tp, mask.shape[1], mask.shape[0], ip, img.shape[1],
+                        img.shape[0])
+            continue
+        with_image.append((ip, tp))
+        if mask.any():
+            regs[tp] = lq.register(img, mask)
+    _, threshold = lq.mismatch_threshold([r.evidence for r in regs.values()])
+    for tp, reg in regs.items():
+        if math.isfinite(threshold) and reg.evidence < threshold:
+            offsets[tp] = "mismatch"
+            log.warning("%s: truth mask marks almost none of its image's beads (evidence %.1f, "
+                        "threshold %.1f): the mask of another image?", tp, reg.evidence,
+                        threshold)
+        else:
+            offsets[tp] = f"dy={reg.dy:+d} dx={reg.dx:+d}" if reg.is_offset() else "none"
+    ceiling = lq.consistency_ceiling_from_files([i for i, _ in with_image],
+                                                [t for _, t in with_image])
+    return offsets, ceiling
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
@@ -471,9 +561,14 @@ def build_report(summary: dict, figures: Sequence[str]) -> str:
           f"- prediction resizing: {st['resize']}", ""]
     L += ["## Headline", "",
           "| metric | mean per image | pooled over all pixels/objects |", "|---|---|---|"]
+    ceiling = s.get("label_consistency_ceiling")
     for k in PIXEL_KEYS:
         L.append(f"| pixel {k} | {_fmt(px['mean_per_image'].get(k))} | "
                  f"{_fmt(px['pooled'].get(k))} |")
+        if k == "jaccard" and ceiling is not None:
+            L.append(f"| label-consistency ceiling (truth vs truth on shared pixels, "
+                     f"{s['label_quality']['ceiling']['n_pairs']} tile pairs) | | "
+                     f"{_fmt(ceiling)} |")
     if obj:
         L.append(f"| object F1 @ IoU {st['iou_threshold']} | {_fmt(obj['mean_image_f1'])} | "
                  f"{_fmt(obj['f1'])} |")
@@ -506,6 +601,28 @@ def build_report(summary: dict, figures: Sequence[str]) -> str:
                 [("iou_threshold", "IoU threshold"), ("tp", "TP"), ("fp", "FP"), ("fn", "FN"),
                  ("precision", "precision"), ("recall", "recall"), ("f1", "F1"),
                  ("mean_image_f1", "mean image F1"), ("panoptic_quality", "PQ")])
+    lqs = s.get("label_quality")
+    if lqs:
+        L += ["", "## Truth-label quality", ""]
+        c = lqs["ceiling"]
+        if c:
+            L += [f"Label-consistency ceiling: where two neighbouring truth tiles share pixels "
+                  f"({c['n_pairs']} pairs, {c['overlap_px']} px of overlap width in all), their "
+                  f"truth masks agree at pooled Jaccard **{_fmt(c['pooled_jaccard'])}** (median "
+                  f"per pair {_fmt(c['median_pair_jaccard'])}). The labels disagree with "
+                  "themselves that much on identical pixels, so a pixel Jaccard near it "
+                  f"(pooled here {_fmt(px['pooled'].get('jaccard'))}) is as good as these labels "
+                  "can show.", ""]
+        else:
+            L += ["Label-consistency ceiling: not measurable (no two truth tiles with grid "
+                  "names share pixels).", ""]
+        off = s["truth_offsets"]
+        L += [f"Truth masks offset from their images' beads (>= {lq.MIN_OFFSET_PX} px, gain >= "
+              f"{lq.MIN_OFFSET_GAIN:.0%}) or marking almost none of them (`mismatch`); column "
+              f"`mask_offset`: {len(off)} of {lqs['n_assessed']} assessed."]
+        if off:
+            L += [""] + _table(off, [("file", "file"), ("mask_offset", "truth offset"),
+                                     ("jaccard", "IoU"), ("obj_f1", "obj F1")])
     L += ["", "## Worst images (lowest IoU)", ""]
     L += _table(s["worst"], [("file", "file"), ("jaccard", "IoU"), ("dice", "Dice"),
                              ("true_count", "true beads"), ("pred_count", "pred beads"),
@@ -662,6 +779,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="results folder (created; refused if non-empty without --overwrite)")
     p.add_argument("--gt_labels_dir", "--gt-labels-dir", dest="gt_labels_dir", default=None,
                    help="true instance labels (default: sibling labels/ of a masks/ folder)")
+    p.add_argument("--gt_images_dir", "--gt-images-dir", dest="gt_images_dir", default=None,
+                   help="truth images, to check the truth masks' alignment and measure the "
+                        "label-consistency ceiling (default: images/ beside a masks/ folder)")
     p.add_argument("--pred_labels_dir", "--pred-labels-dir", dest="pred_labels_dir",
                    default=None, help="predicted instance labels (default: PRED/labels/)")
     p.add_argument("--no_labels", "--no-labels", dest="no_labels", action="store_true",
@@ -767,6 +887,7 @@ def _run(args: argparse.Namespace, handlers: list[logging.Handler]) -> int:
             args.pred_dir, args.pred_labels_dir, role="prediction")
         gt_masks, gt_labels, gt_note = resolve_dirs(
             args.gt_dir, args.gt_labels_dir, role="truth")
+        gt_images = resolve_truth_images(gt_masks, args.gt_images_dir)
     except FileNotFoundError as exc:
         log.error("%s", exc)
         return 2
@@ -877,6 +998,31 @@ def _run(args: argparse.Namespace, handlers: list[logging.Handler]) -> int:
         "failures": failures,
     }
     summary.update(summarize(rows, results, iou_threshold=float(args.iou_threshold), bins=bins))
+    summary["label_consistency_ceiling"] = None
+    if gt_images is not None and rows:
+        log.info("truth images: %s (truth-mask offsets, label-consistency ceiling)", gt_images)
+        offsets, ceiling = truth_label_quality([paths[r["file"]][1] for r in rows],
+                                               index_by_stem(gt_images), progress)
+        for r in rows:
+            r["mask_offset"] = offsets[paths[r["file"]][1]]
+        if ceiling:
+            ceiling.pop("pairs")
+        summary["label_consistency_ceiling"] = ceiling["pooled_jaccard"] if ceiling else None
+        summary["label_quality"] = {
+            "gt_images_dir": str(gt_images),
+            "n_assessed": sum(r["mask_offset"] != "" for r in rows),
+            "ceiling": ceiling,
+        }
+        summary["truth_offsets"] = [
+            {k: r[k] for k in ("file", "mask_offset", "jaccard", "obj_f1")}
+            for r in rows if r["mask_offset"] not in ("", "none")]
+        for o in summary["truth_offsets"]:
+            if o["mask_offset"] != "mismatch":
+                log.warning("%s: truth mask offset from its image's beads (%s); IoU %.3f",
+                            o["file"], o["mask_offset"], o["jaccard"])
+        if ceiling:
+            log.info("label-consistency ceiling: pooled Jaccard %.3f over %d truth tile pairs "
+                     "sharing pixels", ceiling["pooled_jaccard"], ceiling["n_pairs"])
     worst = worst_rows(rows, max(args.worst, 0))
     summary["worst"] = [{k: r[k] for k in ("file", "jaccard", "dice", "true_count",
                                            "pred_count", "obj_f1")} for r in worst]

@@ -192,10 +192,18 @@ def test_recommend_config_rules():
     assert cfg["val_fraction"] == am.DEFAULT_VAL_FRACTION
     assert cfg["steps_per_epoch"] == 50 and cfg["loss"] == "bce_dice"
     assert am.receptive_field(4) == 200
-    # Small beads: enlarge until a bead spans >= 8 px, keep a multiple of 2**depth.
+    # Small beads: never upsample past the stored tiles (it adds no detail, only cost).
     cfg, ev = am.recommend_config(_stats(median_bead_diameter_px=4.0))
-    assert cfg["image_size"] == 512 and cfg["image_size"] % 16 == 0
-    assert ev["image_size"]["evidence"]["median_bead_diameter_at_recommended_size_px"] >= 8
+    assert cfg["image_size"] == 256
+    assert "never upsampled" in ev["image_size"]["evidence"]["decision"]
+    # The users' real tiles: native 512 px, beads ~3 px across at a 256-px analysis. The
+    # old rule asked for 656 px; now: the stored size, with the reason and the cost.
+    cfg, ev = am.recommend_config(_stats(native_size=512, analysis_image_size=256,
+                                         median_bead_diameter_px=3.0))
+    assert cfg["image_size"] == 512
+    decision = ev["image_size"]["evidence"]["decision"]
+    assert "6.0 px at the stored size" in decision and "3.0 px at 256" in decision
+    assert "4.0x a 256-px input" in decision
     # Beads larger than RF/4 = 50 px: shrink.
     cfg, _ = am.recommend_config(_stats(median_bead_diameter_px=100.0))
     assert cfg["image_size"] == 128
@@ -457,7 +465,7 @@ def test_runs_without_tensorflow(tmp_path):
 def synthetic(tmp_path_factory):
     gen = pytest.importorskip("make_synthetic_dataset")
     root = tmp_path_factory.mktemp("synthetic")
-    gen.generate_dataset(root / "data", n=16, size=256, seed=0, log_file=False)
+    gen.generate_dataset(root / "data", n=16, size=256, seed=0, log_file=False, style="rings")
     return root
 
 
