@@ -22,6 +22,9 @@ Outputs (``--output_dir``)
     probability | outlines), optional ``prob/<stem>_prob.tif``, ``prediction_summary.csv``,
     ``prediction_summary.txt``, ``prediction_config.json``, ``prediction.log`` and, when file
     names carry a dilution (``640x_...``), ``dilution_counts.csv`` + ``dilution_counts.png``.
+    Per bead (``bead_exports.py``, from the label image, frame pixels): ``beads/<stem>_beads.csv``
+    and, on request, ``rois/<stem>_rois.zip`` (``--roi``, Fiji), ``geojson/<stem>.geojson``
+    (``--geojson``, QuPath), ``ome/<stem>.ome.tif`` (``--ome_tiff``, image + labels).
 
 Example
     python predict_microscope.py --model microbead_training_20260101_120000 \
@@ -48,15 +51,20 @@ log = logging.getLogger("microbead.predict")
 
 SUMMARY_COLUMNS = (
     "file", "width", "height", "dilution", "beads", "n_components", "coverage_pct",
-    "mean_bead_area_px", "area_estimate", "time_s", "status",
+    "mean_bead_area_px", "area_estimate", "bead_area_ratio", "scale_used", "scale_warning",
+    "time_s", "status",
 )
+# A frame whose typical bead is this much smaller / larger (area, at model scale) than the
+# training beads is probably at another pixel scale: counts are then unreliable.
+SCALE_RATIO_RANGE = (0.6, 1.6)
+MIN_BEADS_FOR_SCALE = 5
 CONFIG_SECTIONS = {
     "format_version", "models", "preprocessing", "postprocessing", "training", "data",
     "environment",
 }
 PREPROCESSING_KEYS = {
     "channels", "input_size", "stored_tile_size", "pixel_scale", "scale", "normalization",
-    "pad_multiple",
+    "pad_multiple", "pixel_scale_source", "scale_source", "channel_mode",
 }
 POSTPROCESSING_KEYS = {"threshold", "median_bead_area_px", "median_bead_area_native_px"}
 
@@ -137,13 +145,19 @@ def resolve_model(model_arg: str) -> tuple[Path, Path, str]:
 def preprocess_frame(image: np.ndarray, pre: dict) -> np.ndarray:
     """Native frame ``(H, W, C)`` -> normalised model-scale input, exactly as in training.
 
-    Training tiles were stored at ``pixel_scale`` (tile px per frame px), normalised there,
-    then resized to the network input size; the frame goes through the same steps in the
-    same order: resize to the stored-tile scale (area), normalise once for the whole frame,
-    resize to model scale.
+    Flat-field runs (the default): resize the frame to model scale (``scale`` model px per
+    frame px), then normalise with the stored window and levels, exactly as each training
+    tile was; the normalisation is local, so a tile cut from the frame gets the same values.
+    Percentile runs (older): resize to the stored-tile scale (area), normalise once for the
+    whole frame, resize to model scale, as those runs were trained.
     """
     pixel_scale = float(pre["pixel_scale"])
     scale = float(pre["scale"])
+    norm = pre.get("normalization") or mio.DEFAULT_NORMALIZATION
+    if norm.get("method", "percentile") != "percentile":
+        # Local (crop-invariant) methods run at model scale, as on the training tiles.
+        return mio.preprocess_image(image, norm, scale=None if math.isclose(scale, 1.0)
+                                    else scale)
     x = image
     if not math.isclose(pixel_scale, 1.0):
         x = mio.resize_image(x, mio.scaled_shape(x.shape, pixel_scale))
@@ -211,10 +225,19 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
     labels_small = microbead_metrics.label_beads(
         (prob_small >= thr).astype(np.uint8), median_area=float(post["median_bead_area_px"]),
         prob=prob_small)
-    n = int(labels_small.max())
     labels = mio.resize_labels(labels_small, (h, w)) if labels_small.shape != (h, w) \
         else labels_small
     labels[mask == 0] = 0
+    # A bead smaller than a native pixel's reach can vanish when clipped to the native
+    # outline: renumber what is left, so the count is the number of ids in the label file.
+    present = np.bincount(labels.ravel(), minlength=int(labels_small.max()) + 1) > 0
+    present[0] = False
+    n = int(present.sum())
+    if n < present.size - 1:
+        lut = np.zeros(present.size, labels.dtype)
+        lut[present] = np.arange(1, n + 1, dtype=labels.dtype)
+        labels = lut[labels]
+    ratio = bead_area_ratio(prob_small >= thr, float(post["median_bead_area_px"]))
     n_comp = microbead_metrics.count_components(mask)
     fg = int(mask.sum())
     return {
@@ -223,7 +246,37 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
         "mean_bead_area_px": float((labels > 0).sum() / n) if n else 0.0,
         "area_estimate": fg / area_native if area_native > 0 else float("nan"),
         "median_bead_area_native_px": area_native,
+        "bead_area_ratio": ratio, "scale_warning": scale_warning(ratio), "scale_used": scale,
     }
+
+
+def bead_area_ratio(mask_small: np.ndarray, median_area: float) -> float:
+    """Median 8-connected component area of a model-scale mask / the training median area.
+
+    Components, not split beads: the split is itself guided by the training area, so it
+    would hide a scale error. On dense frames clumps pull the median up a little; single
+    beads still dominate the components. NaN with fewer than :data:`MIN_BEADS_FOR_SCALE`
+    components or no training area.
+    """
+    import cv2
+
+    _, _, stats, _ = cv2.connectedComponentsWithStats(
+        np.ascontiguousarray(mask_small, np.uint8), connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    if areas.size < MIN_BEADS_FOR_SCALE or not median_area > 0:
+        return float("nan")
+    return float(np.median(areas) / median_area)
+
+
+def scale_warning(ratio: float) -> str:
+    """Empty if ``ratio`` (see :func:`bead_area_ratio`) is plausible, else what to do."""
+    lo, hi = SCALE_RATIO_RANGE
+    if not np.isfinite(ratio) or lo <= ratio <= hi:
+        return ""
+    side = "smaller" if ratio < lo else "larger"
+    return (f"beads {ratio:.2f}x the training bead area ({side}): this frame is probably at "
+            f"another pixel scale than the training tiles; check --pixel_scale at training "
+            f"or rerun with --auto_scale (estimated factor {ratio ** -0.5:.2f})")
 
 
 def predict_frame(image: np.ndarray, predict_fn, cfg: dict, *, tile_size: int, overlap: int,
@@ -311,10 +364,19 @@ def comparison_image(gray01, prob, overlay, max_width: int = 2400) -> np.ndarray
 
 
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, res: dict, *,
-                  save_prob: bool = False, figures: bool = True) -> None:
-    """One frame's files: mask, labels, optional probability, overlay and comparison."""
+                  save_prob: bool = False, figures: bool = True,
+                  exports: frozenset[str] = frozenset()) -> None:
+    """One frame's files: mask, labels, per-bead table, optional probability, overlay and
+    comparison. ``exports`` adds per-bead files: ``"roi"`` (ImageJ ROI set), ``"geojson"``
+    (QuPath detections), ``"ome_tiff"`` (image + labels), all from the written label image
+    (``bead_exports.write_bead_outputs``)."""
+    import bead_exports
+
     mio.write_mask(out_dir / "masks" / f"{stem}_mask.png", res["mask"])
     mio.write_labels(out_dir / "labels" / f"{stem}_labels.tif", res["labels"])
+    bead_exports.write_bead_outputs(out_dir, stem, res["labels"], image, res["prob"],
+                                    roi="roi" in exports, geojson="geojson" in exports,
+                                    ome_tiff="ome_tiff" in exports)
     if save_prob:
         mio.write_image(out_dir / "prob" / f"{stem}_prob.tif", res["prob"])
     if figures:
@@ -385,7 +447,9 @@ def _error_row(path: Path, exc: BaseException, seconds: float) -> dict:
 def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int,
                   overlap: int, batch_size: int, threshold: float | None = None,
                   save_prob: bool = False, figures: bool = True, pipelined: bool = True,
-                  workers: int | None = None, on_row=None) -> list[dict]:
+                  workers: int | None = None, on_row=None,
+                  exports: frozenset[str] = frozenset(), auto_scale: bool = False
+                  ) -> list[dict]:
     """Predict every file and write its outputs; one summary row per file, in input order.
 
     Three stages per frame: *load* (read + :func:`preprocess_frame`), *forward*
@@ -406,6 +470,10 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
     ``time_s`` in a row is the sum of that frame's own stage times (they overlap with
     neighbouring frames, so the rows add up to more than the wall time). ``on_row(row)`` is
     called as each row completes (progress bars).
+
+    Every row carries ``bead_area_ratio`` and, outside :data:`SCALE_RATIO_RANGE`, a
+    ``scale_warning``. With ``auto_scale`` such a frame is preprocessed again at the scale
+    that brings its beads to the training size (``scale_used``) and predicted once more.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -421,26 +489,52 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
         image = mio.read_image(path, channels=channels)
         return image, preprocess_frame(image, pre), time.perf_counter() - t
 
-    def forward(x):
+    thr = float(cfg["postprocessing"]["threshold"] if threshold is None else threshold)
+    train_area = float(cfg["postprocessing"]["median_bead_area_px"])
+
+    def tiled(x):
         return mio.predict_tiled(x, predict_fn, tile_size=tile_size, overlap=overlap,
                                  batch_size=batch_size, pad_multiple=pad)
 
-    def finish(path, image, prob_small, seconds):
+    def forward(image, x):
+        prob = tiled(x)
+        scale = float(pre["scale"])
+        if auto_scale:
+            ratio = bead_area_ratio(prob >= thr, train_area)
+            if scale_warning(ratio):
+                scale *= float(np.clip(ratio ** -0.5, 0.25, 4.0))
+                prob = tiled(preprocess_frame(image, {**pre, "scale": scale}))
+        return prob, scale
+
+    def finish(path, image, fwd, seconds):
+        prob_small, scale = fwd
         t = time.perf_counter()
         try:
-            res = finish_frame(prob_small, image.shape, cfg, threshold)
-            write_outputs(out_dir, path.stem, image, res, save_prob=save_prob, figures=figures)
+            used = cfg if scale == float(pre["scale"]) else {
+                **cfg, "preprocessing": {**pre, "scale": scale},
+                "postprocessing": {**cfg["postprocessing"], "median_bead_area_native_px":
+                                   train_area / scale ** 2}}
+            res = finish_frame(prob_small, image.shape, used, threshold)
+            write_outputs(out_dir, path.stem, image, res, save_prob=save_prob, figures=figures,
+                          exports=exports)
         except FRAME_ERRORS as exc:
             return _error_row(path, exc, seconds + time.perf_counter() - t)
         dt = seconds + time.perf_counter() - t
         log.info("%s: %d beads (area estimate %.1f), %.2f%% coverage, %.2f s", path.name,
                  res["beads"], res["area_estimate"], res["coverage_pct"], dt)
+        if res["scale_warning"]:
+            log.warning("%s: %s%s", path.name, res["scale_warning"],
+                        f" (auto-scaled: model scale {scale:.4g})" if scale != pre["scale"]
+                        else "")
         return {
             **_base_row(path), "width": image.shape[1], "height": image.shape[0],
             "beads": res["beads"], "n_components": res["n_components"],
             "coverage_pct": round(res["coverage_pct"], 4),
             "mean_bead_area_px": round(res["mean_bead_area_px"], 2),
-            "area_estimate": round(res["area_estimate"], 2), "time_s": round(dt, 3),
+            "area_estimate": round(res["area_estimate"], 2),
+            "bead_area_ratio": round(res["bead_area_ratio"], 3),
+            "scale_used": round(scale, 6), "scale_warning": res["scale_warning"],
+            "time_s": round(dt, 3),
             "status": "ok",
         }
 
@@ -503,7 +597,7 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
         try:
             image, x, seconds = fut.result()
             t = time.perf_counter()
-            prob_small = forward(x)
+            prob_small = forward(image, x)
             seconds += time.perf_counter() - t
         except FRAME_ERRORS as exc:
             drain(0)  # keep rows and log lines in input order
@@ -631,9 +725,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("tta", action="store_true", help="flip/rotation test-time augmentation (8x slower)")
     add("save_prob", action="store_true", help="also write prob/<stem>_prob.tif (float32)")
     add("no_figures", action="store_true", help="skip overlays and comparison images")
+    add("roi", action="store_true",
+        help="also write rois/<stem>_rois.zip, an ImageJ ROI set of the bead outlines for "
+             "Fiji's ROI Manager (needs: pip install roifile)")
+    add("geojson", action="store_true",
+        help="also write geojson/<stem>.geojson, the beads as QuPath detections")
+    add("ome_tiff", action="store_true",
+        help="also write ome/<stem>.ome.tif: the frame and its bead labels as two channels")
     add("overwrite", action="store_true", help="allow writing into a non-empty output folder")
     add("workers", type=int, default=None,
         help="threads reading and as many writing frames (default: CPUs/2, 1 to 8)")
+    add("auto_scale", action="store_true",
+        help="when a frame's beads are not the training beads' size (scale_warning), "
+             "rescale it to match and predict again")
     add("no_pipeline", action="store_true",
         help="run read, forward pass and writing one after the other (default: overlapped)")
     return p.parse_args(argv)
@@ -641,6 +745,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.roi:
+        import bead_exports
+
+        try:
+            bead_exports.require_roifile()
+        except ImportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     out_dir = Path(args.output_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         print(f"error: {out_dir}: exists and is not empty; choose a new --output_dir or pass "
@@ -709,7 +821,10 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
                              overlap=args.overlap, batch_size=args.batch_size,
                              threshold=threshold, save_prob=args.save_prob,
                              figures=not args.no_figures, pipelined=not args.no_pipeline,
-                             workers=args.workers, on_row=on_row)
+                             workers=args.workers, on_row=on_row,
+                             exports=frozenset(k for k in ("roi", "geojson", "ome_tiff")
+                                               if getattr(args, k)),
+                             auto_scale=args.auto_scale)
     finally:
         bar.close()
     wall = time.perf_counter() - t0

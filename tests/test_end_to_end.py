@@ -83,6 +83,14 @@ def test_every_stage_consumed_the_previous_one(demo_out):
     assert lf["true_beads"] == true_total and lf["predicted_beads"] == pred_total
     assert np.isfinite(lf["f1_at_0.5"])
 
+    # the per-bead table and the Fiji ROI set describe exactly the written label images
+    for f in frames:
+        labels = mio.read_labels(pred / "labels" / f"{f.stem}_labels.tif")
+        with open(pred / "beads" / f"{f.stem}_beads.csv", newline="") as fh:
+            table = list(csv.DictReader(fh))
+        assert len(table) == len(np.unique(labels[labels > 0]))
+        assert (pred / "rois" / f"{f.stem}_rois.zip").is_file()
+
 
 def test_rerunning_the_demo_never_overwrites(tmp_path):
     out = tmp_path / "demo"

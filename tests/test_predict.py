@@ -285,3 +285,17 @@ def test_a_failing_write_fails_that_image_only(tmp_path, monkeypatch):
                             tile_size=64, overlap=16, batch_size=2)
     assert [r["status"] == "ok" for r in rows] == [True, False, True]
     assert "disk full" in rows[1]["status"] and "320x" in rows[1]["status"]
+
+
+def test_count_equals_the_ids_in_the_written_label_image():
+    # Model scale 0.5: a one-pixel bead at 0.6 blurs below the threshold at native size and
+    # is lost from the label image; the count must not keep it (issue 15, item 6).
+    prob = np.zeros((40, 40), np.float32)
+    prob[10, 10] = 0.6
+    prob[25:30, 25:30] = 0.9
+    cfg = _config(scale=0.5, pixel_scale=0.5, area=20.0)
+    res = pm.finish_frame(prob, (80, 80), cfg)
+    ids = np.unique(res["labels"])
+    ids = ids[ids > 0]
+    assert res["beads"] == ids.size == 1
+    assert ids.tolist() == [1]  # renumbered from 1, no gaps

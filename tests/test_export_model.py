@@ -1,0 +1,180 @@
+"""export_model.py: a bioimage.io (spec 0.5) package of a tiny run, validated and re-run."""
+
+import csv
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import export_model as em
+import microbead_io as mio
+import predict_microscope as pm
+from make_synthetic_dataset import render_masks, sample_beads
+
+keras = pytest.importorskip("keras")
+models = pytest.importorskip("models")
+
+FLATFIELD = {"method": "flatfield", "window": 15, "low": 0.4, "high": 1.05}
+
+
+def _config(data_dir, normalization=None):
+    return {
+        "format_version": 1,
+        "models": {"unet": {"architecture": "unet", "filters": 4, "depth": 2}},
+        "preprocessing": {
+            "channels": 1, "input_size": [64, 64], "stored_tile_size": [128, 128],
+            "pixel_scale": 0.5, "scale": 0.5, "pad_multiple": 4,
+            "normalization": dict(normalization or mio.DEFAULT_NORMALIZATION),
+        },
+        "postprocessing": {"threshold": 0.5, "median_bead_area_px": 28.0},
+        "training": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "loss": "dice"},
+        "data": {"data_dir": str(data_dir), "n_images": 2, "mean_objects_per_image": 9.0,
+                 "positive_ratio": 0.12},
+        "environment": {"keras": keras.__version__, "git_commit": None},
+    }
+
+
+def _write_run(root, normalization=None):
+    """A run folder as training leaves it: model, config.json, split.json, summary."""
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("tile_a.png", "tile_b.png"):
+        mask, _ = render_masks(sample_beads(rng, (128, 128), 9, radius=6,
+                                            cluster_fraction=0.3), (128, 128))
+        light = np.linspace(150, 220, 128)[None, :]  # uneven light, dark beads
+        mio.write_image(data / "images" / name,
+                        (light - mask * 120 + rng.integers(0, 15, (128, 128))).astype(np.uint8))
+    run = root / "run"
+    run.mkdir()
+    keras.utils.set_random_seed(0)
+    model = models.build_unet((None, None, 1), filters=4, depth=2, dropout=0.0)
+    for layer in model.layers:  # non-trivial BatchNorm statistics: inference is not identity
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+    models.compile_model(model)  # as training saves it: with custom losses and metrics
+    models.save_model(model, run / "best_unet_model.hdf5")
+    (run / "config.json").write_text(json.dumps(_config(data, normalization)))
+    (run / "split.json").write_text(json.dumps({"train": ["tile_a.png"], "val": ["tile_b.png"]}))
+    with open(run / "training_summary.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "best_epoch", "best_val_jacard", "best_val_dice",
+                    "best_val_jacard_reloaded"])
+        w.writerow(["unet", 1, 0.61, 0.74, 0.6])
+    return run, data / "images" / "tile_b.png"
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    run, tile = _write_run(root)
+    out = root / "pkg"
+    rc = em.main(["--model", str(run), "--output-dir", str(out), "--halo", "8",
+                  "--author", "Test Author"])
+    assert rc == 0
+    return run, tile, out
+
+
+def test_package_passes_bioimageio_spec_validation(package):
+    pytest.importorskip("bioimageio.spec", reason="bioimageio.spec not installed "
+                        "(pip install -r requirements-dev.txt)")
+    _, _, out = package
+    status, problems = em.validate_package(out / "rdf.yaml")
+    assert status in ("valid-format", "passed"), problems
+    assert not [p for p in problems if p.startswith("error")]
+    assert "validation: valid-format" in (out / "export.log").read_text() or status == "passed"
+
+
+def test_test_output_is_the_models_prediction_on_the_test_input(package):
+    run, tile, out = package
+    test_in, test_out = np.load(out / "test_input.npy"), np.load(out / "test_output.npy")
+    assert test_in.shape == (1, 64, 64, 1) and test_out.shape == (1, 64, 64, 1)
+    # The test input is the validation tile at model scale, in its stored value range.
+    raw = mio.read_image(tile)
+    np.testing.assert_allclose(test_in[0], mio.resize_image(raw, (64, 64)), atol=1e-4)
+    # The package's own preprocessing (scale_range 1/99.8 %, clip) reproduces the pipeline's.
+    cfg = json.loads((out / "config.json").read_text())
+    x = em.network_input(test_in[0], em.input_plan(cfg))
+    np.testing.assert_allclose(x, pm.preprocess_frame(raw, cfg["preprocessing"]), atol=1e-5)
+    # Plain Keras loads the packaged weights (no custom objects) and predicts the test output.
+    model = keras.saving.load_model(out / "weights.hdf5")
+    np.testing.assert_allclose(np.asarray(model.predict_on_batch(x[None])), test_out,
+                               atol=1e-5)
+    original = models.load_model(run / "best_unet_model.hdf5")
+    np.testing.assert_allclose(np.asarray(original.predict_on_batch(x[None])), test_out,
+                               atol=1e-5)
+
+
+def test_saved_model_weights_give_the_test_output(package, tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    _, _, out = package
+    with zipfile.ZipFile(out / "weights_savedmodel.zip") as zf:
+        zf.extractall(tmp_path / "sm")
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    cfg = json.loads((out / "config.json").read_text())
+    x = em.network_input(np.load(out / "test_input.npy")[0], em.input_plan(cfg))
+    y = loaded.signatures["serving_default"](tf.constant(x[None]))
+    np.testing.assert_allclose(np.asarray(next(iter(y.values()))),
+                               np.load(out / "test_output.npy"), atol=1e-5)
+
+
+def test_rdf_states_preprocessing_scale_and_scores(package):
+    ruyaml = pytest.importorskip("ruyaml")
+    _, _, out = package
+    rdf = ruyaml.YAML(typ="safe").load((out / "rdf.yaml").read_text())
+    assert rdf["format_version"].startswith("0.5.")
+    pre = rdf["inputs"][0]["preprocessing"]
+    assert [p["id"] for p in pre] == ["scale_range", "clip"]
+    assert (pre[0]["kwargs"]["min_percentile"], pre[0]["kwargs"]["max_percentile"]) == (1.0, 99.8)
+    assert set(rdf["weights"]) == {"keras_hdf5", "tensorflow_saved_model_bundle"}
+    assert rdf["config"]["microbead"]["scale_model_px_per_frame_px"] == 0.5
+    assert rdf["config"]["microbead"]["validation"]["best_val_jacard"] == pytest.approx(0.61)
+    assert rdf["covers"] == ["cover.png"] and (out / "cover.png").stat().st_size > 0
+    doc = (out / "README.md").read_text()
+    assert "Resample the frame by 0.5" in doc and "## Validation" in doc and "0.6100" in doc
+    assert "threshold" in doc.lower() and "cannot" in doc
+
+
+def test_flatfield_is_refused_unless_the_input_is_declared_normalized(tmp_path, capsys):
+    run, tile = _write_run(tmp_path, FLATFIELD)
+    out = tmp_path / "pkg"
+    assert em.main(["--model", str(run), "--output_dir", str(out), "--halo", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be expressed" in err and "--input_normalized" in err
+    assert not out.exists()
+    rc = em.main(["--model", str(run / "best_unet_model.hdf5"), "--output_dir", str(out),
+                  "--halo", "8", "--input_normalized", "--no_saved_model"])
+    assert rc == 0
+    test_in, test_out = np.load(out / "test_input.npy"), np.load(out / "test_output.npy")
+    cfg = json.loads((out / "config.json").read_text())
+    expected = pm.preprocess_frame(mio.read_image(tile), cfg["preprocessing"])
+    np.testing.assert_allclose(test_in[0], expected, atol=1e-6)  # normalised at model scale
+    model = keras.saving.load_model(out / "weights.hdf5")
+    np.testing.assert_allclose(np.asarray(model.predict_on_batch(test_in)), test_out, atol=1e-5)
+    doc = (out / "README.md").read_text()
+    assert "microbead_io.apply_normalization" in doc and '"window": 15' in doc
+    if em.validate_package(out / "rdf.yaml") is not None:
+        status, problems = em.validate_package(out / "rdf.yaml")
+        assert status in ("valid-format", "passed"), problems
+
+
+def test_usage_errors(tmp_path, capsys):
+    run, _ = _write_run(tmp_path, {"method": "zscore"})
+    assert em.main(["--model", str(run), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "zscore" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+    assert em.main(["--model", str(run), "--output_dir", str(tmp_path / "busy")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert em.main(["--model", str(tmp_path / "nothing"), "--output_dir",
+                    str(tmp_path / "o")]) == 2
+
+
+def test_yaml_writer_round_trips():
+    ruyaml = pytest.importorskip("ruyaml")
+    obj = {"a": "yes", "b": "1.10", "c": [1, 2.5, None, True], "d": {"e": [{"f": "x: y"}]},
+           "g": [], "h": {}, "weird key": 'quote " and \n newline', "i": [{"j": [1], "k": {}}]}
+    assert ruyaml.YAML(typ="safe").load(em.to_yaml(obj)) == obj
