@@ -647,7 +647,13 @@ def load_pairs(
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, writer) -> None:
+def atomic_write(path: str | os.PathLike, writer) -> None:
+    """Write through ``writer(tmp_path)`` to a temporary file beside ``path``, then rename.
+
+    A reader (resume, ``hpc_tools run_status``, a second job) sees the old file or the new
+    one, never half of it; a failed writer leaves ``path`` untouched.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
@@ -662,6 +668,52 @@ def _atomic_write(path: Path, writer) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_atomic_write = atomic_write  # older callers; to be removed
+
+
+def json_ready(obj):
+    """Plain JSON types, recursively: numpy scalars/arrays -> Python, Path -> str,
+    NaN/inf -> None (strict JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_ready(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write` of a UTF-8 text file."""
+    atomic_write(path, lambda t: Path(t).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> None:
+    """:func:`atomic_write` of ``json_ready(obj)`` as indented JSON."""
+    import json
+
+    atomic_write_text(path, json.dumps(json_ready(obj), indent=indent) + "\n")
+
+
+def atomic_write_csv(path: str | os.PathLike, rows, columns) -> None:
+    """:func:`atomic_write` of dict rows as CSV with ``columns`` (extra keys ignored)."""
+    import csv
+
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
