@@ -19,7 +19,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) demo.py --out demo
+	$(PY) demo.py --output_dir demo --overwrite
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -39,9 +39,9 @@ Outputs (in ``--output_dir``; never inside ``--data_dir``)
 ``sample_images.png``, ``distribution_analysis.png``, ``MICROBEAD_ANALYSIS_RESULTS.md``,
 ``recommended_config.json``, ``recommended_config_evidence.json``, ``label_quality.csv``,
 ``overlap_pairs.csv``, ``label_quality.png``, ``analysis.log`` and
-``analysis_manifest.json``. The manifest marks the folder as this script's: an existing
-output folder is reused only if it has the manifest or holds none of these file names, and
-only these files are replaced; anything else in it is left alone.
+``analysis_manifest.json``. An existing non-empty output folder is refused unless
+``--overwrite``, which replaces only these files (anything else in it is left alone) and
+still refuses a folder holding files of these names without this script's manifest.
 
 Exit status
 -----------
@@ -58,12 +58,10 @@ Example
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -74,9 +72,12 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+import cli
 import label_quality as lq
+import microbead_config as mcfg
 import microbead_io as mio
 import microbead_metrics as mm
+from tiling import receptive_field  # one formula: also sets predict's default tile overlap
 
 log = logging.getLogger("microbead.analyze")
 
@@ -105,18 +106,11 @@ CANDIDATE_RING_FRACTION = 0.5
 MIN_BEAD_DIAMETER_PX = 8.0
 ASSUMED_DEPTH = 4  # models.build_unet default: four 2x2 poolings
 MIN_STEPS_PER_EPOCH = 50
-DEFAULT_VAL_FRACTION = 0.15  # train_microbead_optimized.py's default
+DEFAULT_VAL_FRACTION = mcfg.TRAINING_DEFAULTS["val_fraction"]  # the trainer's default
 DICE_ONLY_MAX_FOREGROUND = 0.02
 DICE_ONLY_MAX_EMPTY_FRACTION = 0.05
-MAX_DENSITY_BINS = 5
-MIN_IMAGES_PER_BIN = 2
-
-#: Keys ``train_microbead_optimized.py --config`` accepts (unknown keys are an error there).
-TRAINER_CONFIG_KEYS = frozenset({
-    "data_dir", "output_dir", "models", "epochs", "batch_size", "lr", "dropout", "loss",
-    "filters", "depth", "image_size", "val_fraction", "patience", "steps_per_epoch", "kfold",
-    "seed", "bn_momentum", "density_bins",
-})
+MAX_DENSITY_BINS = mm.DENSITY_MAX_BINS
+MIN_IMAGES_PER_BIN = mm.DENSITY_MIN_PER_BIN
 
 MANIFEST = "analysis_manifest.json"
 LOG_FILE = "analysis.log"
@@ -147,6 +141,7 @@ MASK_OFFSET = "mask_offset"
 MASK_MISMATCH = "mask_image_mismatch"
 MISSED_BEADS = "missed_beads"
 MERGED_BEADS = "merged_beads"
+SKIPPED_FILE = "skipped_file"
 
 PER_IMAGE_COLUMNS = (
     "file", "mask_file", "dilution", "native_width", "native_height", "mask_encoding",
@@ -207,23 +202,6 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _jsonable(obj):
-    """Recursively convert numpy scalars / NaN to plain JSON values."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        return _finite(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def _mean_std(values) -> tuple[float, float]:
     """Mean and population standard deviation (ddof=0); NaN for no values."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
@@ -267,7 +245,8 @@ def describe_mask_levels(raw: np.ndarray) -> tuple[str, str | None, str]:
     -------
     encoding : str
         ``"0/255"``, ``"0/1"``, ``"0/65535"``, ``"empty"``, ``"constant V"``,
-        ``"anti-aliased (N levels)"`` or ``"A/B"``.
+        ``"instance labels (N ids)"`` (read as foreground = non-zero, no problem),
+        ``"anti-aliased (N levels)"`` or ``"A/B"``; the rule is ``microbead_io.mask_rule``.
     problem : str or None
         Problem code when the encoding is not the project's two-level 0/255 (or 0/65535).
         Empty and constant masks return None here: the empty / nearly-full checks cover them.
@@ -276,6 +255,9 @@ def describe_mask_levels(raw: np.ndarray) -> tuple[str, str | None, str]:
     """
     levels = mio.mask_levels(raw)
     suffix = " (multi-channel)" if raw.ndim == 3 else ""
+    if levels.size > 2 and mio.mask_rule(raw) == mio.MASK_RULE_LABELS:
+        # Read as foreground = non-zero (microbead_io.mask_rule): a valid mask, no problem.
+        return f"instance labels ({levels.size - 1} ids)", None, ""
     if levels.size > 2:
         lo, hi = levels[0], levels[-1]
         return (
@@ -551,66 +533,7 @@ def objects_histogram(counts) -> tuple[np.ndarray, np.ndarray]:
     return edges, hist.astype(np.int64)
 
 
-def density_bins(counts, *, min_per_bin: int = MIN_IMAGES_PER_BIN,
-                 max_bins: int = MAX_DENSITY_BINS) -> list[float]:
-    """Stratification edges over objects per image, every stratum holding >= ``min_per_bin``.
-
-    Quantile bins (at most ``max_bins``, at most ``n // min_per_bin``); while a bin holds
-    fewer than ``min_per_bin`` images it is merged with its smaller neighbour. Edges are
-    half-integers (``k + 0.5``) so that no integer count sits on an edge: ``np.digitize``,
-    ``np.histogram`` and ``pandas.cut`` (either closed side) then agree on the strata.
-
-    Parameters
-    ----------
-    counts : array_like of int
-        Objects per image.
-
-    Returns
-    -------
-    list of float
-        Increasing edges ``[min - 0.5, ..., max + 0.5]`` (at least two); stratum ``i`` holds
-        counts in ``(edges[i], edges[i + 1])``. Empty list for no counts. With fewer than
-        ``2 * min_per_bin`` images there is one stratum.
-    """
-    c = np.asarray(counts, dtype=np.float64)
-    if c.size == 0:
-        return []
-    lo, hi = float(c.min()) - 0.5, float(c.max()) + 0.5
-    k = max(1, min(int(max_bins), c.size // max(1, int(min_per_bin))))
-    if k > 1:
-        q = np.quantile(c, np.linspace(0.0, 1.0, k + 1)[1:-1])
-        inner = np.unique(np.floor(q) + 0.5)
-        inner = [float(e) for e in inner if lo < e < hi]
-    else:
-        inner = []
-    edges = [lo, *inner, hi]
-    while len(edges) > 2:
-        per_bin = np.histogram(c, bins=edges)[0]
-        if per_bin.min() >= min_per_bin:
-            break
-        i = int(np.argmin(per_bin))
-        if i == 0:
-            del edges[1]
-        elif i == len(per_bin) - 1:
-            del edges[-2]
-        elif per_bin[i - 1] <= per_bin[i + 1]:
-            del edges[i]
-        else:
-            del edges[i + 1]
-    return edges
-
-
 # --------------------------------------------------------------------------- recommendation
-
-
-def receptive_field(depth: int = ASSUMED_DEPTH) -> int:
-    """Theoretical receptive field (pixels) of the ``models.py`` U-Nets.
-
-    Two 3x3 convolutions per level, 2x2 max-pooling, nearest up-sampling:
-    ``1 + 5 (2^d - 1) + 4 * 2^d + 4 (2^d - 1)`` (encoder, bottleneck, decoder); 200 for d=4.
-    """
-    p = 2 ** int(depth)
-    return 1 + 5 * (p - 1) + 4 * p + 4 * (p - 1)
 
 
 def _round_to(x: float, multiple: int, how: str) -> int:
@@ -634,20 +557,32 @@ def recommend_config(stats: dict, *, val_fraction: float = DEFAULT_VAL_FRACTION
     Returns
     -------
     config : dict
-        Keys from :data:`TRAINER_CONFIG_KEYS` only.
+        Keys from :data:`microbead_config.CONFIG_FILE_KEYS` only (what the trainer's
+        ``--config`` accepts).
     evidence : dict
         Per key: ``value``, ``rule`` and the measured ``evidence`` it rests on.
     """
-    n = int(stats["dataset_size"])
+    config, evidence = _recommend_image_size(stats)
+    for part_config, part_evidence in (
+        _recommend_loss(stats),
+        _recommend_batch(int(stats["dataset_size"]), val_fraction, config["image_size"]),
+        _recommend_density_bins(stats),
+    ):
+        config.update(part_config)
+        evidence.update(part_evidence)
+    unknown = set(config) - mcfg.CONFIG_FILE_KEYS
+    if unknown:  # a programming error here would only surface as a failed training job
+        raise AssertionError(f"config keys not accepted by the trainer: {sorted(unknown)}")
+    return config, evidence
+
+
+def _recommend_image_size(stats: dict) -> tuple[dict, dict]:
+    """``image_size`` (and the ``depth`` it assumes) from the median bead diameter."""
     multiple = 2 ** ASSUMED_DEPTH
     rf = receptive_field(ASSUMED_DEPTH)
     max_diam = rf / 4.0
     native = int(stats.get("native_size") or stats["analysis_image_size"])
     d_an = stats.get("median_bead_diameter_px")
-    config: dict = {}
-    evidence: dict = {}
-
-    # --- image_size
     if d_an is None or not math.isfinite(d_an) or d_an <= 0:
         size = _round_to(native, multiple, "nearest")
         d_nat = float("nan")
@@ -673,27 +608,31 @@ def recommend_config(stats: dict, *, val_fraction: float = DEFAULT_VAL_FRACTION
         _round_to(native * MIN_BEAD_DIAMETER_PX / d_nat, multiple, "up")
         if math.isfinite(d_nat) else None
     )
-    config["image_size"] = int(size)
-    config["depth"] = ASSUMED_DEPTH
-    evidence["image_size"] = {
-        "value": int(size),
-        "rule": (f"median bead diameter at the input size in [{MIN_BEAD_DIAMETER_PX:g}, RF/4] "
-                 f"px; keep the stored tile size when it already is, or when beads are "
-                 f"smaller (never upsample past it); multiple of 2^depth = {multiple}"),
-        "evidence": {
-            "native_tile_size": native, "median_bead_diameter_native_px": d_nat,
-            "median_bead_diameter_at_recommended_size_px": d_at,
-            "receptive_field_px": rf, "assumed_depth": ASSUMED_DEPTH,
-            "smallest_size_keeping_min_diameter": smallest, "decision": why,
+    config = {"image_size": int(size), "depth": ASSUMED_DEPTH}
+    evidence = {
+        "image_size": {
+            "value": int(size),
+            "rule": (f"median bead diameter at the input size in [{MIN_BEAD_DIAMETER_PX:g}, "
+                     f"RF/4] px; keep the stored tile size when it already is, or when beads "
+                     f"are smaller (never upsample past it); multiple of 2^depth = {multiple}"),
+            "evidence": {
+                "native_tile_size": native, "median_bead_diameter_native_px": d_nat,
+                "median_bead_diameter_at_recommended_size_px": d_at,
+                "receptive_field_px": rf, "assumed_depth": ASSUMED_DEPTH,
+                "smallest_size_keeping_min_diameter": smallest, "decision": why,
+            },
+        },
+        "depth": {
+            "value": ASSUMED_DEPTH,
+            "rule": "the depth the receptive-field calculation assumes (models.py default)",
+            "evidence": {"receptive_field_px": rf},
         },
     }
-    evidence["depth"] = {
-        "value": ASSUMED_DEPTH,
-        "rule": "the depth the receptive-field calculation assumes (models.py default)",
-        "evidence": {"receptive_field_px": rf},
-    }
+    return config, evidence
 
-    # --- loss
+
+def _recommend_loss(stats: dict) -> tuple[dict, dict]:
+    """``loss``: plain Dice only for extreme imbalance without empty masks."""
     f = stats.get("mean_positive_ratio")
     empty = float(stats.get("empty_mask_fraction") or 0.0)
     if f is not None and math.isfinite(f) and f < DICE_ONLY_MAX_FOREGROUND and (
@@ -702,61 +641,61 @@ def recommend_config(stats: dict, *, val_fraction: float = DEFAULT_VAL_FRACTION
         loss, why = "dice", "extreme imbalance and (almost) no empty masks"
     else:
         loss, why = "bce_dice", "default compound loss"
-    config["loss"] = loss
-    evidence["loss"] = {
+    return {"loss": loss}, {"loss": {
         "value": loss,
         "rule": (f"'dice' only if mean foreground ratio < {DICE_ONLY_MAX_FOREGROUND} and empty "
                  f"masks <= {DICE_ONLY_MAX_EMPTY_FRACTION:.0%}; otherwise 'bce_dice'"),
         "evidence": {"mean_positive_ratio": f, "empty_mask_fraction": empty, "decision": why},
-    }
+    }}
 
-    # --- batch size / steps
+
+def _recommend_batch(n: int, val_fraction: float, size: int) -> tuple[dict, dict]:
+    """``batch_size``, ``steps_per_epoch`` and the ``val_fraction`` they assume."""
     n_val = int(round(n * val_fraction)) if n > 1 else 0
     n_train = max(n - n_val, 1)
     cap = max(1, int(16 * (256 / size) ** 2))
     limit = max(1, min(n_train // 4, cap))
     batch = 2 ** int(math.floor(math.log2(limit)))
     steps = max(MIN_STEPS_PER_EPOCH, math.ceil(n_train / batch))
-    config["batch_size"] = int(batch)
-    config["steps_per_epoch"] = int(steps)
-    config["val_fraction"] = float(val_fraction)
-    evidence["batch_size"] = {
-        "value": int(batch),
-        "rule": ("largest power of two <= n_train / 4 (several optimizer steps per pass over "
-                 "the data) and <= 16 * (256 / image_size)^2 (memory)"),
-        "evidence": {"dataset_size": n, "n_val": n_val, "n_train": n_train,
-                     "memory_cap": cap},
+    config = {"batch_size": int(batch), "steps_per_epoch": int(steps),
+              "val_fraction": float(val_fraction)}
+    evidence = {
+        "batch_size": {
+            "value": int(batch),
+            "rule": ("largest power of two <= n_train / 4 (several optimizer steps per pass "
+                     "over the data) and <= 16 * (256 / image_size)^2 (memory)"),
+            "evidence": {"dataset_size": n, "n_val": n_val, "n_train": n_train,
+                         "memory_cap": cap},
+        },
+        "steps_per_epoch": {
+            "value": int(steps),
+            "rule": (f"max({MIN_STEPS_PER_EPOCH}, ceil(n_train / batch_size)): an epoch is at "
+                     f"least {MIN_STEPS_PER_EPOCH} optimizer steps whatever the dataset size "
+                     "(nnU-Net uses a fixed 250)"),
+            "evidence": {"n_train": n_train, "batches_per_pass": math.ceil(n_train / batch)},
+        },
+        "val_fraction": {
+            "value": float(val_fraction),
+            "rule": "the validation fraction the batch-size rule assumed",
+            "evidence": {"n_val": n_val},
+        },
     }
-    evidence["steps_per_epoch"] = {
-        "value": int(steps),
-        "rule": (f"max({MIN_STEPS_PER_EPOCH}, ceil(n_train / batch_size)): an epoch is at least "
-                 f"{MIN_STEPS_PER_EPOCH} optimizer steps whatever the dataset size (nnU-Net "
-                 "uses a fixed 250)"),
-        "evidence": {"n_train": n_train, "batches_per_pass": math.ceil(n_train / batch)},
-    }
-    evidence["val_fraction"] = {
-        "value": float(val_fraction),
-        "rule": "the validation fraction the batch-size rule assumed",
-        "evidence": {"n_val": n_val},
-    }
+    return config, evidence
 
-    # --- density bins
+
+def _recommend_density_bins(stats: dict) -> tuple[dict, dict]:
+    """``density_bins``: quantile strata of objects per image for the stratified split."""
     counts = [int(c) for c in stats.get("objects_per_image", [])]
-    edges = density_bins(counts)
+    edges = mm.density_edges(counts, min_per_bin=MIN_IMAGES_PER_BIN, max_bins=MAX_DENSITY_BINS)
     per_bin = np.histogram(counts, bins=edges)[0].tolist() if len(edges) >= 2 else []
-    config["density_bins"] = edges
-    evidence["density_bins"] = {
+    return {"density_bins": edges}, {"density_bins": {
         "value": edges,
         "rule": (f"quantile bins of objects per image (8-connected components at the analysis "
                  f"size), at most {MAX_DENSITY_BINS}, merged until every stratum has >= "
                  f"{MIN_IMAGES_PER_BIN} images; half-integer edges, stratum i = counts in "
                  "(edges[i], edges[i+1])"),
         "evidence": {"images_per_stratum": per_bin, "n_images": len(counts)},
-    }
-    unknown = set(config) - TRAINER_CONFIG_KEYS
-    if unknown:  # a programming error here would only surface as a failed training job
-        raise AssertionError(f"config keys not accepted by the trainer: {sorted(unknown)}")
-    return config, evidence
+    }}
 
 
 # --------------------------------------------------------------------------- analysis passes
@@ -903,6 +842,120 @@ def _pixel_scale(data_dir: Path) -> float | None:
         return None
 
 
+def skipped_problems(root: Path, folders) -> list[Problem]:
+    """One :data:`SKIPPED_FILE` warning per entry of ``folders`` that is not an image
+    (``microbead_io.skipped_entries``): listed in integrity_problems.csv, the report and the
+    log like every problem, never ignored silently."""
+    out = []
+    for folder in folders:
+        for p in mio.skipped_entries(folder):
+            what = ("folder (sub-folders are not searched)" if p.is_dir() else
+                    f"not an image ({p.suffix or 'no extension'}; supported: "
+                    f"{', '.join(mio.IMAGE_EXTENSIONS)})")
+            out.append(Problem(_rel(p, root), SKIPPED_FILE, f"skipped: {what}"))
+    return out
+
+
+def pairing_problems(pairing: mio.Pairing, root: Path) -> list[Problem]:
+    """Unpaired images and masks (errors: not analysed) and duplicated stems."""
+    problems = [Problem(_rel(p, root), UNPAIRED_IMAGE, f"no mask with stem '{mio.stem_key(p)}'",
+                        "error") for p in pairing.unpaired_images]
+    problems += [Problem(_rel(p, root), UNPAIRED_MASK, f"no image with stem '{mio.stem_key(p)}'",
+                         "error") for p in pairing.unpaired_masks]
+    problems += [Problem(k, DUPLICATE_STEM, "more than one file with this stem in one folder; "
+                         "only the first is analysed") for k in pairing.duplicates]
+    return problems
+
+
+def inspect_pairs(pairs, image_size: int, root: Path, problems: list[Problem],
+                  progress: bool) -> list[ImageRecord]:
+    """Pass 1, integrity: one record per usable pair (only the resized mask kept in memory);
+    unusable pairs and duplicate images are appended to ``problems``."""
+    from tqdm import tqdm
+
+    records: list[ImageRecord] = []
+    for ip, mp in tqdm(pairs, desc="integrity", unit="img", disable=not progress):
+        rec, probs = inspect_pair(ip, mp, image_size, root)
+        problems += probs
+        if rec is not None:
+            records.append(rec)
+    by_hash: dict[str, ImageRecord] = {}
+    for rec in records:
+        first = by_hash.setdefault(rec.image_hash, rec)
+        if first is not rec:
+            problems.append(Problem(_rel(rec.image_path, root), DUPLICATE_IMAGE,
+                                    f"identical pixels to {_rel(first.image_path, root)}"))
+    return records
+
+
+def flag_inverted_contrast(records: list[ImageRecord], root: Path,
+                           problems: list[Problem]) -> set[str]:
+    """Names of the images whose mask polarity contradicts the dataset's (a problem each).
+
+    The dark-rim prior (polarity > 0) holds unless the dataset itself says otherwise: at
+    least ``POLARITY_CONSENSUS_MIN`` finite polarities with a median beyond the margin.
+    """
+    pol = np.array([r.stats["polarity"] for r in records], dtype=np.float64)
+    finite = pol[np.isfinite(pol)]
+    expected = 1.0
+    if finite.size >= POLARITY_CONSENSUS_MIN and abs(float(np.median(finite))) > POLARITY_MARGIN:
+        expected = float(np.sign(np.median(finite)))
+    inverted = set()
+    for rec in records:
+        p = rec.stats["polarity"]
+        if math.isfinite(p) and p * expected < -POLARITY_MARGIN:
+            inverted.add(rec.name)
+            side = "brighter" if expected > 0 else "darker"
+            problems.append(Problem(
+                _rel(rec.image_path, root), INVERTED,
+                f"inside the mask is {side} than the ring around it (polarity {p:+.3f}, "
+                f"dataset median {float(np.median(finite)) if finite.size else float('nan'):+.3f})"
+                "; inverted image or a mask of the background?"))
+    return inverted
+
+
+def flag_partial_masks(records: list[ImageRecord], inverted: set[str]) -> dict:
+    """Bead candidates left out of each mask; sets the ``n_bead_candidates``,
+    ``n_unlabelled_candidates``, ``unlabelled_fraction`` and ``partial_mask_suspect`` stats.
+
+    Thresholds are calibrated on the labelled beads of the non-inverted images; returns the
+    calibration.
+    """
+    ok = [r for r in records if r.candidates and r.name not in inverted]
+    calib = calibrate_candidates(
+        np.concatenate([r.candidates["bead_response"] for r in ok]) if ok else [],
+        np.concatenate([r.candidates["bead_ring"] for r in ok]) if ok else [],
+    )
+    for rec in records:
+        s = rec.stats
+        if rec.name in inverted or not rec.candidates or not math.isfinite(
+            calib["response_threshold"]
+        ):
+            s.update(n_bead_candidates=None, n_unlabelled_candidates=None,
+                     unlabelled_fraction=None, partial_mask_suspect=False)
+            continue
+        unl = unlabelled_candidates(rec.candidates, calib)
+        passing = (rec.candidates["response"] >= calib["response_threshold"]) & (
+            rec.candidates["ring"] >= calib["ring_threshold"])
+        suspect, frac = is_partial_suspect(int(unl.sum()), int(passing.sum()))
+        rec.candidates["unlabelled"] = unl
+        s.update(n_bead_candidates=int(passing.sum()), n_unlabelled_candidates=int(unl.sum()),
+                 unlabelled_fraction=frac, partial_mask_suspect=suspect)
+    return calib
+
+
+def attach_problems(records: list[ImageRecord], problems: list[Problem]) -> None:
+    """Sort ``problems`` (errors first, then by file: the table reads as a to-do list) and
+    give each record the codes of its image and mask."""
+    problems.sort(key=lambda p: (p.severity != "error", p.file, p.problem))
+    problem_by_file: dict[str, list[str]] = {}
+    for p in problems:
+        problem_by_file.setdefault(Path(p.file).stem, []).append(p.problem)
+    for rec in records:
+        rec.problems = sorted(set(problem_by_file.get(rec.image_path.stem, [])
+                                  + problem_by_file.get(rec.mask_path.stem, [])))
+
+
 def analyze_dataset(data_dir, *, image_size: int = 256, progress: bool = True,
                     val_fraction: float = DEFAULT_VAL_FRACTION) -> Analysis:
     """Integrity check, statistics and recommendation for ``data_dir/{images,masks}``.
@@ -932,28 +985,8 @@ def analyze_dataset(data_dir, *, image_size: int = 256, progress: bool = True,
                                     f"{root}/masks)")
     n_images, n_masks = len(mio.list_images(image_dir)), len(mio.list_images(mask_dir))
     pairing = mio.pair_files(image_dir, mask_dir)
-    problems: list[Problem] = []
-    problems += [Problem(_rel(p, root), UNPAIRED_IMAGE, f"no mask with stem '{mio.stem_key(p)}'",
-                         "error") for p in pairing.unpaired_images]
-    problems += [Problem(_rel(p, root), UNPAIRED_MASK, f"no image with stem '{mio.stem_key(p)}'",
-                         "error") for p in pairing.unpaired_masks]
-    problems += [Problem(k, DUPLICATE_STEM, "more than one file with this stem in one folder; "
-                         "only the first is analysed") for k in pairing.duplicates]
-
-    # Pass 1: integrity; keeps only the resized masks in memory.
-    records: list[ImageRecord] = []
-    for ip, mp in tqdm(pairing.pairs, desc="integrity", unit="img", disable=not progress):
-        rec, probs = inspect_pair(ip, mp, image_size, root)
-        problems += probs
-        if rec is not None:
-            records.append(rec)
-    by_hash: dict[str, ImageRecord] = {}
-    for rec in records:
-        first = by_hash.setdefault(rec.image_hash, rec)
-        if first is not rec:
-            problems.append(Problem(_rel(rec.image_path, root), DUPLICATE_IMAGE,
-                                    f"identical pixels to {_rel(first.image_path, root)}"))
-
+    problems = pairing_problems(pairing, root) + skipped_problems(root, (image_dir, mask_dir))
+    records = inspect_pairs(pairing.pairs, image_size, root, problems, progress)
     median_area = float(mm.estimate_bead_area(r.mask for r in records)) if records else 0.0
     radius = math.sqrt(median_area / math.pi) if median_area > 0 else float("nan")
 
@@ -963,58 +996,11 @@ def analyze_dataset(data_dir, *, image_size: int = 256, progress: bool = True,
         rec.stats, rec.candidates = image_statistics(
             img, rec.mask, median_area=median_area, bead_radius=radius
         )
-
-    # Inverted contrast: dark-rim prior unless the dataset itself says otherwise.
-    pol = np.array([r.stats["polarity"] for r in records], dtype=np.float64)
-    finite = pol[np.isfinite(pol)]
-    expected = 1.0
-    if finite.size >= POLARITY_CONSENSUS_MIN and abs(float(np.median(finite))) > POLARITY_MARGIN:
-        expected = float(np.sign(np.median(finite)))
-    inverted = set()
-    for rec in records:
-        p = rec.stats["polarity"]
-        if math.isfinite(p) and p * expected < -POLARITY_MARGIN:
-            inverted.add(rec.name)
-            side = "brighter" if expected > 0 else "darker"
-            problems.append(Problem(
-                _rel(rec.image_path, root), INVERTED,
-                f"inside the mask is {side} than the ring around it (polarity {p:+.3f}, "
-                f"dataset median {float(np.median(finite)) if finite.size else float('nan'):+.3f})"
-                "; inverted image or a mask of the background?"))
-
-    # Partial masks: thresholds calibrated on the labelled beads of non-inverted images.
-    ok = [r for r in records if r.candidates and r.name not in inverted]
-    calib = calibrate_candidates(
-        np.concatenate([r.candidates["bead_response"] for r in ok]) if ok else [],
-        np.concatenate([r.candidates["bead_ring"] for r in ok]) if ok else [],
-    )
-    for rec in records:
-        s = rec.stats
-        if rec.name in inverted or not rec.candidates or not math.isfinite(
-            calib["response_threshold"]
-        ):
-            s.update(n_bead_candidates=None, n_unlabelled_candidates=None,
-                     unlabelled_fraction=None, partial_mask_suspect=False)
-            continue
-        unl = unlabelled_candidates(rec.candidates, calib)
-        passing = (rec.candidates["response"] >= calib["response_threshold"]) & (
-            rec.candidates["ring"] >= calib["ring_threshold"])
-        suspect, frac = is_partial_suspect(int(unl.sum()), int(passing.sum()))
-        rec.candidates["unlabelled"] = unl
-        s.update(n_bead_candidates=int(passing.sum()), n_unlabelled_candidates=int(unl.sum()),
-                 unlabelled_fraction=frac, partial_mask_suspect=suspect)
-
+    inverted = flag_inverted_contrast(records, root, problems)
+    calib = flag_partial_masks(records, inverted)
     labels = label_checks(records, root, problems, skip=inverted, image_size=image_size,
                           median_area=median_area, progress=progress) if records else {}
-
-    # Errors (files not analysed) first, then by file: the table reads as a to-do list.
-    problems.sort(key=lambda p: (p.severity != "error", p.file, p.problem))
-    problem_by_file: dict[str, list[str]] = {}
-    for p in problems:
-        problem_by_file.setdefault(Path(p.file).stem, []).append(p.problem)
-    for rec in records:
-        rec.problems = sorted(set(problem_by_file.get(rec.image_path.stem, [])
-                                  + problem_by_file.get(rec.mask_path.stem, [])))
+    attach_problems(records, problems)
 
     summary = build_summary(records, problems, image_size=image_size, median_area=median_area,
                             n_images=n_images, n_masks=n_masks, n_pairs=len(pairing.pairs))
@@ -1714,19 +1700,10 @@ def plot_distributions(analysis: Analysis, path: Path) -> None:
 # --------------------------------------------------------------------------- writers
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_csv(path: Path, header, rows) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+    """Positional rows under ``header``, through :func:`microbead_io.atomic_write_csv`."""
+    header = list(header)
+    mio.atomic_write_csv(path, [dict(zip(header, r)) for r in rows], header)
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -1773,7 +1750,24 @@ def _table(header, rows) -> str:
 def render_report(analysis: Analysis, *, samples: list[str], runtime_s: float,
                   command: str) -> str:
     """Markdown report; every number is formatted from ``analysis`` (nothing typed in)."""
-    s, cfg, ev, cal = analysis.summary, analysis.config, analysis.evidence, analysis.calibration
+    out = _report_header(analysis, runtime_s=runtime_s, command=command)
+    out += _report_integrity(analysis)
+    out += _report_statistics(analysis, samples)
+    out += _report_partial_masks(analysis)
+    out += _report_recommendation(analysis)
+    out += render_label_section(analysis)
+    add = out.append
+    add("## Files\n")
+    add("`summary.json`, `per_image.csv`, `per_dilution.csv`, `integrity_problems.csv`, "
+        "`distribution_analysis.png`, `sample_images.png`, `recommended_config.json`, "
+        "`recommended_config_evidence.json`, `label_quality.csv`, `overlap_pairs.csv`, "
+        "`label_quality.png`, `analysis.log`.\n")
+    return "\n".join(out)
+
+
+def _report_header(analysis: Analysis, *, runtime_s: float, command: str) -> list[str]:
+    """Title, dataset, command and how the statistics were computed."""
+    s = analysis.summary
     n = s["dataset_size"]
     out: list[str] = []
     add = out.append
@@ -1788,7 +1782,14 @@ def render_report(analysis: Analysis, *, samples: list[str], runtime_s: float,
         + ", ".join(f"{k} ({v} images)" for k, v in s["native_sizes"].items())
         + (f"; pixel scale from dataset.json: {_fmt(s['pixel_scale'])}" if s["pixel_scale"]
            else "") + ".\n")
+    return out
 
+
+def _report_integrity(analysis: Analysis) -> list[str]:
+    """Section 1: mask encodings, the problem table and what was checked."""
+    s = analysis.summary
+    out: list[str] = []
+    add = out.append
     add("## 1. Integrity check\n")
     enc = ", ".join(f"{k}: {v}" for k, v in s["mask_encodings"].items()) or "none"
     add(f"Mask encoding overall: **{s['mask_encoding_overall']}** ({enc}).\n")
@@ -1813,7 +1814,15 @@ def render_report(analysis: Analysis, *, samples: list[str], runtime_s: float,
         f"reported when its polarity has the opposite sign by more than {POLARITY_MARGIN} "
         f"(normalised units). Median polarity: "
         f"{_fmt(_median([r.stats['polarity'] for r in analysis.records]))}.\n")
+    return out
 
+
+def _report_statistics(analysis: Analysis, samples: list[str]) -> list[str]:
+    """Section 2: the statistics table, per-dilution and source-frame tables, figures."""
+    s = analysis.summary
+    n = s["dataset_size"]
+    out: list[str] = []
+    add = out.append
     add("## 2. Statistics\n")
     rows = [
         ["images analysed (`dataset_size`)", _fmt(n)],
@@ -1876,7 +1885,14 @@ def render_report(analysis: Analysis, *, samples: list[str], runtime_s: float,
     add("![samples](sample_images.png)\n")
     add("Samples (spread over the density range): " + ", ".join(f"`{x}`" for x in samples)
         + ".\n")
+    return out
 
+
+def _report_partial_masks(analysis: Analysis) -> list[str]:
+    """Section 3: the partial-mask method, its calibration and the suspects."""
+    s, cal = analysis.summary, analysis.calibration
+    out: list[str] = []
+    add = out.append
     add("## 3. Partial-mask suspects\n")
     add(f"Method: at the median bead radius r = {_fmt(_radius(s))} px, a difference of "
         "Gaussians (sigma 0.7 r and 2 r) of the darkness (1 - normalised image) peaks at the "
@@ -1902,7 +1918,14 @@ def render_report(analysis: Analysis, *, samples: list[str], runtime_s: float,
         add("")
     else:
         add("No suspect.\n")
+    return out
 
+
+def _report_recommendation(analysis: Analysis) -> list[str]:
+    """Section 4: the recommended config and the evidence for each value."""
+    cfg, ev = analysis.config, analysis.evidence
+    out: list[str] = []
+    add = out.append
     add("## 4. Recommended training configuration\n")
     if cfg:
         add("`recommended_config.json` (use with `python train_microbead_optimized.py --config "
@@ -1946,13 +1969,7 @@ def render_report(analysis: Analysis, *, samples: list[str], runtime_s: float,
             "to scale with objects per image), so the trainer's defaults apply.\n")
     else:
         add("No recommendation: no image could be analysed.\n")
-    out.extend(render_label_section(analysis))
-    add("## Files\n")
-    add("`summary.json`, `per_image.csv`, `per_dilution.csv`, `integrity_problems.csv`, "
-        "`distribution_analysis.png`, `sample_images.png`, `recommended_config.json`, "
-        "`recommended_config_evidence.json`, `label_quality.csv`, `overlap_pairs.csv`, "
-        "`label_quality.png`, `analysis.log`.\n")
-    return "\n".join(out)
+    return out
 
 
 def _median(values) -> float:
@@ -1966,44 +1983,45 @@ def _radius(summary: dict) -> float:
         "nan")
 
 
-def check_output_dir(output_dir: Path, data_dir: Path) -> None:
-    """Refuse an output folder inside the data folder or one holding foreign result files.
+def check_output_dir(output_dir: Path, data_dir: Path, *, overwrite: bool = False) -> None:
+    """Apply the output-folder policy (``cli.prepare_output_dir``); create the folder.
 
-    An existing folder is used when it carries this script's manifest, or when none of the
-    file names this script writes exists there (other files are never touched).
+    Refused: a folder inside the data folder; an existing non-empty folder without
+    ``overwrite``; and, even with ``overwrite``, one holding files named like this script's
+    outputs but no manifest of this script (they are someone else's results). ``overwrite``
+    removes this script's files only; anything else in the folder is left alone.
 
     Raises
     ------
     OutputDirError
-        One-line message naming the folder or the clashing files.
+        One-line message naming the folder or the clashing files; nothing was changed.
     """
-    out, data = output_dir.resolve(), data_dir.resolve()
-    if out == data or data in out.parents:
-        raise OutputDirError(f"{output_dir}: output folder is inside the data folder {data_dir}; "
-                             "choose another --output_dir (the dataset is never written to)")
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"{output_dir}: exists and is not a folder")
-    if not out.is_dir():
-        return
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text()).get("generator") == SCRIPT_NAME:
-                return
-        except (ValueError, OSError, AttributeError):
-            pass
-    clashes = [f for f in OUTPUT_FILES if (out / f).exists()]
-    if clashes:
-        raise OutputDirError(
-            f"{output_dir}: holds {', '.join(clashes)} not written by {SCRIPT_NAME} (no "
-            f"{MANIFEST}); choose another --output_dir or remove them")
+    out = Path(output_dir)
+    if out.is_dir() and overwrite and not _has_own_manifest(out):
+        clashes = [f for f in OUTPUT_FILES if (out / f).exists() and f != LOG_FILE]
+        if clashes:
+            raise OutputDirError(
+                f"{output_dir}: holds {', '.join(clashes)} not written by {SCRIPT_NAME} (no "
+                f"{MANIFEST}); choose another --output_dir or remove them")
+    try:
+        cli.prepare_output_dir(out, OUTPUT_FILES, overwrite=overwrite, protected=[data_dir],
+                               log_name=LOG_FILE)
+    except cli.OutputDirError as exc:
+        raise OutputDirError(str(exc)) from None
+
+
+def _has_own_manifest(out: Path) -> bool:
+    try:
+        return json.loads((out / MANIFEST).read_text()).get("generator") == SCRIPT_NAME
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 def write_outputs(analysis: Analysis, out: Path, *, t0: float, command: str) -> dict:
     """Write every output file; returns the summary as written."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / MANIFEST, json.dumps({"generator": SCRIPT_NAME,
-                                            "files": list(OUTPUT_FILES)}, indent=2) + "\n")
+    mio.atomic_write_json(out / MANIFEST, {"generator": SCRIPT_NAME,
+                                           "files": list(OUTPUT_FILES)})
     _write_csv(out / "integrity_problems.csv", ["file", "problem", "detail", "severity"],
                [[p.file, p.problem, p.detail, p.severity] for p in analysis.problems])
     _write_csv(out / "per_image.csv", PER_IMAGE_COLUMNS, per_image_rows(analysis))
@@ -2012,7 +2030,7 @@ def write_outputs(analysis: Analysis, out: Path, *, t0: float, command: str) -> 
             "mean_beads_per_image", "std_beads_per_image", "mean_positive_ratio",
             "mean_brightness", "partial_mask_suspects"]
     _write_csv(out / "per_dilution.csv", cols,
-               [[k] + [_jsonable(v[c]) for c in cols[1:]] for k, v in dil.items()])
+               [[k] + [mio.json_ready(v[c]) for c in cols[1:]] for k, v in dil.items()])
     plot_distributions(analysis, out / "distribution_analysis.png")
     samples = plot_samples(analysis, out / "sample_images.png")
     _write_csv(out / "label_quality.csv", LABEL_COLUMNS, label_rows(analysis))
@@ -2023,13 +2041,12 @@ def write_outputs(analysis: Analysis, out: Path, *, t0: float, command: str) -> 
     summary.pop("objects_per_image", None)  # per image: per_image.csv
     summary["sample_images"] = samples
     summary["runtime_s"] = round(time.perf_counter() - t0, 3)
-    _write_text(out / "summary.json", json.dumps(_jsonable(summary), indent=2) + "\n")
-    _write_text(out / "recommended_config.json", json.dumps(_jsonable(analysis.config),
-                                                            indent=2) + "\n")
-    _write_text(out / "recommended_config_evidence.json",
-                json.dumps(_jsonable(analysis.evidence), indent=2) + "\n")
-    _write_text(out / REPORT, render_report(analysis, samples=samples,
-                                            runtime_s=summary["runtime_s"], command=command))
+    mio.atomic_write_json(out / "summary.json", summary)
+    mio.atomic_write_json(out / "recommended_config.json", analysis.config)
+    mio.atomic_write_json(out / "recommended_config_evidence.json", analysis.evidence)
+    mio.atomic_write_text(out / REPORT, render_report(analysis, samples=samples,
+                                                      runtime_s=summary["runtime_s"],
+                                                      command=command))
     return summary
 
 
@@ -2040,24 +2057,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Command-line options (every underscore flag also accepts its hyphenated spelling)."""
     p = argparse.ArgumentParser(
         description="Integrity check, statistics and a recommended training config for a "
-                    "microbead dataset (DATA/images + DATA/masks). Runs without TensorFlow.")
-    p.add_argument("--data_dir", "--data-dir", default="dataset_microscope", type=Path,
-                   help="dataset folder with images/ and masks/ (default: %(default)s)")
-    p.add_argument("--output_dir", "--output-dir", default="dataset_analysis", type=Path,
-                   help="results folder, never inside --data_dir (default: %(default)s)")
-    p.add_argument("--image_size", "--image-size", default=256, type=int,
-                   help="size masks/images are resized to, as in training (default: %(default)s)")
-    p.add_argument("--val_fraction", "--val-fraction", default=DEFAULT_VAL_FRACTION, type=float,
-                   help="validation fraction the batch-size recommendation assumes "
-                        "(default: %(default)s)")
-    p.add_argument("--strict", action="store_true",
-                   help="exit non-zero if the integrity check finds any problem")
-    p.add_argument("--no_progress", "--no-progress", action="store_true",
-                   help="no progress bars")
-    p.add_argument("--write_fixed", "--write-fixed", type=Path, default=None, metavar="DIR",
+                    "microbead dataset (DATA/images + DATA/masks). Runs without TensorFlow.",
+        formatter_class=cli.HelpFormatter)
+    cli.add_option(p, "data_dir", default="dataset_microscope", type=Path,
+                   help="dataset folder with images/ and masks/")
+    cli.add_option(p, "output_dir", default="dataset_analysis", type=Path,
+                   help="results folder, never inside --data_dir")
+    cli.add_option(p, "image_size", default=256, type=int,
+                   help="size masks/images are resized to, as in training")
+    cli.add_option(p, "val_fraction", default=DEFAULT_VAL_FRACTION, type=float,
+                   help="validation fraction the batch-size recommendation assumes")
+    cli.add_option(p, "strict", action="store_true",
+                   help="exit 1 if the integrity check finds any problem, warnings included")
+    cli.add_option(p, "no_progress", action="store_true", help="no progress bars")
+    cli.add_option(p, "write_fixed", type=Path, default=None, metavar="DIR",
                    help="write a corrected copy of the dataset to DIR (new or empty, outside "
                         "--data_dir): offset masks shifted back, every other file copied "
                         "unchanged (default: off)")
+    cli.add_overwrite(p)
     args = p.parse_args(argv)
     if args.image_size < 16:
         p.error(f"--image_size must be >= 16, got {args.image_size}")
@@ -2087,20 +2104,16 @@ def main(argv=None) -> int:
     handlers = [mio.add_log_handler()]
     command = "python " + " ".join([SCRIPT_NAME, *(sys.argv[1:] if argv is None else argv)])
     try:
-        if not args.data_dir.is_dir():
-            log.error("%s: data folder not found", args.data_dir)
-            return 2
-        try:
-            check_output_dir(args.output_dir, args.data_dir)
-        except OutputDirError as exc:
-            log.error("%s", exc)
-            return 2
+        if not args.data_dir.is_dir():  # a typo creates no output folder
+            return cli.fatal(log, "%s: data folder not found", args.data_dir)
         if args.write_fixed is not None:
             reason = fixed_dir_problem(args.write_fixed, args.data_dir, args.output_dir)
             if reason:
-                log.error("%s", reason)
-                return 2
-        args.output_dir.mkdir(parents=True, exist_ok=True)
+                return cli.fatal(log, "%s", reason)
+        try:
+            check_output_dir(args.output_dir, args.data_dir, overwrite=args.overwrite)
+        except OutputDirError as exc:
+            return cli.fatal(log, "%s", exc)
         handlers.append(mio.add_log_handler(args.output_dir / LOG_FILE, mode="w"))
         log.info("analysing %s at %d px -> %s", args.data_dir, args.image_size, args.output_dir)
         try:
@@ -2108,8 +2121,7 @@ def main(argv=None) -> int:
                                        progress=not args.no_progress,
                                        val_fraction=args.val_fraction)
         except (FileNotFoundError, mio.PairingError) as exc:
-            log.error("%s", exc)
-            return 2
+            return cli.fatal(log, "%s", exc)
         if args.write_fixed is not None and analysis.records:
             analysis.labels["fixed"] = write_fixed_copy(analysis, args.write_fixed)
             analysis.summary["label_quality"]["fixed"] = analysis.labels["fixed"]
@@ -2124,8 +2136,7 @@ def main(argv=None) -> int:
                  summary["mask_encoding_overall"], summary["partial_mask_suspects"],
                  args.output_dir / REPORT)
         if not analysis.records:
-            log.error("%s: no image/mask pair could be analysed", args.data_dir)
-            return 2
+            return cli.fatal(log, "%s: no image/mask pair could be analysed", args.data_dir)
         if n_err or (args.strict and analysis.problems):
             return 1
         return 0

@@ -325,7 +325,7 @@ def write_bead_csv(path: str | os.PathLike, table: dict[str, np.ndarray]) -> Non
         wr.writerow([_fmt(v, digits[k]) if k in digits else int(v)
                      for k, v in zip(BEAD_COLUMNS, row)])
     text = buf.getvalue()
-    mio._atomic_write(Path(path), lambda t: Path(t).write_text(text))
+    mio.atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------- ImageJ ROIs
@@ -390,7 +390,7 @@ def write_roi_zip(path: str | os.PathLike, outlines: dict[int, list[np.ndarray]]
                 info.compress_type = zipfile.ZIP_DEFLATED
                 zf.writestr(info, roi.tobytes())
 
-    mio._atomic_write(Path(path), write)
+    mio.atomic_write(Path(path), write)
 
 
 # ----------------------------------------------------------------------------- QuPath GeoJSON
@@ -443,7 +443,7 @@ def write_geojson(path: str | os.PathLike, collection: dict) -> None:
     """Write a GeoJSON object compactly, one feature per line (atomic)."""
     lines = ",\n".join(json.dumps(f, separators=(",", ":")) for f in collection["features"])
     text = '{"type":"FeatureCollection","features":[\n' + lines + "\n]}\n"
-    mio._atomic_write(Path(path), lambda t: Path(t).write_text(text))
+    mio.atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------- OME-TIFF
@@ -468,7 +468,7 @@ def write_ome_tiff(path: str | os.PathLike, image: np.ndarray, labels: np.ndarra
     data = np.concatenate([img.astype(dtype), lab.astype(dtype)])
     names = ["image"] if img.shape[0] == 1 else [f"image_{i}" for i in range(img.shape[0])]
     meta = {"axes": "CYX", "Channel": {"Name": names + ["labels"]}}
-    mio._atomic_write(Path(path), lambda t: tifffile.imwrite(
+    mio.atomic_write(Path(path), lambda t: tifffile.imwrite(
         t, data, ome=True, photometric="minisblack", metadata=meta, compression="zlib",
         compressionargs={"level": 1}))
 

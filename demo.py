@@ -13,20 +13,21 @@ Inputs
     None (the data is generated). The users' ``dataset_microscope/`` is never touched.
 
 Outputs
-    Everything under ``--out`` (default ``demo/``, git-ignored): ``dataset_microscope/``,
+    Everything under ``--output_dir`` (default ``demo/``, git-ignored; old spelling
+    ``--out``): ``dataset_microscope/``,
     ``dataset_analysis/``, ``runs/microbead_training_*/`` (+ ``training_analysis/``),
     ``predictions/``, ``evaluation/``, ``assay/`` (with >= 3 dilutions),
-    ``demo_results.json``. An existing ``--out`` is moved aside to
-    ``<out>_previous_<time>``, never overwritten.
+    ``demo_results.json``, ``demo.log`` (every step's log). An existing non-empty
+    ``--output_dir`` is refused unless ``--overwrite``, which removes only what an earlier
+    demo wrote there.
 
 Example
-    python demo.py --out demo
+    python demo.py --output_dir demo
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import os
@@ -34,12 +35,22 @@ import sys
 import time
 from pathlib import Path
 
+import cli
+
 log = logging.getLogger("microbead.demo")
 
 
+#: What the demo writes into --output_dir (--overwrite removes these, nothing else).
+OUTPUT_FILES = ("dataset_microscope/**/*", "dataset_analysis/*", "runs/**/*",
+                "predictions/**/*", "evaluation/*", "assay/*", "demo_results.json",
+                "run_dir.txt", "demo.log")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="demo", help="folder for everything the demo writes")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=cli.HelpFormatter)
+    cli.add_option(p, "output_dir", "--out", default="demo",
+                   help="folder for everything the demo writes (--out: the old spelling)")
     p.add_argument("--n", type=int, default=73, help="training tiles to generate")
     p.add_argument("--style", choices=("microscope", "rings"), default="microscope",
                    help="synthetic data style (microscope: like the users' real tiles)")
@@ -47,12 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tile size (default: the style's, 512 native px for microscope)")
     p.add_argument("--large", type=int, default=4,
                    help="3840x2160 frames with ground truth (>= 3 dilutions for the assay)")
-    p.add_argument("--large_size", "--large-size", dest="large_size", type=int, nargs=2,
-                   default=(3840, 2160), metavar=("W", "H"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--models", default="unet,attention_unet,attention_resunet")
-    p.add_argument("--train_args", "--train-args", dest="train_args", default="",
+    cli.add_option(p, "large_size", type=int, nargs=2, default=(3840, 2160),
+                   metavar=("W", "H"), help="size of those frames")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
+    p.add_argument("--models", default="unet,attention_unet,attention_resunet",
+                   help="models to train (comma-separated)")
+    cli.add_option(p, "train_args", default="",
                    help="extra flags for train_microbead_optimized.py (after --preset cpu)")
+    cli.add_overwrite(p, help="allow an existing non-empty folder; removes only what an "
+                              "earlier demo wrote there (its sub-folders' files, "
+                              "demo_results.json, demo.log), nothing else")
     return p.parse_args(argv)
 
 
@@ -68,32 +83,17 @@ def _check(rc: int, what: str) -> None:
         raise SystemExit(f"demo: {what} failed (exit code {rc}); see the log above")
 
 
-def prepare_out_dir(out: Path) -> Path | None:
-    """Create ``out``; a non-empty one is first renamed ``<out>_previous_<time>`` (returned)."""
-    aside = None
-    if out.exists() and any(out.iterdir()):
-        import microbead_io as mio
-
-        aside = mio.unique_path(
-            out.with_name(f"{out.name}_previous_{_dt.datetime.now():%Y%m%d_%H%M%S}"))
-        out.rename(aside)
-    out.mkdir(parents=True, exist_ok=True)
-    return aside
-
-
 def run_demo(args) -> dict:
     import analyze_microbead_dataset
     import evaluate_predictions
     import make_synthetic_dataset
+    import microbead_config
     import plot_training_curves
     import predict_microscope
     import quantify_assay
     import train_microbead_optimized
 
-    out = Path(args.out)
-    aside = prepare_out_dir(out)
-    if aside:
-        log.info("moved the previous demo output aside to %s", aside)
+    out = Path(args.output_dir)
     data = out / "dataset_microscope"
     times = {}
 
@@ -156,7 +156,7 @@ def run_demo(args) -> dict:
             log.info("7/7 assay quantification skipped: the predictions hold %d dilution(s), "
                      "a calibration needs >= 3 (run the demo with --large 3 or more)", n_dil)
 
-    summary_train = train_microbead_optimized.read_summary(run_dir / "training_summary.csv")
+    summary_train = microbead_config.read_summary(run_dir / microbead_config.SUMMARY_FILE)
     results = {
         "run_dir": str(run_dir),
         "models": {r["model"]: {"best_val_jacard": float(r["best_val_jacard"]),
@@ -233,15 +233,33 @@ def format_table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """Exit 0: every step succeeded; 2: a step failed (named) or an unusable output folder."""
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    out = Path(args.output_dir)
+    try:
+        cli.prepare_output_dir(out, OUTPUT_FILES, overwrite=args.overwrite,
+                               log_name="demo.log")
+    except cli.OutputDirError as exc:
+        return cli.fatal(log, "%s", exc)
+    import microbead_io as mio
+
+    # Every step logs under "microbead": the demo's log holds the whole chain.
+    handlers = [mio.add_log_handler(out / "demo.log", mode="w")]
     t0 = time.perf_counter()
-    results = run_demo(args)
+    try:
+        results = run_demo(args)
+    except SystemExit as exc:  # a step failed (_check) or refused its input
+        if isinstance(exc.code, int):
+            return exc.code
+        return cli.fatal(log, "%s", exc)
+    finally:
+        mio.remove_log_handlers(handlers)
     print(format_table(results))
-    print(f"\nTotal: {time.perf_counter() - t0:.0f} s. Everything is under {args.out}/")
+    print(f"\nTotal: {time.perf_counter() - t0:.0f} s. Everything is under {out}/")
     return 0
 
 

@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
 import sys
@@ -87,6 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 import label_quality as lq
 import microbead_io as mio
 import microbead_metrics as mm
@@ -173,25 +173,6 @@ def index_by_stem(directory: Path | None) -> dict[str, Path]:
     return out
 
 
-def density_bins(edges: Sequence[int] = DEFAULT_DENSITY_EDGES) -> list[tuple[int, float, str]]:
-    """Bins ``(low, high, name)`` from upper edges: ``(0, 10, 50)`` -> 0, 1-10, 11-50, >50."""
-    edges = sorted(int(e) for e in edges)
-    bins, low = [], 0
-    for e in edges:
-        bins.append((low, e, str(e) if low == e else f"{low}-{e}"))
-        low = e + 1
-    bins.append((low, math.inf, f">{low - 1}"))
-    return bins
-
-
-def density_bin(n_true: int, bins: list[tuple[int, float, str]]) -> str:
-    """Name of the bin that holds a true bead count."""
-    for low, high, name in bins:
-        if low <= n_true <= high:
-            return name
-    return bins[-1][2]
-
-
 def _read_labels(path: Path, shape: tuple[int, int], mask_path: Path, *,
                  resize: bool = False) -> np.ndarray:
     """Label image that must match its mask's ``shape`` (resampled nearest first if asked)."""
@@ -238,9 +219,12 @@ def evaluate_pair(
     thresholds: Sequence[float] = mm.IOU_THRESHOLDS,
     iou_threshold: float = 0.5,
     resize: str = "none",
-    bins: list[tuple[int, float, str]] | None = None,
+    bins: Sequence[float] | None = None,
 ) -> tuple[dict, dict[float, dict]]:
     """All metrics of one prediction/truth pair.
+
+    ``bins``: density bin edges (``microbead_metrics.density_bin_ids``' meaning; default
+    :data:`DEFAULT_DENSITY_EDGES`) naming the row's ``density_bin``.
 
     Returns
     -------
@@ -284,7 +268,8 @@ def evaluate_pair(
         "count_error": int(obj["count_error"]),
         "abs_count_error": int(obj["abs_count_error"]),
         "rel_count_error": obj["rel_count_error"],
-        "density_bin": density_bin(obj["n_true"], bins or density_bins()),
+        "density_bin": mm.density_bin_name(
+            obj["n_true"], DEFAULT_DENSITY_EDGES if bins is None else bins),
     }
     row.update({k: px[k] for k in PIXEL_KEYS})
     row.update({"tp_px": px["tp"], "fp_px": px["fp"], "fn_px": px["fn"], "tn_px": px["tn"]})
@@ -466,7 +451,7 @@ def group_summary(rows: list[dict], results: list[dict[float, dict]], key: str,
 
 
 def summarize(rows: list[dict], results: list[dict[float, dict]], *, iou_threshold: float,
-              bins: list[tuple[int, float, str]]) -> dict:
+              bins: Sequence[float]) -> dict:
     """Everything ``summary.json`` holds except settings and file lists."""
     thresholds = sorted(results[0]) if results else []
     return {
@@ -480,7 +465,7 @@ def summarize(rows: list[dict], results: list[dict[float, dict]], *, iou_thresho
         "objects": pooled_objects(results, iou_threshold) if results else {},
         "objects_by_threshold": [pooled_objects(results, t) for t in thresholds],
         "counts": count_stats(rows),
-        "by_density": group_summary(rows, results, "density_bin", [b[2] for b in bins],
+        "by_density": group_summary(rows, results, "density_bin", mm.density_bin_names(bins),
                                     threshold=iou_threshold),
         "by_dilution": group_summary(rows, results, "dilution", threshold=iou_threshold),
     }
@@ -492,20 +477,6 @@ def worst_rows(rows: list[dict], k: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -769,7 +740,7 @@ def plot_figures(out: Path, rows: list[dict], summary: dict, worst: list[dict],
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Pixel, object and bead-count metrics of predicted masks vs ground truth.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("--pred_dir", "--pred-dir", dest="pred_dir", required=True,
                    help="predicted masks, or predict_microscope.py output (masks/, labels/)")
@@ -790,14 +761,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=0.5, help="IoU for an object match (0.5-0.95 are always reported)")
     p.add_argument("--median_area", "--median-area", dest="median_area", type=float,
                    default=None, help="single-bead area in px (default: from the truth masks)")
-    p.add_argument("--density_bins", "--density-bins", dest="density_bins", type=int,
+    p.add_argument("--density_bins", "--density-bins", dest="density_bins", type=float,
                    nargs="+", default=list(DEFAULT_DENSITY_EDGES),
-                   help="upper edges of the true-count bins")
+                   help="true-count bin edges e1 < ... < ek: bins c <= e1, e1 < c <= e2, ..., "
+                        "c > ek (the trainer's --density_bins meaning); 0 10 50 150 -> bins "
+                        "0, 1-10, 11-50, 51-150, >150")
     p.add_argument("--resize", choices=("none", "pred_to_truth"), default="none",
                    help="size mismatch: error (none) or resample the prediction to the truth")
     p.add_argument("--worst", type=int, default=8, help="images in the worst-image gallery")
-    p.add_argument("--overwrite", action="store_true",
-                   help="allow a non-empty output folder (this script's files are replaced)")
+    cli.add_overwrite(p)
     p.add_argument("--strict", action="store_true", help="unpaired files make the exit code 1")
     p.add_argument("--no_progress", "--no-progress", dest="no_progress", action="store_true",
                    help="no progress bar")
@@ -814,26 +786,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _sizes_text(area_by_size: dict[tuple[int, int], float]) -> str:
     return ", ".join(f"{a:.1f} px for {w}x{h}" for (h, w), a in sorted(area_by_size.items()))
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _check_output_dir(out: Path, protected: Sequence[Path], overwrite: bool) -> str | None:
-    """None if ``out`` may be written, else a one-line reason."""
-    for folder in protected:
-        if _inside(out, folder):
-            return f"{out}: output folder is inside the input folder {folder}; choose another"
-    if out.exists() and not out.is_dir():
-        return f"{out}: exists and is not a folder"
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        return f"{out}: output folder exists and is not empty (pass --overwrite to replace)"
-    return None
 
 
 def _truth_masks(paths: Sequence[Path], shapes: dict[Path, tuple[int, int]],
@@ -870,47 +822,50 @@ def estimate_areas(truth_paths: Sequence[Path], progress: bool = False,
     return overall, by_size, shapes
 
 
+def _protected_inputs(args: argparse.Namespace, inputs: dict) -> list[Path]:
+    """Input folders the output folder may not lie in: the mask and label folders and the
+    truth dataset root. A predictor output folder may hold its evaluation (``PRED/evaluation``
+    beside ``PRED/masks``), as the PBS prediction job writes it."""
+    folders = [Path(args.gt_dir), inputs["gt_masks"], inputs["pred_masks"]]
+    folders += [d for d in (inputs["gt_labels"], inputs["pred_labels"]) if d]
+    if inputs["gt_masks"].name == "masks":
+        folders.append(inputs["gt_masks"].parent)  # the dataset root
+    return folders
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     handlers = [mio.add_log_handler()]
+    out = Path(args.output_dir)
     try:
-        return _run(args, handlers)
+        try:  # input folders first: a typo creates no output folder
+            inputs = _resolve_inputs(args)
+            cli.prepare_output_dir(out, OUTPUT_FILES, overwrite=args.overwrite,
+                                   protected=_protected_inputs(args, inputs), log_name=LOG_NAME)
+        except (FileNotFoundError, cli.OutputDirError) as exc:
+            return cli.fatal(log, "%s", exc)
+        handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
+        return _run(args, out, inputs)
     finally:
         mio.remove_log_handlers(handlers)
 
 
-def _run(args: argparse.Namespace, handlers: list[logging.Handler]) -> int:
-    from tqdm import tqdm
-
-    try:
-        pred_masks, pred_labels, pred_note = resolve_dirs(
-            args.pred_dir, args.pred_labels_dir, role="prediction")
-        gt_masks, gt_labels, gt_note = resolve_dirs(
-            args.gt_dir, args.gt_labels_dir, role="truth")
-        gt_images = resolve_truth_images(gt_masks, args.gt_images_dir)
-    except FileNotFoundError as exc:
-        log.error("%s", exc)
-        return 2
+def _resolve_inputs(args: argparse.Namespace) -> dict:
+    """Prediction and truth folders (``pred_masks, pred_labels, pred_note, gt_masks,
+    gt_labels, gt_note, gt_images``); FileNotFoundError names a missing one."""
+    pred_masks, pred_labels, pred_note = resolve_dirs(
+        args.pred_dir, args.pred_labels_dir, role="prediction")
+    gt_masks, gt_labels, gt_note = resolve_dirs(args.gt_dir, args.gt_labels_dir, role="truth")
+    gt_images = resolve_truth_images(gt_masks, args.gt_images_dir)
     if args.no_labels:
         pred_labels = gt_labels = None
-    out = Path(args.output_dir)
-    protected = [gt_masks, pred_masks] + [d for d in (gt_labels, pred_labels) if d]
-    if gt_masks.name == "masks":
-        protected.append(gt_masks.parent)  # the dataset root
-    reason = _check_output_dir(out, protected, args.overwrite)
-    if reason:
-        log.error("%s", reason)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:  # --overwrite: no stale figure from an earlier run survives
-        if (out / name).is_file():
-            (out / name).unlink()
-    handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
-    log.info("%s", pred_note)
-    log.info("%s", gt_note)
-    if args.no_labels:
-        log.info("--no_labels: all instances from masks")
+    return {"pred_masks": pred_masks, "pred_labels": pred_labels, "pred_note": pred_note,
+            "gt_masks": gt_masks, "gt_labels": gt_labels, "gt_note": gt_note,
+            "gt_images": gt_images}
 
+
+def _pair_predictions(pred_masks: Path, gt_masks: Path) -> mio.Pairing:
+    """Pair prediction and truth masks by stem; every unpaired or duplicated file is named."""
     # pair_files words its warnings as image/mask; say prediction/truth instead.
     io_log = logging.getLogger("microbead.io")
     level = io_log.level
@@ -925,43 +880,52 @@ def _run(args: argparse.Namespace, handlers: list[logging.Handler]) -> int:
         log.warning("%s: truth mask has no prediction", p)
     for k in pairing.duplicates:
         log.warning("%s: more than one file with this stem in one folder (first used)", k)
-    if not pairing.pairs:
-        log.error("no prediction/truth pairs between %s and %s", pred_masks, gt_masks)
-        return 1
+    return pairing
 
-    pred_lab_idx, gt_lab_idx = index_by_stem(pred_labels), index_by_stem(gt_labels)
-    keys = [mio.stem_key(pp) for pp, _ in pairing.pairs]
-    for role, idx, folder in (("prediction", pred_lab_idx, pred_labels),
-                              ("truth", gt_lab_idx, gt_labels)):
+
+def _warn_missing_labels(keys: Sequence[str], folders) -> None:
+    """``folders``: ``(role, stem index, folder or None)``; name the first uncovered stem."""
+    for role, idx, folder in folders:
         if folder is not None:
             missing = [k for k in keys if k not in idx]
             if missing:
                 log.warning("%d %s image(s) have no label file in %s; their instances come "
                             "from the mask (e.g. %s)", len(missing), role, folder, missing[0])
-    need_area = any(k not in pred_lab_idx or k not in gt_lab_idx for k in keys)
-    progress = not args.no_progress
-    area_by_size: dict[tuple[int, int], float] = {}
-    truth_shape: dict[Path, tuple[int, int]] = {}
+
+
+def _single_bead_area(args: argparse.Namespace, truth_paths: Sequence[Path], need_area: bool,
+                      progress: bool) -> dict:
+    """The single-bead area that splits touching beads: ``median_area``, ``by_size``
+    (per truth image size, when sizes differ), ``shapes`` (truth file -> size), ``source``."""
+    by_size: dict[tuple[int, int], float] = {}
+    shapes: dict[Path, tuple[int, int]] = {}
     if args.median_area is not None:
-        median_area, area_source = float(args.median_area), "--median_area"
+        median_area, source = float(args.median_area), "--median_area"
     elif need_area:
-        median_area, area_by_size, truth_shape = estimate_areas(
-            [t for _, t in pairing.pairs], progress)
-        area_source = f"estimated from {len(truth_shape)} truth masks"
-        if len(area_by_size) > 1:
-            area_source += ", per image size"
+        median_area, by_size, shapes = estimate_areas(truth_paths, progress)
+        source = f"estimated from {len(shapes)} truth masks"
+        if len(by_size) > 1:
+            source += ", per image size"
             log.warning("truth masks come in %d sizes; each size gets its own single-bead "
-                        "area: %s", len(area_by_size), _sizes_text(area_by_size))
+                        "area: %s", len(by_size), _sizes_text(by_size))
     else:
-        median_area, area_source = float("nan"), "not needed (label images for all)"
+        median_area, source = float("nan"), "not needed (label images for all)"
     if need_area:
         log.info("single-bead area %s (%s), used for truth and prediction instances",
-                 _sizes_text(area_by_size) if len(area_by_size) > 1
-                 else f"{median_area:.1f} px",
-                 area_source)
+                 _sizes_text(by_size) if len(by_size) > 1 else f"{median_area:.1f} px",
+                 source)
+    return {"median_area": median_area, "by_size": by_size, "shapes": shapes,
+            "source": source}
 
-    thresholds = sorted(set(mm.IOU_THRESHOLDS) | {float(args.iou_threshold)})
-    bins = density_bins(args.density_bins)
+
+def _evaluate_pairs(args: argparse.Namespace, pairing: mio.Pairing, keys: Sequence[str],
+                    label_index: tuple[dict, dict], area: dict, thresholds: list[float],
+                    bins, progress: bool):
+    """Evaluate every pair; returns ``rows, results, failures, paths`` (file -> (pred, truth)).
+    A pair that cannot be evaluated is logged by name and listed in ``failures``."""
+    from tqdm import tqdm
+
+    pred_lab_idx, gt_lab_idx = label_index
     rows, results, failures, paths = [], [], [], {}
     for (pp, tp), key in tqdm(list(zip(pairing.pairs, keys)), desc="evaluating", unit="img",
                               disable=not progress):
@@ -969,7 +933,7 @@ def _run(args: argparse.Namespace, handlers: list[logging.Handler]) -> int:
             row, res = evaluate_pair(
                 pp, tp, pred_labels_path=pred_lab_idx.get(key),
                 true_labels_path=gt_lab_idx.get(key),
-                median_area=area_by_size.get(truth_shape.get(tp), median_area),
+                median_area=area["by_size"].get(area["shapes"].get(tp), area["median_area"]),
                 thresholds=thresholds, iou_threshold=args.iou_threshold, resize=args.resize,
                 bins=bins)
         except (EvaluationError, mio.ImageReadError, mio.SizeMismatchError) as exc:
@@ -981,14 +945,85 @@ def _run(args: argparse.Namespace, handlers: list[logging.Handler]) -> int:
         rows.append(row)
         results.append(res)
         paths[row["file"]] = (pp, tp)
+    return rows, results, failures, paths
+
+
+def _add_truth_label_quality(summary: dict, rows: list[dict], paths: dict, gt_images: Path,
+                             progress: bool) -> None:
+    """Truth-mask offsets (``mask_offset`` column) and the label-consistency ceiling, added to
+    ``rows`` and ``summary`` in place."""
+    log.info("truth images: %s (truth-mask offsets, label-consistency ceiling)", gt_images)
+    offsets, ceiling = truth_label_quality([paths[r["file"]][1] for r in rows],
+                                           index_by_stem(gt_images), progress)
+    for r in rows:
+        r["mask_offset"] = offsets[paths[r["file"]][1]]
+    if ceiling:
+        ceiling.pop("pairs")
+    summary["label_consistency_ceiling"] = ceiling["pooled_jaccard"] if ceiling else None
+    summary["label_quality"] = {
+        "gt_images_dir": str(gt_images),
+        "n_assessed": sum(r["mask_offset"] != "" for r in rows),
+        "ceiling": ceiling,
+    }
+    summary["truth_offsets"] = [
+        {k: r[k] for k in ("file", "mask_offset", "jaccard", "obj_f1")}
+        for r in rows if r["mask_offset"] not in ("", "none")]
+    for o in summary["truth_offsets"]:
+        if o["mask_offset"] != "mismatch":
+            log.warning("%s: truth mask offset from its image's beads (%s); IoU %.3f",
+                        o["file"], o["mask_offset"], o["jaccard"])
+    if ceiling:
+        log.info("label-consistency ceiling: pooled Jaccard %.3f over %d truth tile pairs "
+                 "sharing pixels", ceiling["pooled_jaccard"], ceiling["n_pairs"])
+
+
+def _write_results(args: argparse.Namespace, out: Path, rows: list[dict], summary: dict,
+                   worst: list[dict], paths: dict) -> None:
+    """Per-image CSV, figures (unless ``--no_figures``), summary.json and the report."""
+    write_csv(out / CSV_NAME, rows)
+    figures: list[str] = []
+    if rows and not args.no_figures:
+        def load(r):
+            pred, truth, _ = load_pair_masks(*paths[r["file"]], resize=args.resize)
+            return pred, truth
+
+        figures = plot_figures(out, rows, summary, worst, load, dpi=args.dpi)
+    mio.atomic_write_json(out / SUMMARY_NAME, summary)
+    mio.atomic_write_text(out / REPORT_NAME, build_report(summary, figures))
+
+
+def _run(args: argparse.Namespace, out: Path, inputs: dict) -> int:
+    pred_masks, pred_labels = inputs["pred_masks"], inputs["pred_labels"]
+    gt_masks, gt_labels, gt_images = inputs["gt_masks"], inputs["gt_labels"], inputs["gt_images"]
+    log.info("%s", inputs["pred_note"])
+    log.info("%s", inputs["gt_note"])
+    if args.no_labels:
+        log.info("--no_labels: all instances from masks")
+
+    pairing = _pair_predictions(pred_masks, gt_masks)
+    if not pairing.pairs:
+        log.error("no prediction/truth pairs between %s and %s", pred_masks, gt_masks)
+        return 1
+    pred_lab_idx, gt_lab_idx = index_by_stem(pred_labels), index_by_stem(gt_labels)
+    keys = [mio.stem_key(pp) for pp, _ in pairing.pairs]
+    _warn_missing_labels(keys, (("prediction", pred_lab_idx, pred_labels),
+                                ("truth", gt_lab_idx, gt_labels)))
+    need_area = any(k not in pred_lab_idx or k not in gt_lab_idx for k in keys)
+    progress = not args.no_progress
+    area = _single_bead_area(args, [t for _, t in pairing.pairs], need_area, progress)
+
+    thresholds = sorted(set(mm.IOU_THRESHOLDS) | {float(args.iou_threshold)})
+    bins = sorted(args.density_bins)
+    rows, results, failures, paths = _evaluate_pairs(
+        args, pairing, keys, (pred_lab_idx, gt_lab_idx), area, thresholds, bins, progress)
 
     summary: dict = {
         "settings": {
             "pred_masks_dir": str(pred_masks), "pred_labels_dir": str(pred_labels or ""),
             "gt_masks_dir": str(gt_masks), "gt_labels_dir": str(gt_labels or ""),
             "iou_threshold": float(args.iou_threshold), "thresholds": thresholds,
-            "median_area": median_area, "median_area_source": area_source,
-            "median_area_by_size": {f"{w}x{h}": a for (h, w), a in area_by_size.items()},
+            "median_area": area["median_area"], "median_area_source": area["source"],
+            "median_area_by_size": {f"{w}x{h}": a for (h, w), a in area["by_size"].items()},
             "density_bin_edges": sorted(args.density_bins), "resize": args.resize,
         },
         "n_pairs": len(pairing.pairs),
@@ -1000,43 +1035,11 @@ def _run(args: argparse.Namespace, handlers: list[logging.Handler]) -> int:
     summary.update(summarize(rows, results, iou_threshold=float(args.iou_threshold), bins=bins))
     summary["label_consistency_ceiling"] = None
     if gt_images is not None and rows:
-        log.info("truth images: %s (truth-mask offsets, label-consistency ceiling)", gt_images)
-        offsets, ceiling = truth_label_quality([paths[r["file"]][1] for r in rows],
-                                               index_by_stem(gt_images), progress)
-        for r in rows:
-            r["mask_offset"] = offsets[paths[r["file"]][1]]
-        if ceiling:
-            ceiling.pop("pairs")
-        summary["label_consistency_ceiling"] = ceiling["pooled_jaccard"] if ceiling else None
-        summary["label_quality"] = {
-            "gt_images_dir": str(gt_images),
-            "n_assessed": sum(r["mask_offset"] != "" for r in rows),
-            "ceiling": ceiling,
-        }
-        summary["truth_offsets"] = [
-            {k: r[k] for k in ("file", "mask_offset", "jaccard", "obj_f1")}
-            for r in rows if r["mask_offset"] not in ("", "none")]
-        for o in summary["truth_offsets"]:
-            if o["mask_offset"] != "mismatch":
-                log.warning("%s: truth mask offset from its image's beads (%s); IoU %.3f",
-                            o["file"], o["mask_offset"], o["jaccard"])
-        if ceiling:
-            log.info("label-consistency ceiling: pooled Jaccard %.3f over %d truth tile pairs "
-                     "sharing pixels", ceiling["pooled_jaccard"], ceiling["n_pairs"])
+        _add_truth_label_quality(summary, rows, paths, gt_images, progress)
     worst = worst_rows(rows, max(args.worst, 0))
     summary["worst"] = [{k: r[k] for k in ("file", "jaccard", "dice", "true_count",
                                            "pred_count", "obj_f1")} for r in worst]
-
-    write_csv(out / CSV_NAME, rows)
-    figures: list[str] = []
-    if rows and not args.no_figures:
-        def load(r):
-            pred, truth, _ = load_pair_masks(*paths[r["file"]], resize=args.resize)
-            return pred, truth
-
-        figures = plot_figures(out, rows, summary, worst, load, dpi=args.dpi)
-    (out / SUMMARY_NAME).write_text(json.dumps(_json_safe(summary), indent=2), encoding="utf-8")
-    (out / REPORT_NAME).write_text(build_report(summary, figures), encoding="utf-8")
+    _write_results(args, out, rows, summary, worst, paths)
 
     px, obj, cnt = summary["pixel"], summary["objects"], summary["counts"]
     if rows:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 import microbead_io as mio
 
 log = logging.getLogger("microbead.export")
@@ -56,10 +58,11 @@ log = logging.getLogger("microbead.export")
 #: Model spec version written. 0.5.3 has every field used here and is read by the
 #: bioimage.io tools of 2024 onwards; newer ``bioimageio.spec`` releases read it too.
 FORMAT_VERSION = "0.5.3"
+LOG_NAME = "export.log"
 #: The files this script writes (``--overwrite`` removes these, nothing else).
 PACKAGE_FILES = (
     "rdf.yaml", "README.md", "weights.hdf5", "weights_savedmodel.zip", "test_input.npy",
-    "test_output.npy", "cover.png", "config.json", "training_summary.csv", "export.log",
+    "test_output.npy", "cover.png", "config.json", "training_summary.csv", LOG_NAME,
 )
 UNET_CITATION = {
     "text": "Ronneberger, Fischer, Brox. U-Net: Convolutional Networks for Biomedical Image "
@@ -80,7 +83,7 @@ def input_plan(cfg: dict, *, input_normalized: bool = False) -> dict:
 
     Parameters
     ----------
-    cfg : the run's config dict (``preprocessing`` read defensively: unknown keys ignored)
+    cfg : the run's config dict, as ``microbead_config.read_run_config`` validated it
     input_normalized : declare the input as already normalised by
         ``microbead_io.apply_normalization`` at model scale (any method)
 
@@ -338,10 +341,12 @@ def cover_image(x_display: np.ndarray, prob: np.ndarray, threshold: float,
     """2:1 RGB uint8 cover: test input (gray) | the beads the model finds, outlined."""
     import cv2
 
+    import microbead_metrics
     import predict_microscope
 
     gray = predict_microscope.display_gray(x_display)
-    n, labels = cv2.connectedComponents((prob >= threshold).astype(np.uint8), connectivity=8)
+    n, labels = cv2.connectedComponents(
+        microbead_metrics.above_threshold(prob, threshold).astype(np.uint8), connectivity=8)
     ov = predict_microscope.overlay_image(gray, labels)
     left = cv2.cvtColor(mio.to_uint8(gray), cv2.COLOR_GRAY2RGB)
     h, w = gray.shape
@@ -374,7 +379,7 @@ def export_saved_model(model, zip_path: Path) -> str | None:
                     if f.is_file():
                         zf.write(f, f.relative_to(folder).as_posix())
 
-        mio._atomic_write(zip_path, write)
+        mio.atomic_write(zip_path, write)
     return None
 
 
@@ -407,7 +412,7 @@ def documentation(*, name: str, arch: str, cfg: dict, plan: dict, row: dict, sha
         "",
         "- `probability`: bead probability in [0, 1], same size as the input.",
         f"- Threshold: {thr:g} (from training). Beads = connected pixels with probability "
-        f">= {thr:g} at model scale, touching beads split by a watershed with a median bead "
+        f"> {thr:g} at model scale, touching beads split by a watershed with a median bead "
         f"area of {float(post.get('median_bead_area_px', float('nan'))):.1f} model px "
         "(microbead_metrics.label_beads), then carried to frame resolution. Neither the "
         "threshold nor the splitting is expressible in spec 0.5: predict_microscope.py does "
@@ -606,12 +611,9 @@ def validate_package(rdf_path: Path) -> tuple[str, list[str]] | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-
-    def add(name, **kw):
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        p.add_argument(*flags, dest=name, **kw)
-
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=cli.HelpFormatter)
+    add = functools.partial(cli.add_option, p)
     add("model", required=True, help="run folder or best_<model>_model.hdf5/.keras")
     add("output_dir", required=True, help="package folder (created)")
     add("test_image", default=None,
@@ -622,48 +624,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("name", default=None, help="model name (default: 'Microbead <model> segmentation')")
     add("author", action="append", default=None,
         help="author name (repeat for several); the model zoo requires at least one")
-    add("license", default="CC-BY-4.0",
-        help="SPDX licence id of the weights (default: %(default)s)")
+    add("license", default="CC-BY-4.0", help="SPDX licence id of the weights")
     add("halo", type=int, default=32,
-        help="model px a tiling consumer should drop at tile edges (default: %(default)s; "
-             "predict_microscope blends 64-px overlaps)")
+        help="model px a tiling consumer should drop at tile edges (predict_microscope "
+             "blends overlapping tiles instead)")
     add("test_size", type=int, default=256,
-        help="max test tensor edge in model px (default: %(default)s)")
+        help="max test tensor edge in model px")
     add("no_saved_model", action="store_true", help="skip the TensorFlow SavedModel weights")
-    add("overwrite", action="store_true",
-        help="allow writing into a non-empty folder (replaces this script's files only)")
+    cli.add_overwrite(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            print(f"error: {out}: exists and is not empty; choose a new --output_dir or pass "
-                  "--overwrite", file=sys.stderr)
-            return 2
-        for f in PACKAGE_FILES:
-            if (out / f).is_file():
-                (out / f).unlink()
     import predict_microscope
 
+    handlers = [mio.add_log_handler()]
     try:
-        model_path, cfg_path, note = predict_microscope.resolve_model(args.model)
-        cfg = predict_microscope.read_run_config(cfg_path)
-        plan = input_plan(cfg, input_normalized=args.input_normalized)
-        test_image = Path(args.test_image) if args.test_image else \
-            find_test_image(cfg, model_path)
-    except (SystemExit, ExportError) as exc:
-        print(exc if isinstance(exc, SystemExit) else f"error: {exc}", file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    handlers = [mio.add_log_handler(), mio.add_log_handler(out / "export.log", mode="w")]
-    try:
-        return _run(args, out, model_path, cfg_path, cfg, plan, test_image, note)
-    except (ExportError, mio.ImageReadError) as exc:
-        log.error("%s", exc)
-        return 2
+        try:  # every check before anything is written
+            cli.check_output_dir(out, overwrite=args.overwrite, log_name=LOG_NAME)
+            model_path, cfg_path, note = predict_microscope.resolve_model(args.model)
+            cfg = predict_microscope.read_run_config(cfg_path)
+            plan = input_plan(cfg, input_normalized=args.input_normalized)
+            test_image = Path(args.test_image) if args.test_image else \
+                find_test_image(cfg, model_path)
+            cli.prepare_output_dir(out, PACKAGE_FILES, overwrite=args.overwrite,
+                                   log_name=LOG_NAME)
+        except (SystemExit, ExportError, cli.OutputDirError) as exc:
+            return cli.fatal(log, "%s", str(exc).removeprefix("error: "))
+        handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
+        try:
+            return _run(args, out, model_path, cfg_path, cfg, plan, test_image, note)
+        except (ExportError, mio.ImageReadError) as exc:
+            return cli.fatal(log, "%s", exc)
     finally:
         mio.remove_log_handlers(handlers)
 

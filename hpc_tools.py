@@ -21,7 +21,14 @@ Inputs
 
 Outputs
     Printed results (JSON, tables, states) on stdout; messages on stderr; ``merge-summaries``
-    writes ``training_summary.csv`` and ``run_dirs.txt`` in its ``--output_dir``.
+    writes ``training_summary.csv`` and ``run_dirs.txt`` in its ``--output_dir`` (an existing
+    non-empty folder needs ``--overwrite``, which replaces only those two files).
+
+Exit status
+    0 ok; 1 some inputs failed (missing packages, runs without a summary: each named);
+    2 usage or fatal error (unreadable node file, bad worker index, no GPU with
+    ``--gpu require``, an unusable output folder). There is no log file: every message
+    goes to stderr, which the PBS job log keeps.
 
 Example
     python hpc_tools.py tf-config --nodefile "$PBS_NODEFILE" --index 0 --port 29500
@@ -30,14 +37,15 @@ Example
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
+
+import cli  # standard library only, like this module
+import microbead_config as mcfg  # standard library only, like this module
 
 log = logging.getLogger("microbead.hpc")
 
@@ -58,9 +66,12 @@ IMPORT_NAMES = {
 }
 _SPEC = re.compile(r"(~=|==|!=|<=|>=|<|>|===)\s*([^\s,;]+)")
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?")
-RUN_STATES = ("finished", "unfinished", "missing")
 TABLE_COLUMNS = ("model", "best_epoch", "best_val_jacard", "final_val_jacard", "epochs_run",
                  "train_time", "params")
+
+
+#: What ``merge-summaries`` writes into its --output_dir (--overwrite replaces only these).
+MERGE_FILES = ("training_summary.csv", "run_dirs.txt")
 
 
 class HpcToolError(Exception):
@@ -287,55 +298,17 @@ def gpu_devices() -> list[str]:
 # ----------------------------------------------------------------------------- run folders
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def run_status(run_dir) -> str:
-    """Whether a training run folder is complete, resumable or not a run.
-
-    ``missing``: no folder or no ``config.json`` (training died before writing it: start a
-    new run). ``finished``: ``training_summary.csv`` has a row for every model of the run's
-    ``config.json`` (for every fold with ``kfold``) and each ``final_<model>_model.hdf5``
-    exists. ``unfinished`` otherwise (a walltime kill: pass ``--resume``).
-    """
-    d = Path(run_dir)
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        return "missing"
-    try:
-        training = json.loads(cfg_path.read_text()).get("training", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return "missing"
-    models = training.get("models") or []
-    if isinstance(models, str):
-        models = [m for m in models.split(",") if m]
-    kfold = int(training.get("kfold") or 0)
-    summary = d / "training_summary.csv"
-    if not models or not summary.is_file():
-        return "unfinished"
-    rows = _read_csv(summary)
-    if kfold > 1:
-        done = {(str(r.get("fold")), r.get("model")) for r in rows}
-        need = {(str(k), m) for k in range(1, kfold + 1) for m in models}
-        finals = [d / f"fold_{k:02d}" / f"final_{m}_model.hdf5"
-                  for k in range(1, kfold + 1) for m in models]
-    else:
-        done = {r.get("model") for r in rows}
-        need = set(models)
-        finals = [d / f"final_{m}_model.hdf5" for m in models]
-    if need <= done and all(f.is_file() for f in finals):
-        return "finished"
-    return "unfinished"
+    """``finished`` / ``unfinished`` / ``missing``: :func:`microbead_config.run_state`."""
+    return mcfg.run_state(run_dir)
 
 
 def read_run_summary(run_dir) -> list[dict]:
     """Rows of ``RUN_DIR/training_summary.csv``; HpcToolError if it is absent."""
-    path = Path(run_dir) / "training_summary.csv"
+    path = Path(run_dir) / mcfg.SUMMARY_FILE
     if not path.is_file():
         raise HpcToolError(f"{path}: not found (training did not finish a model)")
-    return _read_csv(path)
+    return mcfg.read_summary(path)
 
 
 def format_table(rows, columns) -> str:
@@ -353,11 +326,10 @@ def format_table(rows, columns) -> str:
 
 def summary_text(rows, extra_columns=()) -> str:
     """Summary table plus the trainer's comparison with the previous best val Jaccard."""
-    from train_microbead_optimized import PREVIOUS_BEST_VAL_JACCARD, comparison_lines
-
     table = format_table(rows, tuple(extra_columns) + TABLE_COLUMNS)
-    head = f"Comparison with the previous best validation Jaccard {PREVIOUS_BEST_VAL_JACCARD}:"
-    return "\n".join([table, "", head, *comparison_lines(rows)])
+    head = ("Comparison with the previous best validation Jaccard "
+            f"{mcfg.PREVIOUS_BEST_VAL_JACCARD}:")
+    return "\n".join([table, "", head, *mcfg.comparison_lines(rows)])
 
 
 def merge_summaries(run_dirs) -> tuple[list[dict], list[str]]:
@@ -379,55 +351,51 @@ def merge_summaries(run_dirs) -> tuple[list[dict], list[str]]:
     return rows, problems
 
 
-def write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    """Write rows (union of keys, first-seen order) to ``path`` via a temporary file."""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=cli.HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    opt = cli.add_option
 
-    def opt(sp, name, **kw):
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        sp.add_argument(*flags, dest=name, **kw)
+    def add_parser(name, **kw):
+        return sub.add_parser(name, formatter_class=cli.HelpFormatter, **kw)
 
-    sp = sub.add_parser("hosts", help="unique hosts of a PBS node file")
+    sp = add_parser("hosts", help="unique hosts of a PBS node file")
     opt(sp, "nodefile", required=True)
 
-    sp = sub.add_parser("tf-config", help="TF_CONFIG JSON for one worker")
+    sp = add_parser("tf-config", help="TF_CONFIG JSON for one worker")
     opt(sp, "nodefile", required=True)
     opt(sp, "index", type=int, required=True, help="this worker's host position (0 = chief)")
-    opt(sp, "port", type=int, default=29500)
+    opt(sp, "port", type=int, default=29500, help="chief's TCP port")
     opt(sp, "port_step", type=int, default=0,
         help="worker k listens on port + k*step (1: several workers on one machine)")
 
-    sp = sub.add_parser("check-env", help="check the container's packages and GPU")
-    opt(sp, "requirements", default=str(Path(__file__).with_name("requirements.txt")))
-    opt(sp, "gpu", choices=("require", "warn", "skip"), default="require")
+    sp = add_parser("check-env", help="check the container's packages and GPU")
+    opt(sp, "requirements", default=str(Path(__file__).with_name("requirements.txt")),
+        help="requirements file to check against")
+    opt(sp, "gpu", choices=("require", "warn", "skip"), default="require",
+        help="require: no GPU visible is fatal (exit 2); warn: say so; skip: do not look")
 
-    sp = sub.add_parser("run-status", help="finished / unfinished / missing")
+    sp = add_parser("run-status", help="finished / unfinished / missing")
     sp.add_argument("run_dir")
 
-    sp = sub.add_parser("summary", help="summary table of a run folder")
+    sp = add_parser("summary", help="summary table of a run folder")
     sp.add_argument("run_dir")
     opt(sp, "out", default=None, help="also write the table to this file")
 
-    sp = sub.add_parser("merge-summaries", help="merge run folders' training summaries")
+    sp = add_parser("merge-summaries", help="merge run folders' training summaries")
     sp.add_argument("run_dirs", nargs="*")
-    opt(sp, "output_dir", required=True)
-    opt(sp, "expect", type=int, default=0, help="number of runs expected (reports progress)")
+    opt(sp, "output_dir", required=True,
+        help="folder for the merged training_summary.csv and run_dirs.txt")
+    opt(sp, "expect", type=int, default=0,
+        help="number of runs expected (reports progress; 0: the folders given)")
     opt(sp, "allow_missing", action="store_true",
         help="exit 0 when some folders have no summary yet (array still running)")
+    cli.add_overwrite(sp, help="allow an existing non-empty --output_dir; replaces only "
+                               f"{', '.join(MERGE_FILES)} there")
     return p.parse_args(argv)
 
 
@@ -491,20 +459,26 @@ def main(argv=None) -> int:
         elif args.command == "merge-summaries":
             return _merge(args)
     except HpcToolError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+        return cli.fatal(log, "%s", exc)
+    return cli.EXIT_OK
 
 
 def _merge(args) -> int:
-    rows, problems = merge_summaries(args.run_dirs)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        cli.prepare_output_dir(out, MERGE_FILES, overwrite=args.overwrite)
+    except cli.OutputDirError as exc:
+        return cli.fatal(log, "%s", exc)
+    rows, problems = merge_summaries(args.run_dirs)
     n_ok = len(args.run_dirs) - len(problems)
     for msg in problems:
         (log.warning if args.allow_missing else log.error)("%s", msg)
     if rows:
-        write_csv_atomic(out / "training_summary.csv", rows)
+        import microbead_io as mio  # not at import: check-env must run without OpenCV
+
+        # Columns: the union of the runs' keys, first-seen order (k-fold runs add "fold").
+        mio.atomic_write_csv(out / "training_summary.csv", rows,
+                             list(dict.fromkeys(k for r in rows for k in r)))
         (out / "run_dirs.txt").write_text("".join(
             f"{Path(d).resolve()}\n" for d in args.run_dirs))
         extra = ("fold",) if any("fold" in r for r in rows) else ()

@@ -14,8 +14,8 @@ Inputs
 ------
 Only the command line (seed, number of tiles, tile size, bead radius, density).
 
-Outputs (``DIR`` = ``--out``)
------------------------------
+Outputs (``DIR`` = ``--output_dir``, old spelling ``--out``)
+------------------------------------------------------------
 * ``DIR/images/<stem>.png`` (8-bit) or ``.tif`` (16-bit, every ``--tiff_every``-th tile)
 * ``DIR/masks/<stem>.png``      filled bead discs, 0/255
 * ``DIR/labels/<stem>.tif``     uint16 instance ids 1..N
@@ -31,7 +31,8 @@ Stems look like ``640x_2025-05-16_00-59-00_002_grid_r1_c1`` (tiles) and
 
 Example
 -------
-    python make_synthetic_dataset.py --out data/synthetic --n 73 --size 256 --seed 0 --large 2
+    python make_synthetic_dataset.py --output_dir data/synthetic --n 73 --size 256 --seed 0 \\
+        --large 2
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+import cli
 import microbead_io as mio
 
 log = logging.getLogger("microbead.synthetic")
@@ -1002,6 +1004,10 @@ def _quantize(img: np.ndarray, bits: int) -> np.ndarray:
 # --------------------------------------------------------------------------- output folder
 
 
+class GenerationError(RuntimeError):
+    """Writing the dataset failed part-way (an OSError); already logged, file named."""
+
+
 def _dataset_paths(out: Path) -> list[Path]:
     return [out / "counts.csv", out / "dataset.json", out / "large" / "counts.csv"] + [
         out / sub for sub in ("images", "masks", "labels", "large/images", "large/masks",
@@ -1022,15 +1028,12 @@ def prepare_out_dir(out: Path, overwrite: bool = False) -> None:
         One line naming the folder or the file in the way.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder")
+    try:
+        cli.check_output_dir(out, overwrite=overwrite, log_name=LOG_NAME)
+    except cli.OutputDirError as exc:
+        raise FileExistsError(str(exc)) from None
     if not out.exists() or not any(out.iterdir()):
         return
-    if not overwrite:
-        raise FileExistsError(
-            f"{out}: folder is not empty; choose a new folder or pass --overwrite to replace "
-            "a dataset this generator wrote there"
-        )
     root = out.resolve()
     ours: set[Path] = set()
     manifest = out / "dataset.json"
@@ -1141,7 +1144,8 @@ def generate_dataset(
     Raises
     ------
     ValueError
-        Bad parameters. FileExistsError: see :func:`prepare_out_dir`.
+        Bad parameters. FileExistsError: see :func:`prepare_out_dir`. GenerationError: a
+        write failed part-way (logged, also to the dataset's log file).
     """
     if style not in STYLES:
         raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
@@ -1169,6 +1173,9 @@ def generate_dataset(
                          radius=float(radius), beads_at_160x=float(beads_at_160x),
                          tiff_every=int(tiff_every), log_file=log_file, style=style,
                          label_noise=bool(label_noise))
+    except OSError as exc:
+        log.error("%s: writing the dataset failed: %s", out, exc)  # into its log file too
+        raise GenerationError(str(exc)) from exc
     finally:
         mio.remove_log_handlers([handler])
 
@@ -1308,70 +1315,72 @@ def _micro_frame(rng, frame_shape, dilution, radius_native, beads_at_160x):
             "n_debris": n_debris, "requested": requested}
 
 
-def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160x, tiff_every,
-              log_file, style="microscope", label_noise=False) -> dict:
-    t_start, c_start = time.perf_counter(), time.process_time()
-    pixel_scale = size / NATIVE_TILE
-    radius_native = radius / REFERENCE_SCALE
-    files: list[str] = [LOG_NAME] if log_file else []
-    log.info("writing %d tiles of %dx%d px (pixel_scale %.4g, bead radius %.3g px) to %s",
-             n, size, size, pixel_scale, radius_native * pixel_scale, out)
-    if radius_native * pixel_scale < 0.75:
-        # A disc of radius < 1/sqrt(2) px can miss every pixel centre and vanish.
-        log.warning("beads are %.2f px in radius at --size %d: some cover no pixel and are "
-                    "dropped from masks and counts; use a larger --size",
-                    radius_native * pixel_scale, size)
-
-    t0 = time.perf_counter()
+def _write_tiles(out: Path, *, style, n, size, seed, radius_native, beads_at_160x,
+                 tiff_every, label_noise) -> dict:
+    """Every training tile of ``style``: ``rows`` (counts.csv), ``areas`` (bead areas of
+    wholly inside beads), ``files`` written, ``noise_log`` (``--label_noise`` per tile)."""
     noise_log: list[dict] = []
+    kw = dict(n=n, size=size, seed=seed, radius_native=radius_native,
+              beads_at_160x=beads_at_160x, tiff_every=tiff_every, label_noise=label_noise,
+              noise_log=noise_log)
     if style == "microscope":
-        rows, areas, tile_files = _micro_tiles(
-            out, n=n, size=size, seed=seed, radius_native=radius_native,
-            beads_at_160x=beads_at_160x, tiff_every=tiff_every, label_noise=label_noise,
-            noise_log=noise_log)
-        files += tile_files
+        rows, areas, files = _micro_tiles(out, **kw)
     else:
         rows, areas = [], []
-        files += _ring_tiles(out, rows, areas, n=n, size=size, seed=seed,
-                             radius_native=radius_native, beads_at_160x=beads_at_160x,
-                             tiff_every=tiff_every, label_noise=label_noise,
-                             noise_log=noise_log)
-    t_tiles = time.perf_counter() - t0
-    _write_counts(out / "counts.csv", rows)
-    files.append("counts.csv")
+        files = _ring_tiles(out, rows, areas, **kw)
+    return {"rows": rows, "areas": areas, "files": files, "noise_log": noise_log}
 
-    large_rows = []
-    t0 = time.perf_counter()
-    if large:
-        t = 3600 + 2 * 60 + 3
-        lw, lh = large_wh
-        frame_shape = (lh, lw)
-        for j, dil in enumerate(_progress(large_dilutions(large), desc="frames", unit="frame")):
-            rng = np.random.default_rng([seed, 3, j])
-            if style == "microscope":
-                scene = _micro_frame(rng, frame_shape, dil, radius_native, beads_at_160x)
-            else:
-                ap = sample_appearance(rng, frame_shape)
-                requested = expected_beads(dil, beads_at_160x) * lh * lw / NATIVE_TILE**2
-                n_beads = max(MIN_BEADS, int(rng.poisson(requested)))
-                scene = make_scene(rng, frame_shape, frame_shape, n_beads, appearance=ap,
-                                   radius_native=radius_native)
-                scene["requested"] = requested
-            stem = f"{dil}x_{DATE}_{_stamp(t)}_{101 + j:03d}"
-            t += int(rng.integers(60, 240))
-            files += _write_truth(out, "large", stem, f"{stem}.png", scene["image"], 8,
-                                  scene["mask"], scene["labels"])
-            large_rows.append(_count_row(f"{stem}.png", stem, dil, len(scene["beads"]),
-                                         scene["requested"], scene["labels"], scene["mask"],
-                                         scene["n_debris"]))
-            log.info("large frame %s: %d beads (%dx%d)", stem, len(scene["beads"]), lw, lh)
-        _write_counts(out / "large" / "counts.csv", large_rows)
-        files.append("large/counts.csv")
-    t_large = time.perf_counter() - t0
 
-    all_areas = np.concatenate(areas) if areas else np.zeros(0)
-    per_dil = {str(d): sum(1 for r in rows if r["dilution"] == d) for d in DILUTIONS}
-    summary = {
+def _write_large_frames(out: Path, *, style, large, large_wh, seed, radius_native,
+                        beads_at_160x) -> tuple[list[dict], list[str]]:
+    """``large`` full frames at native scale under ``large/``, one dilution each; returns
+    their counts.csv rows and the files written."""
+    rows: list[dict] = []
+    files: list[str] = []
+    t = 3600 + 2 * 60 + 3
+    lw, lh = large_wh
+    frame_shape = (lh, lw)
+    for j, dil in enumerate(_progress(large_dilutions(large), desc="frames", unit="frame")):
+        rng = np.random.default_rng([seed, 3, j])
+        if style == "microscope":
+            scene = _micro_frame(rng, frame_shape, dil, radius_native, beads_at_160x)
+        else:
+            ap = sample_appearance(rng, frame_shape)
+            requested = expected_beads(dil, beads_at_160x) * lh * lw / NATIVE_TILE**2
+            n_beads = max(MIN_BEADS, int(rng.poisson(requested)))
+            scene = make_scene(rng, frame_shape, frame_shape, n_beads, appearance=ap,
+                               radius_native=radius_native)
+            scene["requested"] = requested
+        stem = f"{dil}x_{DATE}_{_stamp(t)}_{101 + j:03d}"
+        t += int(rng.integers(60, 240))
+        files += _write_truth(out, "large", stem, f"{stem}.png", scene["image"], 8,
+                              scene["mask"], scene["labels"])
+        rows.append(_count_row(f"{stem}.png", stem, dil, len(scene["beads"]),
+                               scene["requested"], scene["labels"], scene["mask"],
+                               scene["n_debris"]))
+        log.info("large frame %s: %d beads (%dx%d)", stem, len(scene["beads"]), lw, lh)
+    _write_counts(out / "large" / "counts.csv", rows)
+    return rows, files + ["large/counts.csv"]
+
+
+def _grid_layout(style: str) -> dict:
+    """The frame grid the tiles are cut on (``dataset.json["grid"]``)."""
+    if style == "microscope":
+        return {"cols": MICRO_GRID_COLS, "rows": MICRO_GRID_ROWS,
+                "col_stride_px": MICRO_COL_STRIDE, "row_starts_px": list(MICRO_ROW_STARTS),
+                "column_overlap_px": NATIVE_TILE - MICRO_COL_STRIDE}
+    return {"cols": GRID_COLS, "rows": GRID_ROWS, "col_stride_px": NATIVE_TILE,
+            "row_starts_px": [r * NATIVE_TILE for r in range(GRID_ROWS)],
+            "column_overlap_px": 0}
+
+
+def _dataset_summary(*, style, seed, n, size, pixel_scale, radius_native, beads_at_160x,
+                     tiff_every, tiles: dict, large: int, large_wh, large_rows: list[dict],
+                     label_noise: bool, timings: dict, files: list[str]) -> dict:
+    """The content of ``dataset.json``: parameters, summary numbers, versions, files."""
+    rows, noise_log = tiles["rows"], tiles["noise_log"]
+    all_areas = np.concatenate(tiles["areas"]) if tiles["areas"] else np.zeros(0)
+    return {
         "generator": GENERATOR,
         "style": style,
         # Training masks degraded like the users' (labels/ and large/ stay exact).
@@ -1384,19 +1393,14 @@ def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160
         "pixel_scale": pixel_scale,
         "native_tile_px": NATIVE_TILE,
         "frame_size": list(FRAME_SHAPE[::-1]),
-        "grid": ({"cols": MICRO_GRID_COLS, "rows": MICRO_GRID_ROWS,
-                  "col_stride_px": MICRO_COL_STRIDE, "row_starts_px": list(MICRO_ROW_STARTS),
-                  "column_overlap_px": NATIVE_TILE - MICRO_COL_STRIDE}
-                 if style == "microscope" else
-                 {"cols": GRID_COLS, "rows": GRID_ROWS, "col_stride_px": NATIVE_TILE,
-                  "row_starts_px": [r * NATIVE_TILE for r in range(GRID_ROWS)],
-                  "column_overlap_px": 0}),
+        "grid": _grid_layout(style),
         "bead_radius_px": radius_native * pixel_scale,
         "bead_radius_native_px": radius_native,
         "median_bead_area_px": float(np.median(all_areas)) if all_areas.size else None,
         "beads_at_160x": beads_at_160x,
         "dilutions": list(DILUTIONS),
-        "tiles_per_dilution": per_dil,
+        "tiles_per_dilution": {str(d): sum(1 for r in rows if r["dilution"] == d)
+                               for d in DILUTIONS},
         "requested_mean_beads": float(np.mean([r["requested_beads"] for r in rows])),
         "mean_beads": float(np.mean([r["n_beads"] for r in rows])),
         "min_beads": int(min(r["n_beads"] for r in rows)),
@@ -1412,13 +1416,52 @@ def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160
             "n_beads": [r["n_beads"] for r in large_rows],
         },
         # Wall clock, and CPU time of this process (meaningful on a shared machine).
-        "timings_s": {"tiles": round(t_tiles, 3), "large": round(t_large, 3),
-                      "total": round(time.perf_counter() - t_start, 3),
-                      "cpu_total": round(time.process_time() - c_start, 3)},
+        "timings_s": timings,
         "versions": {"python": platform.python_version(), "numpy": np.__version__,
                      "opencv": cv2.__version__},
         "files": sorted(files + ["dataset.json"]),
     }
+
+
+def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160x, tiff_every,
+              log_file, style="microscope", label_noise=False) -> dict:
+    t_start, c_start = time.perf_counter(), time.process_time()
+    pixel_scale = size / NATIVE_TILE
+    radius_native = radius / REFERENCE_SCALE
+    files: list[str] = [LOG_NAME] if log_file else []
+    log.info("writing %d tiles of %dx%d px (pixel_scale %.4g, bead radius %.3g px) to %s",
+             n, size, size, pixel_scale, radius_native * pixel_scale, out)
+    if radius_native * pixel_scale < 0.75:
+        # A disc of radius < 1/sqrt(2) px can miss every pixel centre and vanish.
+        log.warning("beads are %.2f px in radius at --size %d: some cover no pixel and are "
+                    "dropped from masks and counts; use a larger --size",
+                    radius_native * pixel_scale, size)
+
+    t0 = time.perf_counter()
+    tiles = _write_tiles(out, style=style, n=n, size=size, seed=seed,
+                         radius_native=radius_native, beads_at_160x=beads_at_160x,
+                         tiff_every=tiff_every, label_noise=label_noise)
+    t_tiles = time.perf_counter() - t0
+    _write_counts(out / "counts.csv", tiles["rows"])
+    files += tiles["files"] + ["counts.csv"]
+
+    large_rows: list[dict] = []
+    t0 = time.perf_counter()
+    if large:
+        large_rows, large_files = _write_large_frames(
+            out, style=style, large=large, large_wh=large_wh, seed=seed,
+            radius_native=radius_native, beads_at_160x=beads_at_160x)
+        files += large_files
+    t_large = time.perf_counter() - t0
+
+    timings = {"tiles": round(t_tiles, 3), "large": round(t_large, 3),
+               "total": round(time.perf_counter() - t_start, 3),
+               "cpu_total": round(time.process_time() - c_start, 3)}
+    summary = _dataset_summary(
+        style=style, seed=seed, n=n, size=size, pixel_scale=pixel_scale,
+        radius_native=radius_native, beads_at_160x=beads_at_160x, tiff_every=tiff_every,
+        tiles=tiles, large=large, large_wh=large_wh, large_rows=large_rows,
+        label_noise=label_noise, timings=timings, files=files)
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info(
         "%d tiles in %.2f s: requested mean %.1f beads/tile, realised %.1f (%d-%d), "
@@ -1439,10 +1482,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Write a synthetic brightfield microbead dataset (images, masks, labels, "
         "counts) in the users' layout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
-    p.add_argument("--out", "--out_dir", "--out-dir", dest="out", required=True,
-                   help="output folder (missing or empty)")
+    cli.add_option(p, "output_dir", "--out", "--out_dir", "--out-dir", required=True,
+                   help="output folder (missing or empty; --out is the old spelling)")
     p.add_argument("--n", type=int, default=73, help="number of tiles")
     p.add_argument("--style", choices=STYLES, default="microscope",
                    help="microscope: the users' real tiles (solid dark blue-purple beads, RGB, "
@@ -1451,7 +1494,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None,
                    help="tile edge in px, covering 512 native px (default: 512 microscope, "
                         "256 rings)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--large", type=int, default=0, help="also write N full frames")
     p.add_argument("--large_size", "--large-size", type=int, nargs=2, default=[3840, 2160],
                    metavar=("W", "H"), help="size of the full frames")
@@ -1466,8 +1509,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label_noise", "--label-noise", action="store_true",
                    help="degrade the training masks like the users' blob-detector masks "
                         "(shrunk, merged, some dropped, some tiles offset); labels/ stay exact")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a dataset this generator wrote in --out before")
+    cli.add_overwrite(p, help="replace a dataset this generator wrote in --output_dir before "
+                               "(only the files its dataset.json lists; anything else is kept, "
+                               "and a foreign file where the dataset goes is refused)")
     return p.parse_args(argv)
 
 
@@ -1476,14 +1520,16 @@ def main(argv=None) -> int:
     handler = mio.add_log_handler()
     try:
         generate_dataset(
-            args.out, n=args.n, size=args.size, seed=args.seed, large=args.large,
+            args.output_dir, n=args.n, size=args.size, seed=args.seed, large=args.large,
             large_size=tuple(args.large_size), radius=args.radius,
             beads_at_160x=args.beads_at_160x, tiff_every=args.tiff_every,
             overwrite=args.overwrite, style=args.style, label_noise=args.label_noise,
         )
+    except GenerationError:
+        return cli.EXIT_FATAL  # logged, to the dataset's log file too
     except (FileExistsError, ValueError, OSError) as exc:
-        log.error("%s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return 2
+        return cli.fatal(log, "%s", str(exc).splitlines()[0] if str(exc) else
+                         type(exc).__name__)
     finally:
         mio.remove_log_handlers([handler])
     return 0

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import re
-import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +49,31 @@ GRID_RE = re.compile(r"^(?P<frame>.+?)[_\-]grid[_\-]?r(?P<row>\d+)[_\-]?c(?P<col
                      re.IGNORECASE)
 _DILUTION_RE = re.compile(r"(?:^|[_\-])(\d+)x(?=[_\-])", re.IGNORECASE)
 
-cv2.setNumThreads(max(1, (os.cpu_count() or 1)))
+
+def usable_cpus() -> int:
+    """CPUs this process should use: the smallest of its CPU affinity, ``NCPUS`` (PBS) and
+    ``OMP_NUM_THREADS``, at least 1.
+
+    ``os.cpu_count()`` is the whole node: on a PBS node shared by several jobs, as many
+    OpenCV threads as cores oversubscribe the allocation (and slow every job on it).
+    Unset, empty or non-positive variables are ignored.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        n = os.cpu_count() or 1
+    for var in ("NCPUS", "OMP_NUM_THREADS"):
+        try:
+            v = int(os.environ.get(var, "").strip() or 0)
+        except ValueError:
+            v = 0
+        if v > 0:
+            n = min(n, v)
+    return max(1, n)
+
+
+# OpenCV's own default is every core of the machine (see usable_cpus).
+cv2.setNumThreads(usable_cpus())
 
 
 class ImageReadError(Exception):
@@ -125,6 +149,20 @@ def list_images(directory: str | os.PathLike) -> list[Path]:
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: folder not found")
     return sorted(p for p in d.iterdir() if is_image_file(p))
+
+
+def skipped_entries(directory: str | os.PathLike) -> list[Path]:
+    """Entries directly inside ``directory`` that :func:`list_images` skips, sorted.
+
+    Non-hidden files without a supported image extension (``notes.txt``, ``frame.czi``) and
+    sub-folders (not searched). Hidden entries (``.DS_Store``) are not listed. Callers name
+    these as skipped rather than ignoring them silently. A missing folder gives ``[]``.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir()
+                  if not p.name.startswith(".") and not is_image_file(p))
 
 
 def stem_key(path: str | os.PathLike) -> str:
@@ -284,15 +322,80 @@ def read_image(path: str | os.PathLike, channels: int = 1) -> np.ndarray:
     return to_channels(_read_raw(Path(path)), channels)
 
 
-def binarize_mask(raw: np.ndarray) -> np.ndarray:
-    """Binarize a mask at half its maximum: ``uint8 (H, W)`` in ``{0, 1}``.
+#: Rules :func:`binarize_mask` applies (returned by :func:`mask_rule`).
+MASK_RULE_TWO_LEVEL = "two-level"  # <= 2 values: the upper one is foreground
+MASK_RULE_LABELS = "instance labels"  # ids 1..N: every non-zero pixel is foreground
+MASK_RULE_HALF_MAX = "half max"  # anti-aliased / resampled greyscale: >= max / 2
+# Share of the non-zero pixels below half max that must be flat (every non-zero 4-neighbour
+# holds the same value) for a multi-level integer mask to be read as labels. Measured on
+# drawn masks: instance labels 0.73 (300 overlapping discs in 160 px) to 1.0; smoothly
+# resized or anti-aliased 0/255 masks (area, linear, cubic; x0.5 to x6) <= 0.001, where every
+# low pixel is a step of a ramp; JPEG-compressed masks 0.12 (quality 50) to 0.49 (95).
+LABEL_FLAT_FRACTION = 0.6
 
-    Accepts {0,1}, {0,255}, {0,65535}, anti-aliased grayscale and 3/4-channel masks (any
-    channel set counts). An all-zero mask stays all-zero.
-    """
+
+def _mask_plane(raw: np.ndarray) -> np.ndarray:
+    """One ``(H, W)`` plane of a raw mask: the max over R, G, B (alpha ignored)."""
     a = np.asarray(raw)
     if a.ndim == 3:
         a = a[..., :3].max(axis=-1) if a.shape[-1] in (3, 4) else a[..., 0]
+    return a
+
+
+def _flat_low_fraction(a: np.ndarray) -> float:
+    """Share of the pixels with ``0 < v < max / 2`` whose non-zero 4-neighbours all equal v
+    (1.0 when there are none)."""
+    v = a.astype(np.int64, copy=False)
+    low = (v > 0) & (2 * v < int(v.max()))
+    n_low = int(np.count_nonzero(low))
+    if n_low == 0:
+        return 1.0
+    p = np.pad(v, 1)
+    flat = low.copy()
+    for nb in (p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]):
+        flat &= (nb == 0) | (nb == v)
+    return float(np.count_nonzero(flat)) / n_low
+
+
+def mask_rule(raw: np.ndarray) -> str:
+    """How :func:`binarize_mask` reads a raw mask: one of the ``MASK_RULE_*`` names.
+
+    * at most two distinct values (0/1, 0/255, 0/65535, empty): :data:`MASK_RULE_TWO_LEVEL`,
+      foreground = the upper value (= non-zero when the lower one is 0);
+    * integer values (integer dtype, or float holding whole numbers), more than two of them,
+      and the pixels below half the maximum form flat regions (at least
+      :data:`LABEL_FLAT_FRACTION` of them): :data:`MASK_RULE_LABELS`, an instance-label image
+      (``*_labels.tif``, Cellpose / StarDist output), foreground = non-zero. Cutting such an
+      image at half its maximum would drop every bead whose id is below N / 2;
+    * anything else with more than two values (anti-aliased or resampled masks, whose low
+      values are the steps of ramps between 0 and the maximum; probabilities):
+      :data:`MASK_RULE_HALF_MAX`, foreground = ``>= max / 2``.
+    """
+    a = _mask_plane(raw)
+    if a.size == 0:
+        return MASK_RULE_TWO_LEVEL
+    levels = np.unique(a)
+    if levels.size <= 2:
+        return MASK_RULE_TWO_LEVEL
+    whole = np.issubdtype(a.dtype, np.integer) or bool(np.all(np.mod(levels, 1) == 0))
+    if whole and levels[0] >= 0 and _flat_low_fraction(a) >= LABEL_FLAT_FRACTION:
+        return MASK_RULE_LABELS
+    return MASK_RULE_HALF_MAX
+
+
+def binarize_mask(raw: np.ndarray, rule: str | None = None) -> np.ndarray:
+    """Binarize a mask: ``uint8 (H, W)`` in ``{0, 1}``.
+
+    Accepts {0,1}, {0,255}, {0,65535}, anti-aliased grayscale, instance-label images and
+    3/4-channel masks (any channel set counts). ``rule`` (default: :func:`mask_rule`):
+    non-zero for :data:`MASK_RULE_LABELS`, ``>= max / 2`` otherwise. An all-zero mask stays
+    all-zero.
+    """
+    a = _mask_plane(raw)
+    if rule is None:
+        rule = mask_rule(a)
+    if rule == MASK_RULE_LABELS:
+        return (a > 0).astype(np.uint8)
     a = a.astype(np.float32)
     top = float(a.max()) if a.size else 0.0
     if top <= 0:
@@ -305,22 +408,25 @@ def mask_levels(raw: np.ndarray) -> np.ndarray:
     return np.unique(np.asarray(raw))
 
 
-def read_mask(path: str | os.PathLike, *, warn: bool = True) -> np.ndarray:
+def read_mask(path: str | os.PathLike, *, warn: bool = True, return_rule: bool = False):
     """Read and binarize a mask file: ``uint8 (H, W)`` in ``{0, 1}``.
 
-    Warns (naming the file) when the file holds more than two levels, e.g. an anti-aliased
-    or resampled mask, since that usually means it was resized with a smooth interpolator.
+    The rule is :func:`mask_rule`'s. With ``warn``, an anti-aliased or resampled mask (more
+    than two levels, read at half max) is a warning naming the file, since it usually means
+    the mask was resized with a smooth interpolator, and an instance-label image is logged
+    (INFO) with its number of ids. With ``return_rule``, returns ``(mask, rule)``.
     """
     p = Path(path)
     raw = _read_raw(p)
-    if warn:
-        levels = mask_levels(raw)
-        if levels.size > 2:
-            log.warning(
-                "%s: mask has %d grey levels (anti-aliased or resampled?); binarized at half max",
-                p, levels.size,
-            )
-    return binarize_mask(raw)
+    rule = mask_rule(raw)
+    if warn and rule == MASK_RULE_HALF_MAX:
+        log.warning("%s: mask has %d grey levels (anti-aliased or resampled?); binarized at "
+                    "half max", p, mask_levels(raw).size)
+    elif warn and rule == MASK_RULE_LABELS:
+        log.info("%s: instance-label image (%d ids); foreground = every non-zero pixel", p,
+                 mask_levels(_mask_plane(raw)).size - 1)
+    mask = binarize_mask(raw, rule)
+    return (mask, rule) if return_rule else mask
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -651,26 +757,34 @@ def atomic_write(path: str | os.PathLike, writer) -> None:
     """Write through ``writer(tmp_path)`` to a temporary file beside ``path``, then rename.
 
     A reader (resume, ``hpc_tools run_status``, a second job) sees the old file or the new
-    one, never half of it; a failed writer leaves ``path`` untouched.
+    one, never half of it; a failed writer leaves ``path`` untouched. The file gets the
+    mode a plain ``open(path, "w")`` would give (``0o666`` less the umask): the temporary
+    file is created with ``os.open(..., O_CREAT | O_EXCL, 0o666)``, so the kernel applies
+    the umask. Nothing reads or changes the process umask, which is shared by every thread
+    (prediction writes from up to 8 finisher threads at once). ``writer`` must write into
+    the existing file, not replace it (``open(t, "w")``, ``tifffile.imwrite``,
+    ``cv2.imwrite`` and ``zipfile`` all do).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+                                f"{path.suffix}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 uuid collisions
+        raise FileExistsError(f"{path}: could not create a temporary file beside it")
     try:
         writer(tmp)
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-_atomic_write = atomic_write  # older callers; to be removed
 
 
 def json_ready(obj):
@@ -723,8 +837,8 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     if p.suffix.lower() in (".tif", ".tiff"):
         # zlib level 1: less than half the time of the default level 6 on a 4K label image
         # (0.020 vs 0.046 s); the file is ~3.5x larger but still ~0.5 % of raw (91 kB).
-        _atomic_write(p, lambda t: tifffile.imwrite(t, arr, compression="zlib",
-                                                    compressionargs={"level": 1}))
+        atomic_write(p, lambda t: tifffile.imwrite(t, arr, compression="zlib",
+                                                   compressionargs={"level": 1}))
         return
     if arr.ndim == 3 and arr.shape[-1] == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
@@ -733,7 +847,7 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
         if not cv2.imwrite(t, arr):
             raise OSError(f"{p}: could not write image")
 
-    _atomic_write(p, _w)
+    atomic_write(p, _w)
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
@@ -820,181 +934,6 @@ def unique_path(path: str | os.PathLike) -> Path:
         if not cand.exists():
             return cand
         i += 1
-
-
-# --------------------------------------------------------------------------- tiling
-
-
-def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with >= ``overlap``.
-
-    Starts are multiples of ``align`` (the network's downsampling factor ``2**depth``, so
-    every tile sees the same pooling grid as the whole image; ``length - tile`` must then be
-    a multiple of ``align`` too, which :func:`predict_tiled` ensures by padding). The last
-    tile ends at ``length``: every pixel is covered and no tile leaves the image.
-    """
-    if tile <= 0 or overlap < 0 or overlap >= tile:
-        raise ValueError(f"need 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-    if length <= tile:
-        return [0]
-    if (length - tile) % align or tile % align:
-        raise ValueError(f"length - tile ({length - tile}) and tile must be multiples of {align}")
-    stride = max(align, (tile - overlap) // align * align)
-    n = int(np.ceil((length - tile) / stride)) + 1
-    return [min(i * stride, length - tile) for i in range(n)]
-
-
-def blend_ramp(tile: int, overlap: int, *, taper_start: bool = True,
-               taper_end: bool = True) -> np.ndarray:
-    """1-D blending weight of length ``tile`` (float64, in (0, 1]).
-
-    ~0 (1e-6) on the outer ``overlap // 2`` pixels of each tapered end, then a raised-cosine
-    ramp over the next ``overlap - overlap // 2`` pixels, 1 inside. The outer pixels of a
-    tile are where the network's zero padding distorts its output; a neighbouring tile
-    covers them with its interior (tiles overlap by >= ``overlap``), so blended probabilities
-    equal a whole-image prediction. An end that lies on the image border is not tapered:
-    there the tile sees exactly what the whole image sees.
-    """
-    w = np.ones(tile, dtype=np.float64)
-    if overlap > 0:
-        dead = overlap // 2
-        n_ramp = overlap - dead
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(n_ramp) + 0.5) / n_ramp)
-        edge = np.concatenate([np.zeros(dead), ramp])
-        if taper_start:
-            w[:overlap] = np.minimum(w[:overlap], edge)
-        if taper_end:
-            w[tile - overlap :] = np.minimum(w[tile - overlap :], edge[::-1])
-    return np.maximum(w, 1e-6)
-
-
-def blend_window(tile: int, overlap: int) -> np.ndarray:
-    """2-D ``(tile, tile)`` float32 window of an interior tile: outer product of
-    :func:`blend_ramp` with both ends tapered."""
-    r = blend_ramp(tile, overlap)
-    return np.outer(r, r).astype(np.float32)
-
-
-@dataclass
-class TilePlan:
-    """Where :func:`predict_tiled` puts its tiles for one image."""
-
-    tile_h: int
-    tile_w: int
-    pad_h: int  # rows of reflect padding added at the bottom
-    pad_w: int  # columns added at the right
-    ys: list[int]
-    xs: list[int]
-    overlap_h: int
-    overlap_w: int
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.ys) * len(self.xs)
-
-
-def plan_tiles(shape, tile_size: int = 256, overlap: int = 32, pad_multiple: int = 16) -> TilePlan:
-    """Tile layout for an image of ``shape`` ``(H, W, ...)``.
-
-    Each side is padded up to a multiple of ``pad_multiple`` (the network's downsampling
-    factor). A side that fits in ``tile_size`` is one tile; a longer side is split into the
-    fewest tiles of at most ``tile_size`` that overlap by >= ``overlap``, with the tile
-    length balanced so little is computed twice (1080 px with tile 1024 / overlap 64 -> two
-    tiles of 576, not two of 1024). Starts are multiples of ``pad_multiple``.
-    """
-    if tile_size % pad_multiple:
-        raise ValueError(f"tile_size {tile_size} must be a multiple of {pad_multiple}")
-
-    def side(n):
-        padded = int(np.ceil(n / pad_multiple) * pad_multiple)
-        if padded <= tile_size:
-            return padded, padded - n, [0], 0
-        ov = min(overlap, tile_size - pad_multiple)
-        k = int(np.ceil((padded - ov) / (tile_size - ov)))
-        t = int(np.ceil((padded + (k - 1) * ov) / k / pad_multiple) * pad_multiple)
-        t = min(t, tile_size)
-        return t, padded - n, tile_starts(padded, t, ov, pad_multiple), ov
-
-    th, ph, ys, ovh = side(int(shape[0]))
-    tw, pw, xs, ovw = side(int(shape[1]))
-    return TilePlan(th, tw, ph, pw, ys, xs, ovh, ovw)
-
-
-def predict_tiled(
-    image: np.ndarray,
-    predict_fn,
-    *,
-    tile_size: int = 256,
-    overlap: int = 32,
-    batch_size: int = 8,
-    pad_multiple: int = 16,
-    progress=None,
-) -> np.ndarray:
-    """Run ``predict_fn`` over overlapping tiles of a large image and blend the outputs.
-
-    Parameters
-    ----------
-    image : float32 ``(H, W, C)`` or ``(H, W)``
-        Already normalised (once, for the whole frame).
-    predict_fn : callable
-        ``(B, th, tw, C) float32 -> (B, th, tw) or (B, th, tw, 1)`` probabilities.
-    tile_size, overlap : int
-        Tile edge and minimum overlap in pixels (``tile_size`` must be a multiple of
-        ``pad_multiple``). Sides smaller than one tile are reflect-padded up to the next
-        multiple of ``pad_multiple`` and the padding is cropped off the result.
-    batch_size : int
-        Tiles per call; memory is bounded by this, not by the image size.
-    progress : callable or None
-        Called with the number of tiles done after each batch.
-
-    Returns
-    -------
-    float32 ``(H, W)`` probabilities, blended with :func:`blend_window` weights before any
-    threshold is applied.
-    """
-    x = np.asarray(image, dtype=np.float32)
-    if x.ndim == 2:
-        x = x[..., None]
-    h, w = x.shape[:2]
-    plan = plan_tiles(x.shape, tile_size, overlap, pad_multiple)
-    if plan.pad_h or plan.pad_w:
-        mode = "reflect" if (plan.pad_h < h and plan.pad_w < w) else "symmetric"
-        x = np.pad(x, ((0, plan.pad_h), (0, plan.pad_w), (0, 0)), mode=mode)
-    th, tw = plan.tile_h, plan.tile_w
-    H, W = x.shape[:2]
-
-    def ramp(start, t, length, ov):
-        return blend_ramp(t, ov, taper_start=start > 0, taper_end=start + t < length)
-
-    coords = [(y, xx) for y in plan.ys for xx in plan.xs]
-    # Every call gets the same number of tiles (the last batch is filled up with zero tiles
-    # whose output is dropped), so a compiled/traced network sees one shape per tile layout;
-    # a frame of fewer tiles than batch_size sends only its own tiles.
-    per_call = max(1, min(batch_size, len(coords)))
-    if len(coords) == 1:  # one tile: no blending, nothing computed twice
-        out = np.asarray(predict_fn(x[None, :th, :tw]), dtype=np.float32)
-        if progress is not None:
-            progress(1)
-        return np.array(out.reshape(th, tw)[:h, :w])
-    acc = np.zeros(x.shape[:2], np.float32)
-    wsum = np.zeros(x.shape[:2], np.float32)
-    for i in range(0, len(coords), per_call):
-        chunk = coords[i : i + per_call]
-        batch = np.stack([x[y : y + th, xx : xx + tw] for y, xx in chunk])
-        if len(chunk) < per_call:
-            batch = np.concatenate(
-                [batch, np.zeros((per_call - len(chunk),) + batch.shape[1:], batch.dtype)])
-        out = np.asarray(predict_fn(batch), dtype=np.float32)[: len(chunk)]
-        if out.ndim == 4:
-            out = out[..., 0]
-        for (y, xx), p in zip(chunk, out):
-            window = np.outer(ramp(y, th, H, plan.overlap_h),
-                              ramp(xx, tw, W, plan.overlap_w)).astype(np.float32)
-            acc[y : y + th, xx : xx + tw] += p * window
-            wsum[y : y + th, xx : xx + tw] += window
-        if progress is not None:
-            progress(len(chunk))
-    return (acc / np.maximum(wsum, 1e-12))[:h, :w]
 
 
 def suppress_tiff_warnings() -> None:

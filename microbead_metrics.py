@@ -7,8 +7,13 @@ summary and in the evaluation report comes from :func:`label_beads` everywhere.
 Conventions
 -----------
 * Binary masks: ``(H, W)`` arrays. bool / integer arrays are foreground where non-zero;
-  floating arrays (probabilities) are foreground where ``> threshold`` (default 0.5, the same
-  threshold as the Keras metrics in ``models.py``).
+  floating arrays (probabilities) are foreground where ``> threshold`` (default 0.5).
+* The threshold rule is one rule for the whole project: a pixel is bead when its
+  probability is *strictly above* the threshold (:func:`above_threshold`). The Keras metrics
+  (``models.jacard_coef`` ...), the trainer's validation scores and counts, the predictor's
+  masks and labels and the evaluation all use it; it is Keras' own (``BinaryIoU``) and
+  StarDist's (``prob > prob_thresh``) convention. A probability of exactly 0.5 is the
+  network's undecided value (logit 0) and counts as background at threshold 0.5.
 * Label images: integer ``(H, W)``; 0 background, any positive id an instance (ids need not
   be consecutive).
 
@@ -56,6 +61,11 @@ _SEED_SPACING_RADII = 0.7
 # --------------------------------------------------------------------------- helpers
 
 
+def above_threshold(prob, threshold: float) -> np.ndarray:
+    """The project's threshold rule: bool ``prob > threshold`` (same shape as ``prob``)."""
+    return np.asarray(prob) > threshold
+
+
 def as_binary(x, threshold: float = 0.5) -> np.ndarray:
     """Boolean foreground of a mask or probability map.
 
@@ -74,7 +84,7 @@ def as_binary(x, threshold: float = 0.5) -> np.ndarray:
     if a.dtype == bool:
         return a
     if np.issubdtype(a.dtype, np.floating):
-        return a > threshold
+        return above_threshold(a, threshold)
     return a != 0
 
 
@@ -737,3 +747,144 @@ def r2_identity(y_true: Iterable[float], y_pred: Iterable[float]) -> float:
     if ss_tot == 0:
         return float("nan")
     return 1.0 - float(((p - t) ** 2).sum()) / ss_tot
+
+
+# --------------------------------------------------------------------------- density bins
+#
+# One meaning of "density bin edges" everywhere (the trainer's and the evaluation's
+# ``--density_bins``, the analysis' recommended ``density_bins``): increasing object-count
+# edges ``e_1 < ... < e_k`` cut counts into ``k + 1`` bins, upper edge inclusive:
+# ``c <= e_1``, ``e_1 < c <= e_2``, ..., ``c > e_k`` (``np.digitize(..., right=True)``).
+
+DENSITY_MAX_BINS = 5
+DENSITY_MIN_PER_BIN = 2
+
+
+def density_bin_ids(counts, edges) -> np.ndarray:
+    """Bin of each count: 0 for ``c <= e_1``, ``i`` for ``e_i < c <= e_(i+1)``, ``k`` above.
+
+    Parameters
+    ----------
+    counts : array_like, shape (N,)
+        Objects per image.
+    edges : sequence of float
+        Bin edges (sorted here).
+
+    Returns
+    -------
+    int64 ``(N,)`` in ``0..len(edges)``; empty for no counts.
+    """
+    c = np.asarray(counts, dtype=np.float64).reshape(-1)
+    e = np.sort(np.asarray(list(edges), dtype=np.float64))
+    return np.digitize(c, e, right=True).astype(np.int64)
+
+
+def density_bin_names(edges) -> list[str]:
+    """Names of the ``len(edges) + 1`` bins as integer count ranges.
+
+    ``(0, 10, 50, 150)`` -> ``["0", "1-10", "11-50", "51-150", ">150"]``; fractional edges
+    name the counts they hold (``(2.5, 7.5)`` -> ``["0-2", "3-7", ">7"]``). A bin that
+    holds no integer count is named by its interval, e.g. ``"(2.2, 2.7]"``.
+    """
+    e = sorted(float(x) for x in edges)
+    names, low, prev = [], 0, None
+    for x in e:
+        high = math.floor(x)
+        if high < low:
+            names.append(f"(-inf, {x:g}]" if prev is None else f"({prev:g}, {x:g}]")
+        else:
+            names.append(str(low) if low == high else f"{low}-{high}")
+        low, prev = max(low, high + 1), x
+    names.append(f">{math.floor(e[-1])}" if e else "all")
+    return names
+
+
+def density_bin_name(count: float, edges) -> str:
+    """Name (see :func:`density_bin_names`) of the bin that holds ``count``."""
+    return density_bin_names(edges)[int(density_bin_ids([count], edges)[0])]
+
+
+def _merge_sparse_bins(c: np.ndarray, edges: list[float], min_per_bin: int) -> list[float]:
+    """Drop edges until every bin of ``edges`` (all of ``c`` inside the outer two) holds
+    ``>= min_per_bin`` counts or one bin is left; a sparse bin joins its smaller neighbour
+    (the lower one on a tie)."""
+    edges = list(edges)
+    while len(edges) > 2:
+        per_bin = np.bincount(density_bin_ids(c, edges[1:-1]), minlength=len(edges) - 1)
+        if per_bin.min() >= min_per_bin:
+            break
+        i = int(np.argmin(per_bin))
+        if i == 0:
+            del edges[1]
+        elif i == len(per_bin) - 1:
+            del edges[-2]
+        elif per_bin[i - 1] <= per_bin[i + 1]:
+            del edges[i]
+        else:
+            del edges[i + 1]
+    return edges
+
+
+def density_edges(counts, *, min_per_bin: int = DENSITY_MIN_PER_BIN,
+                  max_bins: int = DENSITY_MAX_BINS) -> list[float]:
+    """Stratification edges over objects per image, every stratum holding >= ``min_per_bin``.
+
+    Quantile bins (at most ``max_bins``, at most ``n // min_per_bin``); while a bin holds
+    fewer than ``min_per_bin`` images it is merged with its smaller neighbour. Edges are
+    half-integers (``k + 0.5``) so that no integer count sits on an edge: ``np.digitize``,
+    ``np.histogram`` and ``pandas.cut`` (either closed side) then agree on the strata.
+
+    Parameters
+    ----------
+    counts : array_like of int
+        Objects per image.
+
+    Returns
+    -------
+    list of float
+        Increasing edges ``[min - 0.5, ..., max + 0.5]`` (at least two); stratum ``i`` holds
+        counts in ``(edges[i], edges[i + 1])``, so ``np.histogram(counts, edges)`` gives the
+        stratum sizes. Under the edge meaning above the bins below the first and above the
+        last edge are empty. Empty list for no counts. With fewer than ``2 * min_per_bin``
+        images there is one stratum.
+    """
+    c = np.asarray(counts, dtype=np.float64).reshape(-1)
+    if c.size == 0:
+        return []
+    lo, hi = float(c.min()) - 0.5, float(c.max()) + 0.5
+    k = max(1, min(int(max_bins), c.size // max(1, int(min_per_bin))))
+    inner: list[float] = []
+    if k > 1:
+        q = np.quantile(c, np.linspace(0.0, 1.0, k + 1)[1:-1])
+        inner = [float(e) for e in np.unique(np.floor(q) + 0.5) if lo < e < hi]
+    return _merge_sparse_bins(c, [lo, *inner, hi], min_per_bin)
+
+
+def density_strata(counts, edges=None, *, min_per_stratum: int = DENSITY_MIN_PER_BIN,
+                   max_bins: int = DENSITY_MAX_BINS) -> np.ndarray:
+    """Density stratum of each image (for stratified train/validation splits).
+
+    Parameters
+    ----------
+    counts : array_like of int, shape (N,)
+        Objects per image.
+    edges : sequence of float or None
+        Bin edges in the meaning above (e.g. ``recommended_config.json``'s
+        ``density_bins`` or the trainer's ``--density_bins``); None -> :func:`density_edges`.
+    min_per_stratum : int
+        Sparse bins are merged into their smaller neighbour until every stratum holds at
+        least this many images (a dataset smaller than that gets one stratum).
+
+    Returns
+    -------
+    int64 ``(N,)`` of consecutive stratum ids ``0..S-1``, ordered by density.
+    """
+    c = np.asarray(counts, dtype=np.float64).reshape(-1)
+    if c.size == 0:
+        return np.zeros(0, np.int64)
+    if edges is None:
+        edges = density_edges(c, min_per_bin=min_per_stratum, max_bins=max_bins)
+    merged = _merge_sparse_bins(c, [-math.inf, *sorted(float(e) for e in edges), math.inf],
+                                min_per_stratum)
+    _, ids = np.unique(density_bin_ids(c, merged[1:-1]), return_inverse=True)
+    return ids.astype(np.int64)

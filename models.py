@@ -17,7 +17,9 @@ returned *uncompiled*. Only ``keras`` and ``keras.ops`` are used (never ``tf.*``
 stock Keras layers (no custom ``Layer`` or ``Lambda``), so the models run under the
 TensorFlow, JAX and PyTorch backends and load from legacy HDF5 without custom layer code.
 
-Metrics (``jacard_coef``, ``dice_coef``) threshold at 0.5 and return one value per image;
+Metrics (``jacard_coef``, ``dice_coef``) call a pixel foreground when its probability is
+``> threshold`` (default 0.5; the one rule of the project, as in ``microbead_metrics`` and the
+predictor; :func:`compile_model` takes the run's threshold) and return one value per image;
 losses return one value per image too. Keras averages per-sample values over every image of
 an epoch, so the logged epoch value is the exact mean over images.
 
@@ -73,7 +75,9 @@ __all__ = [
     "save_model",
     "soft_dice_coef",
     "soft_jaccard_coef",
+    "threshold_metrics",
     "tversky_loss",
+    "ThresholdedMetric",
 ]
 
 logger = logging.getLogger(__name__)
@@ -412,8 +416,15 @@ def _per_image(x):
     return ops.reshape(x, (ops.shape(x)[0], -1))
 
 
-def _binary(x):
-    return ops.cast(ops.greater(_per_image(x), 0.5), "float32")
+#: Truth masks are {0, 1}: 0.5 separates them whatever the prediction threshold is.
+_TRUTH_THRESHOLD = 0.5
+
+
+def _binary(x, threshold=0.5):
+    # Foreground is strictly above the threshold, as in keras.metrics.BinaryIoU, StarDist's
+    # ``prob > prob_thresh`` and microbead_metrics.as_binary: a probability of exactly 0.5
+    # (logit 0, the network undecided) is background at the default threshold.
+    return ops.cast(ops.greater(_per_image(x), threshold), "float32")
 
 
 def _ratio_or_one(numerator, denominator):
@@ -424,8 +435,8 @@ def _ratio_or_one(numerator, denominator):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-def jacard_coef(y_true, y_pred):
-    """Per-image Jaccard index (IoU) of masks thresholded at 0.5.
+def jacard_coef(y_true, y_pred, threshold=0.5):
+    """Per-image Jaccard index (IoU) of masks thresholded at ``threshold``.
 
     ``|T & P| / |T | P|`` over all non-batch axes of each image, with no smoothing term, so
     a sparse image scores what it really scores. An image where truth and prediction are both
@@ -436,7 +447,11 @@ def jacard_coef(y_true, y_pred):
     ----------
     y_true, y_pred : tensor
         Shape ``(batch, H, W)`` or ``(batch, H, W, 1)`` (ranks may differ), any real dtype;
-        values ``> 0.5`` are foreground. The first axis is always the batch.
+        truth values ``> 0.5`` and predicted values ``> threshold`` are foreground. The first
+        axis is always the batch.
+    threshold : float
+        Probability threshold of the prediction (the run's ``--threshold``; see
+        :func:`compile_model`).
 
     Returns
     -------
@@ -445,15 +460,15 @@ def jacard_coef(y_true, y_pred):
         is the batch value; as a compiled metric Keras averages the per-image values over all
         images of the epoch (exact mean over images, not a mean of batch means).
     """
-    t, p = _binary(y_true), _binary(y_pred)
+    t, p = _binary(y_true, _TRUTH_THRESHOLD), _binary(y_pred, threshold)
     intersection = ops.sum(t * p, axis=1)
     union = ops.sum(t, axis=1) + ops.sum(p, axis=1) - intersection
     return _ratio_or_one(intersection, union)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-def dice_coef(y_true, y_pred):
-    """Per-image Dice coefficient (F1) of masks thresholded at 0.5.
+def dice_coef(y_true, y_pred, threshold=0.5):
+    """Per-image Dice coefficient (F1) of masks thresholded at ``threshold``.
 
     ``2 |T & P| / (|T| + |P|)``; both empty -> 1, exactly one empty -> 0, no smoothing.
     Shapes, dtypes and averaging as in :func:`jacard_coef`.
@@ -463,21 +478,60 @@ def dice_coef(y_true, y_pred):
     tensor
         float32, shape ``(batch,)``, values in ``[0, 1]``.
     """
-    t, p = _binary(y_true), _binary(y_pred)
+    t, p = _binary(y_true, _TRUTH_THRESHOLD), _binary(y_pred, threshold)
     intersection = ops.sum(t * p, axis=1)
     total = ops.sum(t, axis=1) + ops.sum(p, axis=1)
     return _ratio_or_one(2.0 * intersection, total)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-def pred_fg(y_true, y_pred):
-    """Per-image fraction of pixels predicted as bead (``y_pred > 0.5``), shape ``(batch,)``.
+def pred_fg(y_true, y_pred, threshold=0.5):
+    """Per-image fraction of pixels predicted as bead (``y_pred > threshold``), ``(batch,)``.
 
     Logged as ``val_pred_fg``: the trainer's collapse detector compares it with the true
     foreground fraction, at no extra forward pass. ``y_true`` is unused.
     """
     del y_true
-    return ops.mean(_binary(y_pred), axis=1)
+    return ops.mean(_binary(y_pred, threshold), axis=1)
+
+
+_THRESHOLDED = {"jacard_coef": jacard_coef, "dice_coef": dice_coef, "pred_fg": pred_fg}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ThresholdedMetric(keras.metrics.Mean):
+    """Epoch mean of :func:`jacard_coef`, :func:`dice_coef` or :func:`pred_fg` at a threshold.
+
+    The metric is named after the function, so the history keys stay ``jacard_coef`` /
+    ``val_jacard_coef`` whatever the threshold; the threshold is part of the saved config,
+    so a compiled model reloaded for resuming scores exactly as before.
+
+    Parameters
+    ----------
+    metric : {"jacard_coef", "dice_coef", "pred_fg"}
+    threshold : float
+        Probability above which a predicted pixel is foreground.
+    """
+
+    def __init__(self, metric: str = "jacard_coef", threshold: float = 0.5, name=None,
+                 dtype=None):
+        if metric not in _THRESHOLDED:
+            raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(_THRESHOLDED)}")
+        super().__init__(name=name or metric, dtype=dtype)
+        self.metric = metric
+        self.threshold = float(threshold)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        values = _THRESHOLDED[self.metric](y_true, y_pred, threshold=self.threshold)
+        return super().update_state(values, sample_weight=sample_weight)
+
+    def get_config(self):
+        return {**super().get_config(), "metric": self.metric, "threshold": self.threshold}
+
+
+def threshold_metrics(threshold: float = 0.5) -> list:
+    """``[jacard_coef, dice_coef, pred_fg]`` as :class:`ThresholdedMetric` at ``threshold``."""
+    return [ThresholdedMetric(name, threshold) for name in _THRESHOLDED]
 
 
 # The losses use soft (unthresholded) overlaps with smooth = 1, i.e. one pixel. In a loss it
@@ -634,10 +688,11 @@ CUSTOM_OBJECTS: dict[str, Callable] = {
     for fn in (jacard_coef, dice_coef, pred_fg, soft_dice_coef, soft_jaccard_coef,
                *LOSSES.values())
 }
+CUSTOM_OBJECTS["ThresholdedMetric"] = ThresholdedMetric
 
 
 def compile_model(model: keras.Model, *, lr: float = 1e-4, loss: str | Callable = "dice",
-                  **compile_kwargs) -> keras.Model:
+                  threshold: float = 0.5, **compile_kwargs) -> keras.Model:
     """Compile with Adam, a loss from :func:`get_loss`, metrics ``jacard_coef, dice_coef, pred_fg``.
 
     Parameters
@@ -648,6 +703,11 @@ def compile_model(model: keras.Model, *, lr: float = 1e-4, loss: str | Callable 
         Adam learning rate.
     loss : str or callable
         Loss name for :func:`get_loss`, or a ``loss(y_true, y_pred)`` callable.
+    threshold : float
+        Probability threshold of the metrics (:func:`threshold_metrics`): the run's
+        ``--threshold``, so early stopping, the learning-rate plateau and the best-model
+        checkpoint, which all monitor ``val_jacard_coef``, score the masks prediction will
+        write.
     **compile_kwargs
         Passed to ``model.compile`` (e.g. ``jit_compile``).
 
@@ -658,7 +718,7 @@ def compile_model(model: keras.Model, *, lr: float = 1e-4, loss: str | Callable 
         ``pred_fg`` (and their ``val_`` versions).
     """
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=get_loss(loss),
-                  metrics=[jacard_coef, dice_coef, pred_fg], **compile_kwargs)
+                  metrics=threshold_metrics(threshold), **compile_kwargs)
     return model
 
 

@@ -49,13 +49,14 @@ ar_merge() {
         [[ -s $f ]] && run_dirs+=("$(head -n 1 "$f")")
     done
     mb_log "merging ${#run_dirs[@]} of $n_models finished subjob(s) -> $merge_dir"
-    mb_py "$SCRIPT_DIR/hpc_tools.py" merge-summaries --output_dir "$merge_dir" \
+    # --overwrite: the folder also holds the subjob registry; only the merged table is replaced.
+    mb_py "$SCRIPT_DIR/hpc_tools.py" merge-summaries --output_dir "$merge_dir" --overwrite \
         --expect "$n_models" --allow_missing "${run_dirs[@]}" || rc=$?
     ((rc == 0)) || mb_die "merging the summaries failed (exit $rc)"
     if ((${#run_dirs[@]} == n_models)); then
         mb_log "all $n_models subjobs finished: comparison plots -> $merge_dir/training_analysis"
         mb_py "$SCRIPT_DIR/plot_training_curves.py" "${run_dirs[@]}" \
-            --output_dir "$merge_dir/training_analysis" || rc=$?
+            --output_dir "$merge_dir/training_analysis" --overwrite || rc=$?
         ((rc == 0)) || mb_die "plot_training_curves.py failed on the merged runs (exit $rc)"
     fi
 }

@@ -367,8 +367,9 @@ mb_train() {
 mb_post_run() {
     local rc=0
     mb_log "training curves -> $RUN_DIR/training_analysis"
+    # --overwrite: a resubmitted job redraws the figures (only the plotter's own files).
     mb_py "$SCRIPT_DIR/plot_training_curves.py" "$RUN_DIR" \
-        --output_dir "$RUN_DIR/training_analysis" || rc=$?
+        --output_dir "$RUN_DIR/training_analysis" --overwrite || rc=$?
     ((rc == 0)) || mb_die "plot_training_curves.py failed (exit $rc); the trained models in" \
         "$RUN_DIR are intact"
     mb_log "summary:"

@@ -27,6 +27,11 @@ Outputs (in ``--output_dir``; default ``RUN_DIR/training_analysis/`` for one run
 ``detailed_training_analysis.png`` (12 panels), ``learning_rate.png``, ``run_comparison.png``
 (only with several runs), ``epoch_by_epoch_comparison.csv``,
 ``training_summary_statistics.csv``, ``TRAINING_REPORT.md`` and ``plot_training_curves.log``.
+An existing non-empty output folder is refused unless ``--overwrite``, which replaces only
+these files.
+
+Exit status: 0 every input plotted; 1 some inputs skipped (each named in the log and the
+report); 2 nothing to plot, or an unusable output folder.
 
 Statistics (per run and model, computed from the history only)
 --------------------------------------------------------------
@@ -67,38 +72,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+import cli  # noqa: E402
+import microbead_config as mcfg  # noqa: E402  (history reader, previous-run reference)
 import microbead_io as mio  # noqa: E402  (logging helpers only; no image I/O here)
 
 log = logging.getLogger("microbead.plot_training_curves")
 
 # Reference lines on every Jaccard figure: the best val Jaccard of the previous (seed) run and
 # the project's target.
-PREVIOUS_BEST_VAL_JACCARD = 0.1427
+PREVIOUS_BEST_VAL_JACCARD = mcfg.PREVIOUS_BEST_VAL_JACCARD
 TARGET_VAL_JACCARD = 0.50
 
 STABILITY_WINDOW = 10
 COLLAPSE_FRACTION = 0.10
 
-# Internal schema every history is normalised to (see normalize_history).
-HISTORY_COLUMNS = (
-    "epoch",
-    "loss",
-    "jacard_coef",
-    "dice_coef",
-    "val_loss",
-    "val_jacard_coef",
-    "val_dice_coef",
-    "learning_rate",
-    "epoch_time_s",
-)
+# Internal schema every history is normalised to (see normalize_history): the trainer's
+# columns without its collapse diagnostics (val_pred_fg / val_true_fg are not plotted).
+HISTORY_COLUMNS = tuple(c for c in mcfg.HISTORY_COLUMNS if c not in ("val_pred_fg",
+                                                                      "val_true_fg"))
 OPTIONAL_EXTRA_COLUMNS = ("accuracy", "val_accuracy")
-REQUIRED_COLUMNS = ("loss", "jacard_coef", "val_loss", "val_jacard_coef")
-# Old CSVLogger spellings -> internal names.
-COLUMN_ALIASES = {
-    "lr": "learning_rate",
-    "jaccard_coef": "jacard_coef",
-    "val_jaccard_coef": "val_jacard_coef",
-}
+REQUIRED_COLUMNS = mcfg.REQUIRED_HISTORY_COLUMNS
 HISTORY_SUFFIXES = ("_history", "_log")
 
 KNOWN_MODELS = ("unet", "attention_unet", "attention_resunet")
@@ -133,6 +126,9 @@ TABLE_EPOCHS = "epoch_by_epoch_comparison.csv"
 TABLE_STATS = "training_summary_statistics.csv"
 REPORT = "TRAINING_REPORT.md"
 LOG_FILE = "plot_training_curves.log"
+#: What this script writes into --output_dir (--overwrite removes these, nothing else).
+OUTPUT_FILES = (FIG_CURVES, FIG_PERFORMANCE, FIG_DETAILED, FIG_LR, FIG_RUNS, TABLE_EPOCHS,
+                TABLE_STATS, REPORT, LOG_FILE)
 TRAINER_SUMMARY = "training_summary.csv"
 # Never mistaken for histories (the trainer's summaries, and our own tables when an output
 # folder is a run folder).
@@ -163,8 +159,7 @@ _CSV_ERRORS = (
 )
 
 
-class HistoryError(Exception):
-    """A history file or run folder cannot be used; ``str(err)`` is one line naming it."""
+HistoryError = mcfg.HistoryError  # one line naming the file or run folder
 
 
 @dataclass
@@ -226,34 +221,22 @@ def normalize_history(raw: pd.DataFrame, source: str = "history") -> pd.DataFram
         No rows, a required column (:data:`REQUIRED_COLUMNS`) missing, or no numeric
         ``val_jacard_coef`` value. The message names ``source``.
     """
-    frame = raw.copy()
-    frame.columns = [str(c).strip() for c in frame.columns]
-    frame = frame.rename(columns={k: v for k, v in COLUMN_ALIASES.items() if v not in frame})
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise HistoryError(f"{source}: missing column(s) {', '.join(missing)}")
-    if len(frame) == 0:
-        raise HistoryError(f"{source}: no epochs (header only)")
+    rows = mcfg.normalize_history(list(raw.columns), raw.itertuples(index=False),
+                                  source, required=REQUIRED_COLUMNS)
+    return _history_frame(rows, source)
 
-    out = pd.DataFrame(index=range(len(frame)))
-    if "epoch" in frame.columns:
-        epoch = pd.to_numeric(frame["epoch"], errors="coerce").to_numpy()
-        if np.isnan(epoch).any():
-            raise HistoryError(f"{source}: non-numeric values in the epoch column")
-        if epoch.min() == 0:
-            epoch = epoch + 1
-        out["epoch"] = epoch.astype(np.int64)
-    else:
-        out["epoch"] = np.arange(1, len(frame) + 1, dtype=np.int64)
+
+def _history_frame(rows: list[dict], source: str) -> pd.DataFrame:
+    """The internal schema from :func:`microbead_config.normalize_history` rows."""
+    out = pd.DataFrame({"epoch": np.array([r["epoch"] for r in rows], dtype=np.int64)})
     for col in HISTORY_COLUMNS[1:] + OPTIONAL_EXTRA_COLUMNS:
-        if col in frame.columns:
-            out[col] = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=float)
+        if col in rows[0]:
+            out[col] = np.array([r[col] for r in rows], dtype=float)
         elif col in HISTORY_COLUMNS:
             out[col] = np.nan
     if out["val_jacard_coef"].isna().all():
         raise HistoryError(f"{source}: no numeric val_jacard_coef value")
-    out = out.drop_duplicates("epoch", keep="last").sort_values("epoch", kind="stable")
-    return out.reset_index(drop=True)
+    return out
 
 
 def read_history(path: str | Path) -> pd.DataFrame:
@@ -274,15 +257,8 @@ def read_history(path: str | Path) -> pd.DataFrame:
     HistoryError
         Unreadable, empty or malformed file; the one-line message names the file.
     """
-    path = Path(path)
-    try:
-        raw = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise HistoryError(f"{path}: empty file") from None
-    except _CSV_ERRORS as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HistoryError(f"{path}: cannot read CSV ({reason})") from None
-    return normalize_history(raw, source=str(path))
+    rows = mcfg.read_history(path, strict=True)
+    return _history_frame(rows, str(path))
 
 
 def model_name_from_path(path: str | Path) -> str:
@@ -1140,33 +1116,40 @@ def default_output_dir(run_dirs: list[str | Path], now: _dt.datetime | None = No
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Figures, statistics tables and a report computed from training histories.",
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="training run folder(s); k-fold folders with fold_*/ subfolders work")
-    p.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
+    cli.add_option(p, "output_dir", default=None,
                    help="default: RUN_DIR/training_analysis for one run, "
                         "./training_comparison_YYYYMMDD_HHMMSS for several")
-    p.add_argument("--dpi", type=int, default=120, help="PNG resolution (default 120)")
+    cli.add_option(p, "dpi", type=int, default=120, help="PNG resolution")
+    cli.add_overwrite(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    """Exit 0: every input plotted; 1: some inputs skipped (each named); 2: nothing to plot
+    or an unusable output folder."""
     args = parse_args(argv)
     handlers = [mio.add_log_handler()]
+    out = Path(args.output_dir) if args.output_dir else default_output_dir(args.run_dirs)
     try:
+        try:
+            cli.prepare_output_dir(out, OUTPUT_FILES, overwrite=args.overwrite,
+                                   log_name=LOG_FILE)
+        except cli.OutputDirError as exc:
+            return cli.fatal(log, "%s", exc)
+        except OSError as err:
+            return cli.fatal(log, "%s: cannot create output folder (%s)", out,
+                             err.strerror or err)
+        handlers.append(mio.add_log_handler(out / LOG_FILE, mode="w"))
         histories, errors = load_histories(args.run_dirs)
         for msg in errors:
             log.error(msg)
         if not histories:
-            log.error("nothing to plot: no usable history in %s", ", ".join(args.run_dirs))
-            return 1
-        out = Path(args.output_dir) if args.output_dir else default_output_dir(args.run_dirs)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            log.error("%s: cannot create output folder (%s)", out, err.strerror or err)
-            return 1
-        handlers.append(mio.add_log_handler(out / LOG_FILE, mode="w"))
+            return cli.fatal(log, "nothing to plot: no usable history in %s",
+                             ", ".join(args.run_dirs))
         log.info("%d history file(s) from %d run(s) -> %s", len(histories),
                  len({h.run for h in histories}), out)
 
@@ -1198,7 +1181,8 @@ def main(argv=None) -> int:
                                            float(row["best_val_jacard"]), row["best_epoch"]))
         if errors:
             log.warning("%d input(s) skipped:\n  %s", len(errors), "\n  ".join(errors))
-        return 0
+            return cli.EXIT_PARTIAL
+        return cli.EXIT_OK
     finally:
         mio.remove_log_handlers(handlers)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import math
@@ -45,9 +46,24 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
+import microbead_config as mcfg
 import microbead_io as mio
+import tiling
 
 log = logging.getLogger("microbead.predict")
+
+LOG_NAME = "prediction.log"
+#: Every file predict writes in --output_dir (globs). --overwrite removes these first, and
+#: nothing else: a stale mask of a frame no longer in --input_dir would otherwise be paired
+#: by evaluate_predictions.py as if it were a fresh prediction.
+OUTPUT_FILES = (
+    "masks/*_mask.png", "labels/*_labels.tif", "overlays/*_overlay.png",
+    "comparisons/*_comparison.png", "prob/*_prob.tif", "beads/*_beads.csv",
+    "rois/*_rois.zip", "geojson/*.geojson", "ome/*.ome.tif",
+    "prediction_summary.csv", "prediction_summary.txt", "prediction_config.json",
+    "dilution_counts.csv", "dilution_counts.png", LOG_NAME,
+)
 
 SUMMARY_COLUMNS = (
     "file", "width", "height", "dilution", "beads", "n_components", "coverage_pct",
@@ -58,48 +74,18 @@ SUMMARY_COLUMNS = (
 # training beads is probably at another pixel scale: counts are then unreliable.
 SCALE_RATIO_RANGE = (0.6, 1.6)
 MIN_BEADS_FOR_SCALE = 5
-CONFIG_SECTIONS = {
-    "format_version", "models", "preprocessing", "postprocessing", "training", "data",
-    "environment",
-}
-PREPROCESSING_KEYS = {
-    "channels", "input_size", "stored_tile_size", "pixel_scale", "scale", "normalization",
-    "pad_multiple", "pixel_scale_source", "scale_source", "channel_mode",
-}
-POSTPROCESSING_KEYS = {"threshold", "median_bead_area_px", "median_bead_area_native_px"}
 
 
 # ----------------------------------------------------------------------------- config / model
 
 
 def read_run_config(path: Path) -> dict:
-    """Read and validate a run's ``config.json``; unknown keys are an error."""
+    """A run's ``config.json``, validated by :func:`microbead_config.read_run_config`
+    (unknown or missing keys are an error); exits naming the file and the keys."""
     try:
-        cfg = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"error: {path}: cannot read config ({exc})") from None
-    problems = []
-    unknown = set(cfg) - CONFIG_SECTIONS
-    if unknown:
-        problems.append(f"unknown sections {sorted(unknown)}")
-    pre, post = cfg.get("preprocessing"), cfg.get("postprocessing")
-    if not isinstance(pre, dict) or not isinstance(post, dict):
-        problems.append("missing 'preprocessing' or 'postprocessing'")
-    else:
-        if set(pre) - PREPROCESSING_KEYS:
-            problems.append(f"unknown preprocessing keys {sorted(set(pre) - PREPROCESSING_KEYS)}")
-        if set(post) - POSTPROCESSING_KEYS:
-            problems.append(
-                f"unknown postprocessing keys {sorted(set(post) - POSTPROCESSING_KEYS)}")
-        for key in ("channels", "scale", "pixel_scale", "normalization"):
-            if key not in pre:
-                problems.append(f"preprocessing.{key} missing")
-        for key in ("threshold", "median_bead_area_px"):
-            if key not in post:
-                problems.append(f"postprocessing.{key} missing")
-    if problems:
-        raise SystemExit(f"error: {path}: " + "; ".join(problems))
-    return cfg
+        return mcfg.read_run_config(path)
+    except mcfg.ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def resolve_model(model_arg: str) -> tuple[Path, Path, str]:
@@ -110,15 +96,14 @@ def resolve_model(model_arg: str) -> tuple[Path, Path, str]:
     """
     p = Path(model_arg)
     if p.is_dir():
-        summary = p / "training_summary.csv"
+        summary = p / mcfg.SUMMARY_FILE
         if not summary.is_file():
             raise SystemExit(f"error: {summary}: not found; pass a model file instead")
-        with open(summary, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if r.get("best_val_jacard")]
+        rows = [r for r in mcfg.read_summary(summary) if r.get("best_val_jacard")]
         if not rows:
             raise SystemExit(f"error: {summary}: no finished model listed")
         best = max(rows, key=lambda r: float(r["best_val_jacard"]))
-        folder = p / f"fold_{int(best['fold']):02d}" if best.get("fold") else p
+        folder = mcfg.fold_dir(p, int(best["fold"])) if best.get("fold") else p
         model_path = folder / f"best_{best['model']}_model.hdf5"
         if not model_path.is_file():
             model_path = model_path.with_suffix(".keras")
@@ -129,7 +114,7 @@ def resolve_model(model_arg: str) -> tuple[Path, Path, str]:
         model_path, note = p, f"model file {p}"
     if not model_path.is_file():
         raise SystemExit(f"error: {model_path}: model file not found")
-    cfg = model_path.parent / "config.json"
+    cfg = model_path.parent / mcfg.CONFIG_FILE
     if not cfg.is_file():
         raise SystemExit(
             f"error: {cfg}: not found next to {model_path.name}. Prediction rebuilds "
@@ -214,7 +199,7 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
     thr = float(post["threshold"] if threshold is None else threshold)
     h, w = native_shape[:2]
     prob = mio.resize_image(prob_small, (h, w)) if prob_small.shape != (h, w) else prob_small
-    mask = (prob >= thr).astype(np.uint8)
+    mask = microbead_metrics.above_threshold(prob, thr).astype(np.uint8)
     scale = float(pre["scale"])
     area_native = float(post.get("median_bead_area_native_px")
                         or post["median_bead_area_px"] / scale ** 2)
@@ -223,7 +208,8 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
     # dense frames at native scale cost more than the forward pass). The ids are then carried
     # to native resolution and clipped to the native mask's outline.
     labels_small = microbead_metrics.label_beads(
-        (prob_small >= thr).astype(np.uint8), median_area=float(post["median_bead_area_px"]),
+        microbead_metrics.above_threshold(prob_small, thr).astype(np.uint8),
+        median_area=float(post["median_bead_area_px"]),
         prob=prob_small)
     labels = mio.resize_labels(labels_small, (h, w)) if labels_small.shape != (h, w) \
         else labels_small
@@ -237,7 +223,8 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
         lut = np.zeros(present.size, labels.dtype)
         lut[present] = np.arange(1, n + 1, dtype=labels.dtype)
         labels = lut[labels]
-    ratio = bead_area_ratio(prob_small >= thr, float(post["median_bead_area_px"]))
+    ratio = bead_area_ratio(microbead_metrics.above_threshold(prob_small, thr),
+                            float(post["median_bead_area_px"]))
     n_comp = microbead_metrics.count_components(mask)
     fg = int(mask.sum())
     return {
@@ -285,22 +272,39 @@ def predict_frame(image: np.ndarray, predict_fn, cfg: dict, *, tile_size: int, o
 
     ``image``: float32 ``(H, W, C)`` in its stored value range (``microbead_io.read_image``);
     ``predict_fn``: ``(B, t, t, C) -> (B, t, t[, 1])`` probabilities. The three stages
-    (:func:`preprocess_frame`, ``microbead_io.predict_tiled``, :func:`finish_frame`) run one
+    (:func:`preprocess_frame`, ``tiling.predict_tiled``, :func:`finish_frame`) run one
     after the other; :func:`predict_files` runs the same stages overlapped across frames.
     Returns :func:`finish_frame`'s dict.
     """
     x = preprocess_frame(image, cfg["preprocessing"])
-    prob_small = mio.predict_tiled(
+    prob_small = tiling.predict_tiled(
         x, predict_fn, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
         pad_multiple=int(cfg["preprocessing"].get("pad_multiple", 16)), progress=progress,
     )
     return finish_frame(prob_small, image.shape, cfg, threshold)
 
 
+def network_depth(model, pad_multiple: int = 16) -> int:
+    """Pooling levels of a Keras model (its ``MaxPooling2D`` layers: the ``models.py``
+    U-Nets' ``depth``); for a model without any, ``log2(pad_multiple)`` from the config."""
+    n = sum(type(layer).__name__ == "MaxPooling2D" for layer in model.layers)
+    return int(n) if n else int(round(math.log2(max(1, int(pad_multiple)))))
+
+
+def resolve_overlap(overlap: int | None, depth: int) -> tuple[int, str]:
+    """Tile overlap and where it came from: ``--overlap`` when given, else
+    ``tiling.default_overlap(depth)`` (half of it covers the receptive field)."""
+    if overlap is not None:
+        return int(overlap), "--overlap"
+    return (tiling.default_overlap(depth),
+            f"default: receptive field of the depth-{depth} network, "
+            f"{tiling.receptive_field(depth)} px, rounded up to a multiple of {2 ** depth}")
+
+
 def make_keras_predict_fn(model):
     """Batch predictor ``(B, t, t, C) -> (B, t, t[, 1])`` for a Keras model.
 
-    ``microbead_io.predict_tiled`` already sends a fixed number of tiles per call (its last
+    ``tiling.predict_tiled`` already sends a fixed number of tiles per call (its last
     batch filled up with zero tiles), so the traced / compiled network sees one shape per
     tile layout; nothing is padded here.
     """
@@ -389,6 +393,32 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, res: dict, *,
 
 # ----------------------------------------------------------------------------- many frames
 
+class UnusableImageError(ValueError):
+    """A frame that reads fine but holds nothing to segment; the message names the file."""
+
+
+def check_usable(image: np.ndarray, path) -> None:
+    """Raise :class:`UnusableImageError` for a frame with non-finite (NaN / inf) pixels or
+    one value everywhere.
+
+    Either way the network would get a meaningless input (NaN spreads through the
+    normalisation, a constant frame normalises to all zeros) and the row would read
+    ``ok, 0 beads``: a count of zero that is not a measurement.
+    """
+    x = np.asarray(image)
+    if x.size == 0:
+        raise UnusableImageError(f"{path}: unusable image: no pixels")
+    finite = np.isfinite(x)
+    if not finite.all():
+        n_bad = int(x.size - np.count_nonzero(finite))
+        what = "every pixel" if n_bad == x.size else f"{n_bad} of {x.size} pixel values"
+        raise UnusableImageError(f"{path}: unusable image: {what} NaN or infinite")
+    lo, hi = float(x.min()), float(x.max())
+    if lo == hi:
+        raise UnusableImageError(f"{path}: unusable image: constant (every pixel {lo:g}), "
+                                 "nothing to segment")
+
+
 #: Errors that fail one image (reported by name, the rest still processed).
 FRAME_ERRORS = (mio.ImageReadError, OSError, ValueError, MemoryError)
 #: Nice value added to the pipeline's worker threads (reading, bead splitting, writing).
@@ -453,7 +483,7 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
     """Predict every file and write its outputs; one summary row per file, in input order.
 
     Three stages per frame: *load* (read + :func:`preprocess_frame`), *forward*
-    (``microbead_io.predict_tiled`` with ``predict_fn``, on the calling thread) and *finish*
+    (``tiling.predict_tiled`` with ``predict_fn``, on the calling thread) and *finish*
     (:func:`finish_frame` + :func:`write_outputs`). With ``pipelined`` the next frames are
     loaded and the previous ones finished on worker threads while the current frame's tiles
     go through the network, so file I/O and bead splitting hide behind the forward passes.
@@ -479,6 +509,8 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
 
     import cv2
 
+    import microbead_metrics
+
     pre = cfg["preprocessing"]
     channels, pad = int(pre["channels"]), int(pre.get("pad_multiple", 16))
     files = [Path(f) for f in files]
@@ -487,20 +519,21 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
     def load(path):
         t = time.perf_counter()
         image = mio.read_image(path, channels=channels)
+        check_usable(image, path)
         return image, preprocess_frame(image, pre), time.perf_counter() - t
 
     thr = float(cfg["postprocessing"]["threshold"] if threshold is None else threshold)
     train_area = float(cfg["postprocessing"]["median_bead_area_px"])
 
     def tiled(x):
-        return mio.predict_tiled(x, predict_fn, tile_size=tile_size, overlap=overlap,
+        return tiling.predict_tiled(x, predict_fn, tile_size=tile_size, overlap=overlap,
                                  batch_size=batch_size, pad_multiple=pad)
 
     def forward(image, x):
         prob = tiled(x)
         scale = float(pre["scale"])
         if auto_scale:
-            ratio = bead_area_ratio(prob >= thr, train_area)
+            ratio = bead_area_ratio(microbead_metrics.above_threshold(prob, thr), train_area)
             if scale_warning(ratio):
                 scale *= float(np.clip(ratio ** -0.5, 0.25, 4.0))
                 prob = tiled(preprocess_frame(image, {**pre, "scale": scale}))
@@ -562,12 +595,9 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
 def default_workers() -> int:
     """Load and finish threads each: half the CPUs this process may use, 1 to 8 (1 on a
     2-core machine, where the network needs both cores). On an H100 node with 16 CPUs,
-    figures on, 4 workers gave 0.42 s/frame and 8 gave 0.24 s/frame."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus // 2))
+    figures on, 4 workers gave 0.42 s/frame and 8 gave 0.24 s/frame. CPUs as
+    :func:`microbead_io.usable_cpus` counts them (affinity, ``NCPUS``, ``OMP_NUM_THREADS``)."""
+    return max(1, min(8, mio.usable_cpus() // 2))
 
 
 def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int = 1) -> None:
@@ -612,20 +642,39 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
 def fit_dilution_series(dilutions, counts) -> dict:
     """Least-squares fit of log10(count) = a + b log10(dilution) over images with count > 0.
 
-    A perfect dilution series has slope b = -1 (half the beads per doubling).
+    A perfect dilution series has slope b = -1 (half the beads per doubling). Returns
+    ``slope``, ``intercept``, ``r2``, ``n`` (images used) and ``skipped``: "" when fitted,
+    else why no line was fitted (fewer than two images with beads, or one dilution only:
+    a line through one dilution has no slope), with NaN numbers.
     """
     d = np.asarray(dilutions, float)
     c = np.asarray(counts, float)
     ok = (d > 0) & (c > 0)
-    if ok.sum() < 2 or np.unique(d[ok]).size < 2:
+    levels = np.unique(d[ok])
+    skipped = ""
+    if levels.size == 1:
+        skipped = (f"every image with beads is at one dilution ({levels[0]:g}x); a slope "
+                   "needs at least two dilutions")
+    elif levels.size == 0:
+        skipped = "no image with beads and a dilution in its name"
+    if skipped:
         return {"slope": float("nan"), "intercept": float("nan"), "r2": float("nan"),
-                "n": int(ok.sum())}
+                "n": int(ok.sum()), "skipped": skipped}
     x, y = np.log10(d[ok]), np.log10(c[ok])
     b, a = np.polyfit(x, y, 1)
     resid = y - (a + b * x)
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
-    return {"slope": float(b), "intercept": float(a), "r2": r2, "n": int(ok.sum())}
+    return {"slope": float(b), "intercept": float(a), "r2": r2, "n": int(ok.sum()),
+            "skipped": ""}
+
+
+def dilution_fit_text(fit: dict) -> str:
+    """One line on a :func:`fit_dilution_series` result, for the log and the summary."""
+    if fit.get("skipped"):
+        return f"dilution series: no fit ({fit['skipped']})"
+    return (f"dilution series: log-log slope {fit['slope']:.3f} (ideal -1), "
+            f"R² {fit['r2']:.3f} over {fit['n']} images")
 
 
 def write_dilution_outputs(out_dir: Path, rows: list[dict]) -> dict | None:
@@ -659,7 +708,9 @@ def write_dilution_outputs(out_dir: Path, rows: list[dict]) -> dict | None:
     ax.set_yscale("log")
     ax.set_xlabel("dilution (x)")
     ax.set_ylabel("beads per image")
-    ax.set_title("Bead count across the dilution series")
+    ax.set_title("Bead count across the dilution series"
+                 + ("\n(no line fitted: see prediction_summary.txt)" if fit["skipped"]
+                    else ""), fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "dilution_counts.png", dpi=110)
@@ -698,8 +749,7 @@ def write_summaries(out_dir: Path, rows: list[dict], meta: dict, fit: dict | Non
         lines += ["", f"total beads: {sum(r['beads'] for r in ok)}; mean per image "
                       f"{np.mean([r['beads'] for r in ok]):.1f}"]
     if fit:
-        lines.append(f"dilution series: log-log slope {fit['slope']:.3f} (ideal -1), "
-                     f"R² {fit['r2']:.3f} over {fit['n']} images")
+        lines.append(dilution_fit_text(fit))
     (out_dir / "prediction_summary.txt").write_text("\n".join(lines) + "\n")
 
 
@@ -707,12 +757,9 @@ def write_summaries(out_dir: Path, rows: list[dict], meta: dict, fit: dict | Non
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-
-    def add(name, **kw):
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        p.add_argument(*flags, dest=name, **kw)
-
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=cli.HelpFormatter)
+    add = functools.partial(cli.add_option, p)
     add("model", required=True, help="model file (.hdf5/.keras) or run folder")
     add("input_dir", required=True, help="folder of images to predict")
     add("output_dir", required=True, help="folder for the outputs (created)")
@@ -720,7 +767,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("tile_size", type=int, default=2048,
         help="max tile edge in model pixels (a 3840x2160 frame at the usual 0.5 scale is "
              "one tile; lower it if the GPU runs out of memory)")
-    add("overlap", type=int, default=64, help="minimum tile overlap in model pixels")
+    add("overlap", type=int, default=None,
+        help="minimum tile overlap in model pixels (default: the network's receptive field, "
+             "208 px at depth 4, so tiled equals whole-frame prediction; tiling.default_overlap)")
     add("batch_size", type=int, default=1, help="tiles per forward pass (bounds memory)")
     add("tta", action="store_true", help="flip/rotation test-time augmentation (8x slower)")
     add("save_prob", action="store_true", help="also write prob/<stem>_prob.tif (float32)")
@@ -732,7 +781,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also write geojson/<stem>.geojson, the beads as QuPath detections")
     add("ome_tiff", action="store_true",
         help="also write ome/<stem>.ome.tif: the frame and its bead labels as two channels")
-    add("overwrite", action="store_true", help="allow writing into a non-empty output folder")
+    cli.add_overwrite(p)
     add("workers", type=int, default=None,
         help="threads reading and as many writing frames (default: CPUs/2, 1 to 8)")
     add("auto_scale", action="store_true",
@@ -745,40 +794,49 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    handlers = [mio.add_log_handler()]
+    try:
+        return _checked_run(args, handlers)
+    finally:
+        mio.remove_log_handlers(handlers)
+
+
+def _checked_run(args, handlers: list) -> int:
+    """Usage checks (nothing written), the output-folder policy, the log file, the run."""
     if args.roi:
         import bead_exports
 
         try:
             bead_exports.require_roifile()
         except ImportError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return cli.fatal(log, "%s", exc)
     out_dir = Path(args.output_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        print(f"error: {out_dir}: exists and is not empty; choose a new --output_dir or pass "
-              "--overwrite", file=sys.stderr)
-        return 2
+    try:  # the cheap refusal first; prepare_output_dir below repeats it, then cleans
+        cli.check_output_dir(out_dir, overwrite=args.overwrite, log_name=LOG_NAME)
+    except cli.OutputDirError as exc:
+        return cli.fatal(log, "%s", exc)
     try:
         files = mio.list_images(args.input_dir)
     except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cli.fatal(log, "%s", exc)
     if not files:
-        print(f"error: {args.input_dir}: no images found ({', '.join(mio.IMAGE_EXTENSIONS)})",
-              file=sys.stderr)
-        return 2
+        return cli.fatal(log, "%s: no images found (%s)", args.input_dir,
+                         ", ".join(mio.IMAGE_EXTENSIONS))
     try:
         model_path, cfg_path, note = resolve_model(args.model)
         cfg = read_run_config(cfg_path)
     except SystemExit as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handlers = [mio.add_log_handler(), mio.add_log_handler(out_dir / "prediction.log")]
+        return cli.fatal(log, "%s", str(exc).removeprefix("error: "))
     try:
-        return _run(args, files, model_path, cfg, note, out_dir)
-    finally:
-        mio.remove_log_handlers(handlers)
+        removed = cli.prepare_output_dir(out_dir, OUTPUT_FILES, overwrite=args.overwrite,
+                                         log_name=LOG_NAME)
+    except cli.OutputDirError as exc:
+        return cli.fatal(log, "%s", exc)
+    handlers.append(mio.add_log_handler(out_dir / LOG_NAME))
+    if removed:
+        log.info("--overwrite: removed %d file(s) of the previous prediction in %s",
+                 len(removed), out_dir)
+    return _run(args, files, model_path, cfg, note, out_dir)
 
 
 def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
@@ -797,9 +855,16 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
              post["median_bead_area_px"])
     model = models.load_model(model_path)
     predict_fn = tta_predict_fn(make_keras_predict_fn(model), args.tta)
+    depth = network_depth(model, pad)
+    overlap, overlap_source = resolve_overlap(args.overlap, depth)
+    log.info("tiles of at most %d px, overlap %d px (%s)", tile, overlap, overlap_source)
+    if overlap > tile - pad:
+        log.warning("--tile_size %d leaves room for an overlap of only %d px (< %d): frames "
+                    "larger than one tile are not predicted exactly as a whole; use "
+                    "--tile_size >= %d", tile, tile - pad, overlap, 2 * overlap + pad)
     meta = {"model": str(model_path), "note": note, "threshold": threshold,
-            "scale": float(pre["scale"]), "tile_size": tile, "overlap": args.overlap,
-            "tta": args.tta}
+            "scale": float(pre["scale"]), "tile_size": tile, "overlap": overlap,
+            "overlap_source": overlap_source, "network_depth": depth, "tta": args.tta}
     (out_dir / "prediction_config.json").write_text(json.dumps(
         {**meta, "input_dir": str(Path(args.input_dir).resolve()), "run_config": cfg},
         indent=2))
@@ -818,7 +883,7 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
     t0 = time.perf_counter()
     try:
         rows = predict_files(files, predict_fn, cfg, out_dir, tile_size=tile,
-                             overlap=args.overlap, batch_size=args.batch_size,
+                             overlap=overlap, batch_size=args.batch_size,
                              threshold=threshold, save_prob=args.save_prob,
                              figures=not args.no_figures, pipelined=not args.no_pipeline,
                              workers=args.workers, on_row=on_row,
@@ -834,8 +899,7 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
     write_summaries(out_dir, rows, meta, fit)
     failed = [r for r in rows if r["status"] != "ok"]
     if fit:
-        log.info("dilution series: log-log slope %.3f (ideal -1), R² %.3f", fit["slope"],
-                 fit["r2"])
+        log.info("%s", dilution_fit_text(fit))
     if failed:
         log.error("%d of %d image(s) failed:\n  %s", len(failed), len(rows),
                   "\n  ".join(r["status"] for r in failed))

@@ -109,6 +109,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
+import functools
 import json
 import logging
 import math
@@ -121,6 +122,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 import microbead_io as mio
 
 log = logging.getLogger("microbead.assay")
@@ -1197,21 +1199,6 @@ def bootstrap_limits(reps: Replicates, kind: str, *, n_boot: int = 2000, seed: i
 # --------------------------------------------------------------------------- writing
 
 
-def _json_ready(x):
-    """Plain JSON types; NaN / inf -> None."""
-    if isinstance(x, dict):
-        return {str(k): _json_ready(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_ready(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _json_ready(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def _fmt(v, digits: int = 4) -> str:
     """Numbers with ``digits`` significant digits; NaN / None / "" as n/a."""
     if v is None or v == "" or (isinstance(v, float) and not math.isfinite(v)):
@@ -1475,12 +1462,8 @@ def plot_residuals(path: Path, reps: Replicates, fits: dict[str, Fit], chosen: s
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Calibration curve and detection limits (LoB/LoD/LoQ) from bead counts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def add(name, **kw):
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        p.add_argument(*flags, dest=name, **kw)
-
+        formatter_class=cli.HelpFormatter)
+    add = functools.partial(cli.add_option, p)
     add("predictions", required=True,
         help="predict_microscope.py output folder or its prediction_summary.csv")
     add("output_dir", required=True,
@@ -1500,8 +1483,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("n_boot", type=int, default=2000, help="bootstrap resamples for the 95 %% CIs")
     add("seed", type=int, default=0, help="bootstrap seed")
     add("dpi", type=int, default=110, help="figure resolution")
-    add("overwrite", action="store_true",
-        help="allow a non-empty output folder (this script's files are replaced)")
+    cli.add_overwrite(p)
     args = p.parse_args(argv)
     if args.um_per_px is not None and not args.um_per_px > 0:
         p.error(f"--um_per_px must be positive, got {args.um_per_px}")
@@ -1536,25 +1518,18 @@ def _run(args: argparse.Namespace, handlers: list) -> int:
     try:
         summary_path = _precheck(args)
     except AssayError as exc:
-        log.error("%s", exc)
-        return 2
+        return cli.fatal(log, "%s", exc)
     out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        log.error("%s: exists and is not a folder", out)
-        return 2
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        log.error("%s: output folder exists and is not empty (pass --overwrite to replace)", out)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:
-        if (out / name).is_file():
-            (out / name).unlink()
+    try:
+        cli.prepare_output_dir(out, OUTPUT_FILES, overwrite=args.overwrite,
+                               log_name=LOG_NAME)
+    except cli.OutputDirError as exc:
+        return cli.fatal(log, "%s", exc)
     handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
     try:
         return _quantify(args, summary_path, out)
     except AssayError as exc:
-        log.error("%s", exc)
-        return 2
+        return cli.fatal(log, "%s", exc)
 
 
 def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
@@ -1701,7 +1676,7 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
                      "model": args.model, "truth": args.truth, "fit": args.fit,
                      "low_range": args.low_range, "n_boot": args.n_boot, "seed": args.seed},
     }
-    res = _json_ready(res)
+    res = mio.json_ready(res)
 
     from evaluate_predictions import write_csv  # one CSV writer for all reports
 
@@ -1713,7 +1688,7 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
                      dpi=args.dpi)
     plot_residuals(out / FIG_RESIDUALS, reps, fits, chosen, unit=unit, dpi=args.dpi)
     figures = [FIG_CALIBRATION, FIG_RESIDUALS]
-    (out / RESULTS_NAME).write_text(json.dumps(res, indent=2), encoding="utf-8")
+    mio.atomic_write_json(out / RESULTS_NAME, res)
     (out / REPORT_NAME).write_text(build_report(res, figures), encoding="utf-8")
     log.info("%d image(s), %d concentration(s): %s fit R² %s; LoD %s %s (%s), CI %s; LoQ %s",
              len(images), len(levels), chosen, _fmt(fits[chosen].r2), _fmt(res["lod"]), unit,

@@ -37,85 +37,43 @@ import platform
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+import cli
+import microbead_config as mcfg
 import microbead_io as mio
 import microbead_metrics
+from microbead_config import (  # shared with predict, analyze, plot and hpc_tools
+    HISTORY_COLUMNS,
+    MODEL_NAMES,
+    PREVIOUS_BEST_VAL_JACCARD,
+    comparison_lines,
+    read_history,
+)
 
 log = logging.getLogger("microbead.train")
 
-MODEL_NAMES = ("unet", "attention_unet", "attention_resunet")
-PREVIOUS_BEST_VAL_JACCARD = 0.1427  # the users' previous run (mitochondria parameters)
-HISTORY_COLUMNS = (
-    "epoch", "loss", "jacard_coef", "dice_coef", "val_loss", "val_jacard_coef",
-    "val_dice_coef", "learning_rate", "epoch_time_s", "val_pred_fg", "val_true_fg",
-)
 SUMMARY_COLUMNS = (
     "model", "best_epoch", "best_val_jacard", "final_val_jacard", "train_time", "params",
     "epochs_run", "best_val_dice", "best_val_jacard_reloaded", "val_jacard_batchstats",
     "label_ceiling",
 )
 
-# The seed's recipe. steps_per_epoch=0 and bn_momentum=0 mean "auto" (see below).
-DEFAULTS = {
-    "data_dir": "dataset_microscope",
-    "output_dir": ".",
-    "models": ",".join(MODEL_NAMES),
-    "epochs": 100,
-    "batch_size": 32,
-    "lr": 1e-4,
-    "dropout": 0.3,
-    "loss": "dice",
-    "filters": 64,
-    "depth": 4,
-    "image_size": 0,
-    "patch_size": 0,
-    "val_fraction": 0.15,
-    "patience": 20,
-    "steps_per_epoch": 0,
-    "kfold": 0,
-    "seed": 42,
-    "bn_momentum": 0.0,
-    "density_bins": None,
-    "channels": 1,
-    "pixel_scale": None,
-    "normalization": "flatfield",
-    "group_pattern": None,
-    "threshold": 0.5,
-    "rotation": 15.0,
-    "intensity_aug": True,
-    "elastic": False,
-    "lr_schedule": "plateau",
-    "max_minutes": 0.0,
-    "mixed_precision": "auto",
-    "strategy": "auto",
-    "logical_cpus": 0,
-    "verbose": -1,
-}
-
-# CPU-sized configuration used by the demo and the CPU benchmark (minutes, not hours).
-# Measured on a 2-core CPU: see README "Measured". Explicit flags override a preset.
-PRESETS = {
-    "cpu": {
-        "filters": 8,
-        "depth": 3,
-        "batch_size": 16,
-        "patch_size": 128,
-        "lr": 3e-3,
-        "loss": "bce_dice",
-        "steps_per_epoch": 25,
-        "epochs": 8,
-        "patience": 5,
-    },
-}
-
-# Keys a --config JSON may set (analysis writes such a file). Anything else is an error.
-CONFIG_KEYS = frozenset(DEFAULTS) - {"verbose", "logical_cpus"}
-# Options that --resume takes from the command line instead of the saved config.json
-# (everything else is restored so the continued run trains the same thing).
-RESUME_OVERRIDES = frozenset({"epochs"})
+# Options, defaults and presets live in microbead_config (analysis and hpc_tools need them
+# without importing the trainer).
+DEFAULTS = mcfg.TRAINING_DEFAULTS
+PRESETS = mcfg.TRAINING_PRESETS
+# Options that --resume takes from the command line instead of the saved config.json: they
+# say how long and how verbosely to run, not what is trained. Every other option is restored;
+# an explicit flag that contradicts the saved value is refused (see ``resume_options``).
+RESUME_OVERRIDES = frozenset({"epochs", "max_minutes", "verbose", "logical_cpus"})
+# Never compared with the saved run: where to resume from, and where to report the folder.
+RESUME_IGNORED = frozenset({"resume", "run_dir_file"})
+# Paths compared after resolving (the same folder typed two ways is not a conflict).
+RESUME_PATH_OPTIONS = frozenset({"data_dir", "output_dir", "config"})
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -141,50 +99,6 @@ def auto_bn_momentum(steps_per_epoch: int) -> float:
     50 -> 0.9, 250 -> 0.98.
     """
     return float(np.clip(1.0 - 5.0 / max(1, steps_per_epoch), 0.8, 0.99))
-
-
-def density_strata(counts, edges=None, min_per_stratum: int = 2, max_bins: int = 5) -> np.ndarray:
-    """Assign each image a density stratum from its object count.
-
-    Parameters
-    ----------
-    counts : array-like of int, shape (N,)
-    edges : list of float or None
-        Bin edges (e.g. from ``analyze_microbead_dataset.py``); None -> quantile bins.
-    min_per_stratum : int
-        Adjacent bins are merged until every stratum holds at least this many images
-        (a dataset smaller than that gets one stratum).
-
-    Returns
-    -------
-    int array (N,) of consecutive stratum ids 0..S-1, ordered by density.
-    """
-    c = np.asarray(counts, dtype=float)
-    n = c.size
-    if n == 0:
-        return np.zeros(0, int)
-    if edges is None:
-        n_bins = int(max(1, min(max_bins, n // max(1, min_per_stratum))))
-        edges = np.unique(np.quantile(c, np.linspace(0, 1, n_bins + 1)[1:-1]))
-    bins = np.digitize(c, np.asarray(sorted(edges), dtype=float), right=True)
-    # Merge sparse bins into their neighbour until each has >= min_per_stratum members.
-    labels = list(np.unique(bins))
-    groups = {b: list(np.flatnonzero(bins == b)) for b in labels}
-    order = sorted(groups)
-    merged = True
-    while merged and len(order) > 1:
-        merged = False
-        for i, b in enumerate(order):
-            if len(groups[b]) < min_per_stratum:
-                j = i - 1 if i > 0 else i + 1
-                groups[order[j]].extend(groups.pop(b))
-                order.pop(i)
-                merged = True
-                break
-    out = np.zeros(n, int)
-    for sid, b in enumerate(sorted(order)):
-        out[groups[b]] = sid
-    return out
 
 
 def _group_ids(groups, n: int) -> np.ndarray | None:
@@ -229,13 +143,26 @@ def _group_folds(strata, gid: np.ndarray, k: int, seed: int) -> list[np.ndarray]
     return [f for f in folds if f.size]
 
 
+def _merge_single_strata(strata: np.ndarray) -> np.ndarray:
+    """Strata with every one-image stratum merged into its neighbour in sorted-id order."""
+    out = np.asarray(strata).copy()
+    while True:
+        ids, counts = np.unique(out, return_counts=True)
+        if ids.size < 2 or counts.min() > 1:
+            return out
+        i = int(np.argmin(counts))
+        out[out == ids[i]] = ids[i - 1] if i > 0 else ids[1]
+
+
 def stratified_split(strata, val_fraction: float, seed: int, groups=None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train/validation index split, reproducible for a seed.
 
     Each stratum gives ``val_fraction`` of its images to validation (largest-remainder
     rounding so the total is ``max(1, round(N * val_fraction))``), keeping at least one
-    training image per stratum. Needs N >= 2.
+    training image per stratum. A stratum of one image cannot do both, so it first joins
+    its neighbour (the next lower stratum id, i.e. density, or the next higher for the
+    lowest): the validation set is never empty. Needs N >= 2.
 
     With ``groups`` (one key per image, e.g. the source frame from
     :func:`microbead_io.frame_group`) that are not all distinct, whole groups move:
@@ -255,6 +182,7 @@ def stratified_split(strata, val_fraction: float, seed: int, groups=None
         val = min(folds, key=lambda f: (abs(f.size - target), f[0]))
         return np.setdiff1d(np.arange(n), val), val
     n_val = int(min(n - 1, max(1, round(n * val_fraction))))
+    strata = _merge_single_strata(strata)
     rng = np.random.default_rng(seed)
     ids = np.unique(strata)
     members = {s: rng.permutation(np.flatnonzero(strata == s)) for s in ids}
@@ -301,9 +229,14 @@ def stratified_kfold(strata, k: int, seed: int, groups=None
 
 
 def per_image_jaccard(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """NumPy twin of ``models.jacard_coef``: per-image IoU, both-empty = 1."""
-    p = np.asarray(pred).reshape(len(pred), -1) >= threshold
-    t = np.asarray(truth).reshape(len(truth), -1) >= 0.5
+    """NumPy twin of ``models.jacard_coef``: per-image IoU, both-empty = 1.
+
+    ``pred`` ``(N, ...)`` probabilities, foreground ``> threshold``; ``truth`` ``(N, ...)``
+    {0, 1} masks, foreground ``> 0.5`` (``microbead_metrics.above_threshold``, the one rule).
+    Returns float64 ``(N,)``.
+    """
+    p = microbead_metrics.above_threshold(np.asarray(pred).reshape(len(pred), -1), threshold)
+    t = microbead_metrics.above_threshold(np.asarray(truth).reshape(len(truth), -1), 0.5)
     inter = np.logical_and(p, t).sum(1)
     union = np.logical_or(p, t).sum(1)
     return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
@@ -315,20 +248,12 @@ def run_folder_name(now: _dt.datetime | None = None) -> str:
 
 
 def read_config_file(path) -> dict:
-    """Training options from a JSON file (keys = option names). Unknown keys are an error."""
-    p = Path(path)
+    """Training options from a JSON file (``microbead_config.read_options``: unknown keys
+    are an error naming the key and the file)."""
     try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"error: {p}: cannot read config ({exc})") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"error: {p}: config must be a JSON object")
-    unknown = sorted(set(data) - CONFIG_KEYS)
-    if unknown:
-        raise SystemExit(
-            f"error: {p}: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}"
-        )
-    return data
+        return mcfg.read_options(path)
+    except mcfg.ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def git_commit() -> str | None:
@@ -348,25 +273,35 @@ def git_commit() -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
+        epilog="Defaults are the seed's recipe; --preset values replace them, a --config "
+               "file replaces those, explicit flags win. Exit status: 0 trained; 2 usage or "
+               "fatal error (also written to the run's training_console.log).",
     )
 
     def add(name, **kw):
-        flags = [f"--{name}"]
-        if "_" in name:
-            flags.append(f"--{name.replace('_', '-')}")
-        p.add_argument(*flags, dest=name, **kw)
+        # The help shows the resolved default and every preset's value: defaults are
+        # applied after parsing (preset < config < flags), so argparse alone would show None.
+        if name in DEFAULTS and "default" not in kw:
+            kw["default"] = DEFAULTS[name]
+            presets = "".join(f"; --preset {k}: {v[name]}" for k, v in sorted(PRESETS.items())
+                              if name in v)
+            if kw["default"] is not None and kw.get("help") is not argparse.SUPPRESS:
+                kw["help"] = f"{kw.get('help', '')} (default: %(default)s{presets})".lstrip()
+        cli.add_option(p, name, **kw)
 
     add("data_dir", help="dataset folder with images/ and masks/")
-    add("output_dir", help="where the run folder is created")
+    add("output_dir",
+        help="where the run folder is created: a new microbead_training_<time> folder every "
+             "run, so an existing folder is fine and --overwrite does not apply")
     add("models", help="comma-separated subset of " + ",".join(MODEL_NAMES))
     add("preset", choices=sorted(PRESETS), default=None,
         help="named configuration (cpu: small, minutes on a laptop); flags override it")
     add("config", default=None, help="JSON of option values (e.g. from the dataset analysis)")
-    add("epochs", type=int)
+    add("epochs", type=int, help="maximum epochs per model")
     add("batch_size", type=int, help="global batch size")
     add("lr", type=float, help="Adam learning rate")
-    add("dropout", type=float)
+    add("dropout", type=float, help="dropout rate")
     add("loss", help="dice, bce_dice, bce, focal, tversky, jaccard")
     add("filters", type=int, help="base filters (64 = classic U-Net)")
     add("depth", type=int, help="number of poolings")
@@ -375,14 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
              "upsampled: beads of the users' native 512-px tiles are ~3 px across at 256)")
     add("patch_size", type=int,
         help="train on random crops of this size (0 = whole tile); validation uses whole tiles")
-    add("val_fraction", type=float)
+    add("val_fraction", type=float, help="validation share of the tiles (whole source frames)")
     add("patience", type=int, help="early-stopping patience (epochs) on val_jacard_coef")
     add("steps_per_epoch", type=int, help="0 = auto: max(50, one pass over the training set)")
     add("kfold", type=int, help="train K stratified folds (0 = one 85/15 split)")
-    add("seed", type=int)
+    add("seed", type=int, help="split, initialisation and augmentation seed")
     add("bn_momentum", type=float, help="BatchNorm momentum; 0 = auto from steps per epoch")
     add("density_bins", type=float, nargs="+",
-        help="object-count bin edges for the stratified split (default: quantiles)")
+        help="objects-per-image bin edges e1 < ... < ek for the stratified split: bins "
+             "c <= e1, e1 < c <= e2, ..., c > ek (the same meaning as evaluate's "
+             "--density_bins and analyze's recommended_config.json); sparse bins are merged. "
+             "Default: quantile edges (microbead_metrics.density_edges)")
     add("channels", type=int, choices=(1, 3))
     add("pixel_scale", type=float,
         help="stored tile pixels per microscope-frame pixel (default: DATA_DIR/dataset.json, "
@@ -406,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: MirroredStrategy with >1 GPU, MultiWorker when TF_CONFIG names workers")
     add("logical_cpus", type=int, help=argparse.SUPPRESS)
     add("resume", default=None,
-        help="continue an interrupted run folder (settings from its config.json; "
-             "only --epochs may be changed)")
+        help="continue an interrupted run folder from its last completed epoch (settings "
+             "from its config.json; only --epochs, --max_minutes, --verbose may differ, any "
+             "other flag must match the saved value)")
     add("run_dir_file", default=None, help="write the run folder path to this file")
     add("verbose", type=int, help="Keras verbosity (-1: progress bar on a terminal, else 0)")
     return p
@@ -704,7 +643,25 @@ def _elastic(x, alpha: float = 6.0, grid: int = 8):
     return top * (1 - wy) + bot * wy
 
 
-def make_datasets(images, masks, train_idx, val_idx, args, seed: int):
+def val_layout(n_val: int, batch_size: int, replicas: int = 1) -> tuple[int, int]:
+    """``(batch, n_pad)`` for the validation dataset under ``replicas`` replicas.
+
+    ``MirroredStrategy`` / ``MultiWorkerMirroredStrategy`` need every validation batch to
+    split into equal per-replica shares: a last batch of 1 on 2 replicas, or of 3 split 2/1,
+    fails inside ``fit`` (``AddN ... [2,H,W,1] != [1,H,W,1]``), and frame-grouped splits make
+    odd validation sizes common. So the batch is a multiple of ``replicas`` and the set is
+    padded with ``n_pad`` repeated images up to a multiple of it (logged; the mean per-image
+    Jaccard then counts those images twice). One replica: ``(min(batch, n_val), 0)``.
+    """
+    if replicas <= 1:
+        return max(1, min(batch_size, n_val)), 0
+    n_pad = (-n_val) % replicas
+    total = n_val + n_pad
+    batch = max(replicas, min(batch_size, total) // replicas * replicas)
+    return batch, n_pad
+
+
+def make_datasets(images, masks, train_idx, val_idx, args, seed: int, replicas: int = 1):
     """``tf.data`` pipelines: cached, shuffled, augmented in parallel, batched, prefetched.
 
     Validation is never augmented and covers every validation image (last batch partial),
@@ -730,9 +687,14 @@ def make_datasets(images, masks, train_idx, val_idx, args, seed: int):
         .batch(args.batch_size, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
+    val_batch, n_pad = val_layout(len(val_idx), args.batch_size, replicas)
+    if n_pad:
+        log.warning("validation: %d image(s) repeated so each of %d replicas gets an equal "
+                    "share of every batch", n_pad, replicas)
+        val_idx = np.concatenate([val_idx, np.resize(val_idx, n_pad)])
     val = (
         tf.data.Dataset.from_tensor_slices((x[val_idx], y[val_idx]))
-        .batch(max(1, min(args.batch_size, len(val_idx))))
+        .batch(val_batch)
         .cache()
         .prefetch(tf.data.AUTOTUNE)
     )
@@ -743,26 +705,200 @@ def make_datasets(images, masks, train_idx, val_idx, args, seed: int):
 
 # ----------------------------------------------------------------------------- callbacks
 
+# Early stopping, LR reduction and best-model selection all follow this value.
+MONITOR = "val_jacard_coef"
+# The resume state travels inside the checkpoint archive (an extra member Keras ignores): the
+# weights, the optimizer and the state that says which epoch they are are one file, committed
+# by one rename, so they can never disagree (see ``save_checkpoint``).
+RESUME_STATE_MEMBER = "microbead_resume_state.json"
+RESUME_STATE_VERSION = 1
+# Counters of the monitoring callbacks carried across a resume (Keras resets them in
+# ``on_train_begin``).
+CALLBACK_STATE = {
+    "early_stopping": ("wait", "best", "best_epoch", "stopped_epoch"),
+    "lr_plateau": ("wait", "best", "cooldown_counter"),
+}
+# Why training stopped before --epochs (a resumed run does not continue after any of them).
+STOP_EARLY_STOPPING, STOP_TIME_LIMIT, STOP_NAN = "early_stopping", "max_minutes", "nan_loss"
 
-def make_callbacks(model_name, out_dir: Path, x_val, y_val, args, initial_best=-np.inf,
-                   start_time=None):
-    """Callbacks: history CSV, best/last checkpoints, collapse detector, LR schedule, stops."""
+
+def history_best(rows, key: str = MONITOR) -> tuple[float, int | None]:
+    """Best (largest) ``key`` over history rows, ignoring NaN and missing values.
+
+    Parameters
+    ----------
+    rows : list of dict
+        History rows with a 1-based ``epoch`` and ``key`` (float, NaN or None).
+
+    Returns
+    -------
+    (value, epoch)
+        The first epoch reaching the maximum; ``(-inf, None)`` when no row has a finite value
+        (``max`` over a list starting with NaN would return NaN, after which nothing improves).
+    """
+    best, best_epoch = -math.inf, None
+    for r in rows:
+        v = r.get(key)
+        v = math.nan if v is None else float(v)
+        if math.isfinite(v) and v > best:
+            best, best_epoch = v, int(r["epoch"])
+    return best, best_epoch
+
+
+def checkpoint_path(out_dir: Path, model_name: str) -> Path:
+    return Path(out_dir) / "checkpoints" / f"last_{model_name}.keras"
+
+
+def save_checkpoint(model, path: Path, state: dict) -> None:
+    """Write the resume point: weights + optimizer (``.keras``) with ``state`` inside it.
+
+    One temporary archive gets the model and the state member, then one ``os.replace``
+    commits both: a kill at any moment leaves the previous epoch's checkpoint whole.
+    """
+    import models
+
+    def write(tmp):
+        models.save_model(model, tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(RESUME_STATE_MEMBER, json.dumps(mio.json_ready(state), indent=1))
+
+    mio.atomic_write(path, write)
+
+
+def read_checkpoint_state(path: Path) -> dict | None:
+    """The resume state stored by :func:`save_checkpoint`; None without a checkpoint or for a
+    checkpoint written before the state was stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if RESUME_STATE_MEMBER not in archive.namelist():
+                return None
+            state = json.loads(archive.read(RESUME_STATE_MEMBER))
+    except (zipfile.BadZipFile, json.JSONDecodeError, OSError) as exc:
+        raise ValueError(f"{path}: unreadable checkpoint ({exc}); move it away to restart "
+                         "this model from epoch 1") from None
+    if state.get("format_version") != RESUME_STATE_VERSION:
+        raise ValueError(f"{path}: resume state format_version {state.get('format_version')!r}"
+                         f", this trainer reads {RESUME_STATE_VERSION}")
+    return state
+
+
+def restore_checkpoint(model, path: Path, state: dict) -> None:
+    """Load weights and optimizer state into ``model``, built and compiled as for training.
+
+    Rebuilding from the run's options and loading the weights (not ``keras.saving.
+    load_model``) always gives a compiled model with the run's loss, metrics and optimizer,
+    also where another Keras version cannot deserialize the stored config.
+    """
+    model.optimizer.build(model.trainable_variables)  # so its variables load too
+    try:
+        model.load_weights(path)
+    except Exception as exc:  # Keras raises ValueError, KeyError... by version
+        raise ValueError(f"{path}: cannot load the checkpoint into the configured model "
+                         f"({type(exc).__name__}: {str(exc).strip()[:200]})") from exc
+    model.optimizer.learning_rate = state["learning_rate"]
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    """``<model>_history.csv`` rewritten whole and atomically (NaN as an empty cell)."""
+    mio.atomic_write_csv(path, rows, HISTORY_COLUMNS)
+
+
+def _nan_as_worst(base):
+    """``base`` (a Keras monitor callback, mode max) taking a NaN value as the worst one.
+
+    Keras' EarlyStopping adopts a first NaN as its best; every later comparison with NaN is
+    False, so it never improves and stops after ``patience`` epochs.
+    """
+
+    class NanAsWorst(base):
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(self.monitor)
+            if value is not None and math.isnan(float(value)):
+                logs = {**logs, self.monitor: -math.inf}
+            super().on_epoch_end(epoch, logs)
+
+    NanAsWorst.__name__ = NanAsWorst.__qualname__ = base.__name__
+    return NanAsWorst
+
+
+def make_callbacks(model_name, out_dir: Path, y_val, args, resume_state=None,
+                   start_time=None) -> list:
+    """Callbacks: LR schedule, stops, the per-epoch commit (checkpoint, then history), best.
+
+    Order matters. Keras runs ``on_epoch_end`` in list order, so the schedule and the stops
+    update their counters first, ``EpochRecorder`` then commits the epoch (checkpoint with
+    those counters, then the history row) and only then is the best model saved: a kill
+    between the commit and the best save is repaired on resume from the checkpoint (see
+    ``train_one_model``), whereas a best model saved before its epoch is committed could be
+    the weights of an epoch the resumed run redoes differently.
+
+    Parameters
+    ----------
+    y_val : float array (N, H, W, 1)
+        Validation masks (for the foreground fraction the collapse check compares with).
+    resume_state : dict or None
+        :func:`read_checkpoint_state` of the checkpoint training continues from.
+    """
     import keras
 
     import models
 
+    class TimeLimit(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.fired = False
+
+        def on_epoch_end(self, epoch, logs=None):
+            if args.max_minutes and time.time() - start_time > 60 * args.max_minutes:
+                log.warning("%s: --max_minutes %.1f reached; stopping", model_name,
+                            args.max_minutes)
+                self.fired = True
+                self.model.stop_training = True
+
+    early = _nan_as_worst(keras.callbacks.EarlyStopping)(
+        monitor=MONITOR, mode="max", patience=args.patience, restore_best_weights=False)
+    schedule = lr_callback(args)
+    time_limit = TimeLimit()
+    stateful = {"early_stopping": early}
+    if args.lr_schedule != "cosine":  # the cosine schedule is a function of the epoch
+        stateful["lr_plateau"] = schedule
+    best_model = models.BestModelCheckpoint(out_dir / f"best_{model_name}_model.hdf5",
+                                            monitor=MONITOR, mode="max")
+    rows = list(resume_state["history"]) if resume_state else []
+    best_model.best, best_epoch = history_best(rows)
+    best_model.best_epoch = None if best_epoch is None else best_epoch - 1
+
     class EpochRecorder(keras.callbacks.Callback):
-        """Per-epoch: collapse check, CSV row, best (.hdf5 + .keras) and resume checkpoints."""
+        """Commit each epoch: checkpoint (weights, optimizer, resume state), then history.
+
+        The history row is written only after the checkpoint it describes; on resume the
+        history is rewritten from the state inside the checkpoint, so it never holds an
+        epoch whose weights were lost, nor lacks one whose weights were kept.
+        """
 
         def __init__(self):
             super().__init__()
-            self.best = initial_best
-            self.t0 = time.time()
+            self.t0, self.lr = time.time(), math.nan
+            self.ckpt = checkpoint_path(out_dir, model_name)
             self.history_path = out_dir / f"{model_name}_history.csv"
             self.true_fg = float(np.mean(y_val))
 
+        def on_train_begin(self, logs=None):
+            # After the other callbacks' on_train_begin (later in the list), which reset them.
+            saved = (resume_state or {}).get("callbacks", {})
+            for key, cb in stateful.items():
+                for attr in CALLBACK_STATE[key]:
+                    value = saved.get(key, {}).get(attr)
+                    if value is not None:  # None: non-finite or unset; keep Keras' reset
+                        setattr(cb, attr, value)
+
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.time()
+            # After a scheduler set it: the rate this epoch trains with.
+            self.lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
@@ -776,49 +912,47 @@ def make_callbacks(model_name, out_dir: Path, x_val, y_val, args, initial_best=-
                     "all-%s.", model_name, epoch + 1, 100 * fg, 100 * self.true_fg,
                     "background" if fg < self.true_fg else "foreground",
                 )
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            row = {
-                "epoch": epoch + 1, "learning_rate": lr,
+            row = mio.json_ready({
+                **{k: float(logs[k]) for k in HISTORY_COLUMNS if k in logs},
+                "epoch": epoch + 1, "learning_rate": self.lr,
                 "epoch_time_s": round(time.time() - self.t0, 3),
-                **{k: logs.get(k) for k in HISTORY_COLUMNS if k in logs},
-            }
-            new = not self.history_path.exists()
-            with open(self.history_path, "a", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-                if new:
-                    w.writeheader()
-                w.writerow(row)
-            score = logs.get("val_jacard_coef", -np.inf)
-            improved = score > self.best
-            if improved:
-                self.best = score
-                models.save_model(self.model, out_dir / f"best_{model_name}_model.hdf5")
-            # Resume point: weights + optimizer state, written atomically every epoch.
-            models.save_model(self.model, out_dir / "checkpoints" / f"last_{model_name}.keras")
+            })
+            rows.append(row)
+            if early.stopped_epoch == epoch and epoch > 0:
+                stop = STOP_EARLY_STOPPING
+            elif time_limit.fired:
+                stop = STOP_TIME_LIMIT
+            else:
+                stop = STOP_NAN if self.model.stop_training else None
+            save_checkpoint(self.model, self.ckpt, {
+                "format_version": RESUME_STATE_VERSION,
+                "model": model_name,
+                "epoch": epoch + 1,
+                "learning_rate": float(
+                    keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+                "stop_reason": stop,
+                "callbacks": {key: {attr: getattr(cb, attr) for attr in CALLBACK_STATE[key]}
+                              for key, cb in stateful.items()},
+                "history": rows,
+            })
+            write_history(self.history_path, rows)
+            score = logs.get(MONITOR, np.nan)
             log.info(
                 "%s epoch %d: loss %.4f  jacard %.4f  val_loss %.4f  val_jacard %.4f%s  "
                 "lr %.2e  pred fg %.1f%% (true %.1f%%)  %.1fs", model_name, epoch + 1,
                 logs.get("loss", np.nan), logs.get("jacard_coef", np.nan),
-                logs.get("val_loss", np.nan), score, " *" if improved else "", lr,
+                logs.get("val_loss", np.nan), score,
+                " *" if history_best(rows)[1] == epoch + 1 else "", self.lr,
                 100 * fg, 100 * self.true_fg, row["epoch_time_s"],
             )
 
-    class TimeLimit(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if args.max_minutes and time.time() - start_time > 60 * args.max_minutes:
-                log.warning("%s: --max_minutes %.1f reached; stopping", model_name,
-                            args.max_minutes)
-                self.model.stop_training = True
-
     return [
-        EpochRecorder(),
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.EarlyStopping(
-            monitor="val_jacard_coef", mode="max", patience=args.patience,
-            restore_best_weights=False,
-        ),
-        lr_callback(args),
-        TimeLimit(),
+        schedule,
+        early,
+        time_limit,
+        EpochRecorder(),
+        best_model,
     ]
 
 
@@ -835,20 +969,10 @@ def lr_callback(args):
     if args.lr_schedule == "cosine":
         return keras.callbacks.LearningRateScheduler(
             lambda epoch, lr: cosine_lr(epoch, args.lr, args.epochs))
-    return keras.callbacks.ReduceLROnPlateau(
-        monitor="val_jacard_coef", mode="max", factor=0.5,
+    return _nan_as_worst(keras.callbacks.ReduceLROnPlateau)(
+        monitor=MONITOR, mode="max", factor=0.5,
         patience=max(2, args.patience // 3), min_lr=1e-6, verbose=0,
     )
-
-
-def read_history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return [
-            {k: (float(v) if v not in ("", None) else np.nan) for k, v in row.items()}
-            for row in csv.DictReader(fh)
-        ]
 
 
 # ----------------------------------------------------------------------------- training
@@ -934,24 +1058,34 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
     steps = args.steps_per_epoch or auto_steps_per_epoch(len(train_idx), args.batch_size)
     bn_m = args.bn_momentum or auto_bn_momentum(steps)
     history_path = out_dir / f"{name}_history.csv"
-    last_ckpt = out_dir / "checkpoints" / f"last_{name}.keras"
-    past = read_history(history_path)
-    initial_epoch = int(past[-1]["epoch"]) if past and last_ckpt.is_file() else 0
-    initial_best = max((r.get("val_jacard_coef", -np.inf) for r in past), default=-np.inf)
-    train_ds, val_ds = make_datasets(x, y, train_idx, val_idx, args, args.seed)
+    last_ckpt = checkpoint_path(out_dir, name)
+    state = read_checkpoint_state(last_ckpt)
+    if state is None and last_ckpt.is_file():
+        log.warning("%s: %s holds no resume state (written by an older trainer: which epoch "
+                    "it is cannot be told); training this model again from epoch 1",
+                    name, last_ckpt)
+    initial_epoch = int(state["epoch"]) if state else 0
+    train_ds, val_ds = make_datasets(x, y, train_idx, val_idx, args, args.seed,
+                                     replicas=int(strategy.num_replicas_in_sync))
 
     with strategy.scope():
-        if initial_epoch:
-            log.info("%s: resuming after epoch %d from %s", name, initial_epoch, last_ckpt)
-            model = models.load_model(last_ckpt, compile=True)
-        else:
-            if history_path.exists():
-                history_path.unlink()  # stale rows from a run that never checkpointed
-            model = models.build_model(
-                name, (None, None, args.channels), filters=args.filters, depth=args.depth,
-                dropout=args.dropout, batch_norm=True, bn_momentum=bn_m,
-            )
-            models.compile_model(model, lr=args.lr, loss=args.loss)
+        model = models.build_model(
+            name, (None, None, args.channels), filters=args.filters, depth=args.depth,
+            dropout=args.dropout, batch_norm=True, bn_momentum=bn_m,
+        )
+        models.compile_model(model, lr=args.lr, loss=args.loss, threshold=args.threshold)
+        if state:
+            restore_checkpoint(model, last_ckpt, state)
+    if state:
+        log.info("%s: resuming after epoch %d from %s", name, initial_epoch, last_ckpt)
+        # The checkpoint is the commit record; a kill between it and the history write
+        # left the file a row short.
+        write_history(history_path, state["history"])
+        if history_best(state["history"])[1] == initial_epoch:
+            # Killed between the commit of the best epoch and the best-model save.
+            models.save_model(model, out_dir / f"best_{name}_model.hdf5")
+    elif history_path.exists():
+        history_path.unlink()  # rows of a run that never committed an epoch
     params = int(model.count_params())
     log.info("%s: %s parameters, %d steps/epoch x %d epochs, batch %d, BN momentum %.3f, "
              "%d train / %d val images", name, f"{params:,}", steps, args.epochs,
@@ -959,11 +1093,14 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
     t0 = time.time()
     # Each epoch is logged in one line by EpochRecorder; Keras' own bar only on a terminal.
     verbose = args.verbose if args.verbose >= 0 else (1 if sys.stdout.isatty() else 0)
-    if initial_epoch < args.epochs:
+    stop = (state or {}).get("stop_reason")
+    if stop:  # as the uninterrupted run would have: it stopped there and finished
+        log.info("%s: training had stopped after epoch %d (%s); not continuing", name,
+                 initial_epoch, stop)
+    elif initial_epoch < args.epochs:
         model.fit(
             train_ds, validation_data=val_ds, epochs=args.epochs, initial_epoch=initial_epoch,
-            steps_per_epoch=steps, callbacks=make_callbacks(
-                name, out_dir, x_val, y_val, args, initial_best, t0),
+            steps_per_epoch=steps, callbacks=make_callbacks(name, out_dir, y_val, args, state, t0),
             verbose=verbose, shuffle=False,  # the dataset shuffles itself
         )
     train_time = time.time() - t0
@@ -974,12 +1111,16 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
     if not hist:
         raise RuntimeError(f"{name}: no epoch completed")
     vj = np.array([r["val_jacard_coef"] for r in hist])
-    best_i = int(np.nanargmax(vj))
+    best_epoch = history_best(hist)[1]
+    if best_epoch is None:
+        raise RuntimeError(f"{name}: no epoch has a finite {MONITOR} ({history_path}); "
+                           "no best model")
+    best_i = [int(r["epoch"]) for r in hist].index(best_epoch)
     best = load_best(out_dir, name)
     models.save_model(best, out_dir / f"best_{name}_model.keras")
     prob = best.predict(x_val, batch_size=args.batch_size, verbose=0)
     reloaded = float(np.mean(per_image_jaccard(prob, y_val, args.threshold)))
-    batchstat = batchstat_jaccard(best, x_val, y_val, args.threshold)
+    batchstat = batchstat_jaccard(best, x_val, y_val, args.threshold, args.batch_size)
     if abs(reloaded - vj[best_i]) > 1e-3:
         log.warning("%s: reloaded best model scores %.4f but %.4f was logged", name,
                     reloaded, vj[best_i])
@@ -1022,9 +1163,10 @@ def validation_count_rows(name, prob, y_val, files, threshold: float, median_are
     rows = []
     for p, t, f in zip(prob, y_val, files):
         p2 = np.asarray(p)[..., 0]
-        t2 = (np.asarray(t)[..., 0] > 0.5).astype(np.uint8)
+        t2 = microbead_metrics.above_threshold(np.asarray(t)[..., 0], 0.5).astype(np.uint8)
         n_pred = int(microbead_metrics.label_beads(
-            (p2 >= threshold).astype(np.uint8), median_area=median_area, prob=p2).max())
+            microbead_metrics.above_threshold(p2, threshold).astype(np.uint8),
+            median_area=median_area, prob=p2).max())
         n_true = int(microbead_metrics.label_beads(t2, median_area=median_area).max())
         rows.append({"model": name, "file": f, "n_true": n_true, "n_pred": n_pred,
                      "area_px": round(t2.size / model_scale ** 2, 1)})
@@ -1037,12 +1179,7 @@ def append_validation_counts(path: Path, name, prob, y_val, files, threshold, me
     rows = [r for r in _read_csv_rows(path) if r["model"] != name]
     rows += validation_count_rows(name, prob, y_val, files, threshold, median_area,
                                   model_scale)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=VALIDATION_COUNT_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    mio.atomic_write_csv(path, rows, VALIDATION_COUNT_COLUMNS)
 
 
 def _read_csv_rows(path: Path) -> list[dict]:
@@ -1058,18 +1195,30 @@ def load_best(out_dir: Path, name: str):
     return models.load_model(out_dir / f"best_{name}_model.hdf5")
 
 
-def batchstat_jaccard(model, x_val, y_val, threshold: float) -> float:
+def batchstat_jaccard(model, x_val, y_val, threshold: float, batch_size: int = 32) -> float:
     """Validation Jaccard when BatchNorm uses the batch's own statistics (training mode).
 
     Compared with the inference-mode score this exposes the old pipeline's trap: moving
     statistics that never caught up with the weights (inference IoU ~0 while batch-statistics
     IoU is high). Runs on the reloaded copy, since calling with ``training=True`` updates its
     moving statistics; dropout is active too, so expect a slightly lower value.
+
+    The validation set goes through in ``ceil(N / batch_size)`` chunks of near-equal size
+    (at most ``batch_size`` images, the training batch size: memory stays that of a training
+    step, and each chunk's statistics come from about as many images as a training batch's;
+    equal sizes avoid a last chunk of one or two images with unrepresentative statistics).
+    With ``batch_size >= N`` it is one batch. Returns the mean per-image Jaccard (NaN for
+    an empty validation set).
     """
     import keras
 
-    batch = keras.ops.convert_to_numpy(model(x_val, training=True))
-    return float(np.mean(per_image_jaccard(batch, y_val, threshold)))
+    n = len(x_val)
+    if n == 0:
+        return float("nan")
+    chunks = np.array_split(np.arange(n), int(math.ceil(n / max(1, int(batch_size)))))
+    scores = [per_image_jaccard(keras.ops.convert_to_numpy(model(x_val[i], training=True)),
+                                y_val[i], threshold) for i in chunks]
+    return float(np.mean(np.concatenate(scores)))
 
 
 def save_snapshot(path: Path, name, x_val, y_val, prob, files, threshold, k: int = 4) -> None:
@@ -1142,7 +1291,7 @@ def build_config(args, data, split_info, tf_facts, pixel_scale: float,
     stored_h = data["stored_size"][0]
     model_scale = pixel_scale * args.image_size / stored_h
     return {
-        "format_version": 1,
+        "format_version": mcfg.FORMAT_VERSION,
         "models": {
             m: {"architecture": m, "filters": args.filters, "depth": args.depth,
                 "dropout": args.dropout, "batch_norm": True}
@@ -1187,52 +1336,10 @@ def build_config(args, data, split_info, tf_facts, pixel_scale: float,
     }
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, np.integer | np.floating):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
 def write_summary(path: Path, rows: list[dict], extra_cols=()) -> None:
-    cols = list(extra_cols) + list(SUMMARY_COLUMNS)
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def read_summary(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def comparison_lines(rows: list[dict]) -> list[str]:
-    """Compare each model's best val Jaccard with the users' previous run (0.1427) and, when
-    the data has one, with the label-consistency ceiling."""
-    out = []
-    for r in rows:
-        v = float(r["best_val_jacard"])
-        ceiling = r.get("label_ceiling")
-        out.append(
-            f"{r['model']:>18}: best val Jaccard {v:.4f} (epoch {r['best_epoch']}) vs previous "
-            f"{PREVIOUS_BEST_VAL_JACCARD:.4f}: {v / PREVIOUS_BEST_VAL_JACCARD:.1f}x, "
-            f"{v - PREVIOUS_BEST_VAL_JACCARD:+.4f}"
-            + (f"; label-consistency ceiling {float(ceiling):.3f}" if ceiling not in
-               (None, "") else "")
-        )
-    return out
+    """``training_summary.csv``, atomically: resume and ``hpc_tools run_status`` read it while
+    a job may be writing it."""
+    mio.atomic_write_csv(path, rows, list(extra_cols) + list(SUMMARY_COLUMNS))
 
 
 def label_ceiling(pairs) -> dict | None:
@@ -1255,7 +1362,7 @@ def train_split(data, train_idx, val_idx, args, out_dir: Path, strategy, counts)
     """Train every requested model on one split into ``out_dir``; skip finished ones."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files, groups = data["files"], data["groups"]
-    write_json(out_dir / "split.json", {
+    mio.atomic_write_json(out_dir / "split.json", {
         "train": [files[i] for i in train_idx],
         "val": [files[i] for i in val_idx],
         "train_objects": [int(counts[i]) for i in train_idx],
@@ -1265,12 +1372,12 @@ def train_split(data, train_idx, val_idx, args, out_dir: Path, strategy, counts)
         "group_pattern": args.group_pattern or "default: name without _grid_rR_cC",
         "seed": args.seed,
     })
-    done = {r["model"]: r for r in read_summary(out_dir / "training_summary.csv")}
+    done = mcfg.finished_models(out_dir)
     data = {**data, "median_area_px": float(microbead_metrics.estimate_bead_area(
         [data["masks"][i] for i in train_idx]))}
     rows = []
     for name in args.models:
-        if name in done and (out_dir / f"final_{name}_model.hdf5").is_file():
+        if name in done:
             log.info("%s: already finished in %s; skipping", name, out_dir)
             rows.append(done[name])
             continue
@@ -1279,18 +1386,99 @@ def train_split(data, train_idx, val_idx, args, out_dir: Path, strategy, counts)
     return rows
 
 
+def _same_option(name: str, given, saved) -> bool:
+    if name in RESUME_PATH_OPTIONS and given is not None and saved is not None:
+        return Path(given).resolve() == Path(saved).resolve()
+    if isinstance(given, list | tuple) and isinstance(saved, list | tuple):
+        return len(given) == len(saved) and all(
+            _same_option("", a, b) for a, b in zip(given, saved))
+    if (isinstance(given, int | float) and isinstance(saved, int | float)
+            and not isinstance(given, bool) and not isinstance(saved, bool)):
+        return math.isclose(given, saved, rel_tol=1e-9, abs_tol=0.0)
+    return given == saved
+
+
+def resume_options(args, argv, saved: dict, source: Path) -> list[str]:
+    """Put the saved training options of a ``--resume``d run back onto ``args``.
+
+    Explicit flags in :data:`RESUME_OVERRIDES` win (how long and how verbosely to run); any
+    other explicit flag must equal the saved value, so a resumed run trains what it started.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed options; updated in place.
+    argv : list of str or None
+        The command line (to tell explicit flags from defaults).
+    saved : dict
+        The ``training`` section of the run's ``config.json``.
+    source : Path
+        That ``config.json`` (named in messages).
+
+    Returns
+    -------
+    list of str
+        One line per honoured flag whose value differs from the saved one (for the log).
+
+    Raises
+    ------
+    SystemExit
+        Naming every conflicting flag with its saved value.
+    """
+    given = explicit_options(argv) - RESUME_IGNORED
+    conflicts, notes = [], []
+    for name in sorted(given):
+        value, old = getattr(args, name), saved.get(name)
+        if _same_option(name, value, old):
+            continue
+        if name in RESUME_OVERRIDES:
+            notes.append(f"resume: --{name} {value!r} from the command line (the run was "
+                         f"saved with {old!r})")
+        else:
+            conflicts.append(f"--{name} {value!r} (saved: {old!r})")
+    if conflicts:
+        raise SystemExit(
+            f"error: --resume {source.parent}: {'; '.join(conflicts)} contradict(s) {source}. "
+            "A resumed run continues with its saved options; only "
+            f"{', '.join('--' + k for k in sorted(RESUME_OVERRIDES))} may change. Drop the "
+            "flag(s), or start a new run.")
+    for name, value in saved.items():
+        if name not in RESUME_IGNORED and not (name in RESUME_OVERRIDES and name in given):
+            setattr(args, name, value)
+    return notes
+
+
 def main(argv=None) -> int:
+    """Train; exit 0, or 2 on a usage or fatal error (argparse's own errors raise SystemExit).
+
+    A fatal error is logged instead of raised: once the run folder exists it also lands in
+    its ``training_console.log``. There is no --overwrite: every run gets a new folder.
+    """
+    try:
+        return _main(argv)
+    except SystemExit as exc:  # before the run folder exists: stderr only
+        return _fatal_exit(exc)
+
+
+def _fatal_exit(exc: SystemExit) -> int:
+    """``SystemExit("error: ...")`` raised deep in the trainer -> logged, exit 2."""
+    if exc.code is None or isinstance(exc.code, int):
+        raise exc
+    return cli.fatal(log, "%s", str(exc.code).removeprefix("error: "))
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     resume_dir = Path(args.resume) if args.resume else None
     if resume_dir:
         cfg_path = resume_dir / "config.json"
         if not cfg_path.is_file():
             raise SystemExit(f"error: {cfg_path}: not found; cannot resume")
-        saved = json.loads(cfg_path.read_text())["training"]
-        keep = {"resume", "run_dir_file"} | (RESUME_OVERRIDES & explicit_options(argv))
-        for k, v in saved.items():
-            if k not in keep:
-                setattr(args, k, v)
+        try:
+            saved = mcfg.read_run_config(cfg_path)["training"]
+        except mcfg.ConfigError as exc:
+            raise SystemExit(f"error: {exc}; cannot resume") from None
+        resume_notes = resume_options(args, argv, saved, cfg_path)
         run_dir = resume_dir
     else:
         out = Path(args.output_dir)
@@ -1299,7 +1487,11 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True)
     handler = setup_logging(run_dir)
     try:
+        for note in resume_notes if resume_dir else ():
+            log.info("%s", note)
         return _run(args, run_dir, resuming=resume_dir is not None)
+    except SystemExit as exc:  # into training_console.log too
+        return _fatal_exit(exc)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -1317,7 +1509,7 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
     data["model_scale"] = pixel_scale * args.image_size / data["stored_size"][0]
     counts = data["counts"]
     groups = data["groups"]
-    strata = density_strata(counts, args.density_bins)
+    strata = microbead_metrics.density_strata(counts, args.density_bins)
     tf_facts, strategy = setup_tensorflow(args)
     tf_facts["replicas"] = int(strategy.num_replicas_in_sync)
     log.info("%d image pairs, %.1f objects/image on average, %d density strata, %d replica(s)",
@@ -1330,7 +1522,7 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
     try:
         if args.kfold and args.kfold > 1:
             splits = stratified_kfold(strata, args.kfold, args.seed, groups=groups)
-            folders = [run_dir / f"fold_{k + 1:02d}" for k in range(len(splits))]
+            folders = [mcfg.fold_dir(run_dir, k + 1) for k in range(len(splits))]
         else:
             splits = [stratified_split(strata, args.val_fraction, args.seed, groups=groups)]
             folders = [run_dir]
@@ -1341,11 +1533,11 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
                           scale_source)
     if len(splits) > 1:
         # Written before the folds train so an interrupted k-fold run can be --resume'd.
-        write_json(run_dir / "config.json", config)
+        mcfg.save_run_config(run_dir / mcfg.CONFIG_FILE, config)
     all_rows = []
     for k, ((tr, va), folder) in enumerate(zip(splits, folders)):
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "config.json", config)
+        mcfg.save_run_config(folder / mcfg.CONFIG_FILE, config)
         rows = train_split(data, tr, va, args, folder, strategy, counts)
         if len(splits) > 1:
             for r in rows:
@@ -1355,11 +1547,11 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
             if "_steps_per_epoch" in r:
                 config["training"]["steps_per_epoch_used"] = r["_steps_per_epoch"]
                 config["training"]["bn_momentum_used"] = r["_bn_momentum"]
-        write_json(folder / "config.json", config)
+        mcfg.save_run_config(folder / mcfg.CONFIG_FILE, config)
     if len(splits) > 1:
         write_summary(run_dir / "training_summary.csv", all_rows, extra_cols=("fold",))
         write_kfold_summary(run_dir / "kfold_summary.csv", all_rows)
-        write_json(run_dir / "config.json", config)
+        mcfg.save_run_config(run_dir / mcfg.CONFIG_FILE, config)
     log.info("comparison with the previous run (best val Jaccard %.4f):",
              PREVIOUS_BEST_VAL_JACCARD)
     for line in comparison_lines(all_rows):
@@ -1377,14 +1569,16 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
 
 
 def write_kfold_summary(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["model", "folds", "mean_best_val_jacard", "sd_best_val_jacard"])
-        for m in dict.fromkeys(r["model"] for r in rows):
-            v = np.array([float(r["best_val_jacard"]) for r in rows if r["model"] == m])
-            sd = float(v.std(ddof=1)) if v.size > 1 else float("nan")
-            w.writerow([m, v.size, round(float(v.mean()), 6), round(sd, 6)])
-            log.info("%s: best val Jaccard over %d folds %.4f ± %.4f", m, v.size, v.mean(), sd)
+    """``kfold_summary.csv`` (atomic): mean and SD of the best val Jaccard over the folds."""
+    out = []
+    for m in dict.fromkeys(r["model"] for r in rows):
+        v = np.array([float(r["best_val_jacard"]) for r in rows if r["model"] == m])
+        sd = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+        out.append({"model": m, "folds": v.size, "mean_best_val_jacard": round(float(v.mean()), 6),
+                    "sd_best_val_jacard": round(sd, 6)})
+        log.info("%s: best val Jaccard over %d folds %.4f ± %.4f", m, v.size, v.mean(), sd)
+    mio.atomic_write_csv(path, out, ("model", "folds", "mean_best_val_jacard",
+                                     "sd_best_val_jacard"))
 
 
 if __name__ == "__main__":

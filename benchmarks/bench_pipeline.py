@@ -51,6 +51,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench_train import ensure_dataset, load_average, machine_info  # noqa: E402
 
+import microbead_metrics as mm  # noqa: E402
 import train_microbead_optimized as tmo  # noqa: E402
 
 log = logging.getLogger("microbead.bench_pipeline")
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
         targs = tmo.parse_args(["--data_dir", str(data_dir), "--preset", "cpu",
                                 "--models", args.model, *args.train_args.split()])
         data = tmo.load_training_data(targs)
-    strata = tmo.density_strata(data["counts"], targs.density_bins)
+    strata = mm.density_strata(data["counts"], targs.density_bins)
     train_idx, val_idx = tmo.stratified_split(strata, targs.val_fraction, targs.seed)
     tf_facts, _ = tmo.setup_tensorflow(targs)
 

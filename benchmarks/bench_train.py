@@ -24,7 +24,6 @@ Example
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import json
 import logging
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import microbead_config as mcfg  # noqa: E402
 import train_microbead_optimized as tmo  # noqa: E402
 
 log = logging.getLogger("microbead.bench_train")
@@ -101,12 +101,11 @@ def train_model(name: str, data_dir: Path, out_dir: Path, extra=()) -> dict:
     rc = tmo.main(argv)
     wall = time.perf_counter() - t0
     run_dir = Path(run_file.read_text().strip())
-    with open(run_dir / "training_summary.csv", newline="") as fh:
-        row = next(r for r in csv.DictReader(fh) if r["model"] == name)
-    with open(run_dir / f"{name}_history.csv", newline="") as fh:
-        hist = list(csv.DictReader(fh))
-    config = json.loads((run_dir / "config.json").read_text())
-    split = json.loads((run_dir / "split.json").read_text())
+    row = next(r for r in mcfg.read_summary(run_dir / mcfg.SUMMARY_FILE)
+               if r["model"] == name)
+    hist = mcfg.read_history(run_dir / mcfg.history_file(name))
+    config = mcfg.read_run_config(run_dir / mcfg.CONFIG_FILE)
+    split = json.loads((run_dir / mcfg.SPLIT_FILE).read_text())
     return {
         "exit_code": rc,
         "argv": argv,

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 import analyze_microbead_dataset as am
+import microbead_config as mcfg
 import microbead_io as mio
+import microbead_metrics as mm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +112,9 @@ def test_describe_mask_levels_classifies_value_sets():
     assert am.describe_mask_levels(m.astype(np.uint16) * 257)[:2] == ("0/65535", None)
     assert am.describe_mask_levels(np.where(m > 0, 255, 7).astype(np.uint8))[1] == (
         am.MASK_ENCODING)
+    labels = np.zeros((12, 12), np.uint16)
+    labels[1:4, 1:4], labels[6:9, 1:4], labels[6:9, 6:10] = 1, 2, 3
+    assert am.describe_mask_levels(labels)[:2] == ("instance labels (3 ids)", None)
 
 
 def test_image_hash_equal_for_identical_pixels_only():
@@ -149,25 +154,6 @@ def test_objects_histogram_keeps_every_image():
     assert edges.tolist() == [3.5, 4.5, 5.5] and hist.tolist() == [2, 1]
 
 
-def test_density_bins_quantiles_by_hand():
-    edges = am.density_bins([1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
-    assert edges == [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
-
-
-def test_density_bins_merge_until_two_per_stratum():
-    counts = [0, 0, 0, 0, 0, 0, 0, 100]
-    assert am.density_bins(counts) == [-0.5, 100.5]  # the lone dense image joins a stratum
-    rng = np.random.default_rng(0)
-    for n in (2, 3, 5, 9, 17, 40):
-        c = np.concatenate([rng.integers(0, 10, n - 1), [500]])
-        edges = am.density_bins(c)
-        per_bin = np.histogram(c, bins=edges)[0]
-        assert per_bin.sum() == n and per_bin.min() >= 2, (n, edges, per_bin)
-        assert all(e % 1 == 0.5 for e in edges)
-        assert len(per_bin) <= am.MAX_DENSITY_BINS
-    assert am.density_bins([7]) == [6.5, 7.5] and am.density_bins([]) == []
-
-
 def test_partial_suspect_rule():
     assert am.is_partial_suspect(1, 2) == (False, 0.5)  # one unlabelled blob is not enough
     assert am.is_partial_suspect(2, 8) == (True, 0.25)
@@ -185,7 +171,7 @@ def _stats(**kw):
 
 def test_recommend_config_rules():
     cfg, ev = am.recommend_config(_stats())
-    assert set(cfg) <= am.TRAINER_CONFIG_KEYS and set(cfg) == set(ev)
+    assert set(cfg) <= mcfg.CONFIG_FILE_KEYS and set(cfg) == set(ev)
     assert cfg["image_size"] == 256  # 9.4 px beads: within [8, RF/4], keep native
     n_train = 73 - round(73 * am.DEFAULT_VAL_FRACTION)
     assert cfg["batch_size"] <= n_train / 4 and cfg["batch_size"] == 8
@@ -219,12 +205,25 @@ def test_recommend_config_rules():
     assert cfg["batch_size"] == 1 and cfg["steps_per_epoch"] == 50
 
 
-def test_trainer_keys_match_the_shared_interface():
-    # The trainer's accepted --config keys, as fixed in the project's shared interface.
-    assert am.TRAINER_CONFIG_KEYS == {
-        "data_dir", "output_dir", "models", "epochs", "batch_size", "lr", "dropout", "loss",
-        "filters", "depth", "image_size", "val_fraction", "patience", "steps_per_epoch",
-        "kfold", "seed", "bn_momentum", "density_bins"}
+def test_recommended_config_is_what_the_trainer_loads(tmp_path):
+    # What analysis writes, the trainer's --config loader accepts and applies; a key the
+    # trainer does not know is rejected with the key and the file named.
+    cfg, _ = am.recommend_config(_stats())
+    path = tmp_path / "recommended_config.json"
+    mio.atomic_write_json(path, cfg)
+    assert mcfg.read_options(path) == cfg
+    trainer = pytest.importorskip("train_microbead_optimized")
+    args = trainer.parse_args(["--config", str(path)])
+    for key, value in cfg.items():
+        assert getattr(args, key) == value, key
+    bad = tmp_path / "edited.json"
+    mio.atomic_write_json(bad, {**cfg, "learning_rate": 1e-3})
+    with pytest.raises(mcfg.ConfigError, match=r"'learning_rate'") as exc:
+        mcfg.read_options(bad)
+    assert str(bad) in str(exc.value)
+    with pytest.raises(SystemExit) as exit_:
+        trainer.parse_args(["--config", str(bad)])
+    assert "'learning_rate'" in str(exit_.value) and str(bad) in str(exit_.value)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -326,6 +325,11 @@ def test_every_seeded_integrity_problem_is_reported_by_file_name(tmp_path, capsy
     _write_pair(data, "empty", img, np.zeros_like(mask))
     img, mask = pair()
     _write_pair(data, "full", img, np.ones_like(mask))
+    # files list_images does not take: named as skipped, not silently ignored
+    (data / "images" / "notes.txt").write_text("exposure 20 ms")
+    (data / "images" / "raw_stack.czi").write_bytes(b"\0" * 16)
+    (data / "masks" / "old").mkdir()
+    (data / "images" / ".DS_Store").write_bytes(b"")  # hidden: not worth a line
     before = sorted(p.relative_to(data) for p in data.rglob("*"))
 
     rc, out = _run(tmp_path, data, "--strict")
@@ -345,6 +349,9 @@ def test_every_seeded_integrity_problem_is_reported_by_file_name(tmp_path, capsy
         ("images/inverted.png", am.INVERTED),
         ("masks/empty.png", am.EMPTY_MASK),
         ("masks/full.png", am.NEARLY_FULL_MASK),
+        ("images/notes.txt", am.SKIPPED_FILE),
+        ("images/raw_stack.czi", am.SKIPPED_FILE),
+        ("masks/old", am.SKIPPED_FILE),
     }
     assert expected <= found, expected - found
     assert sum(r["problem"] == am.DUPLICATE_IMAGE for r in rows) == 1
@@ -352,6 +359,9 @@ def test_every_seeded_integrity_problem_is_reported_by_file_name(tmp_path, capsy
     assert "160x_tile_00.png" in dup["detail"]
     mism = next(r for r in rows if r["problem"] == am.SIZE_MISMATCH)
     assert "64x64" in mism["detail"] and "48x48" in mism["detail"]
+    skipped = {r["file"]: r["detail"] for r in rows if r["problem"] == am.SKIPPED_FILE}
+    assert set(skipped) == {"images/notes.txt", "images/raw_stack.czi", "masks/old"}
+    assert ".czi" in skipped["images/raw_stack.czi"] and "folder" in skipped["masks/old"]
     # Clean tiles raise nothing; the two-level check does not misfire on 0/255 masks.
     assert not any("tile_0" in r["file"] and "copy" not in r["file"] for r in rows)
     # Each problem is named in the report table and in the log.
@@ -393,13 +403,14 @@ def test_missing_or_empty_data_is_one_line_error(tmp_path, capsys):
     assert rc == 2 and "nope" in err and "Traceback" not in err
     (tmp_path / "d" / "images").mkdir(parents=True)
     (tmp_path / "d" / "masks").mkdir()
-    rc, _ = _run(tmp_path, tmp_path / "d")
+    rc, _ = _run(tmp_path, tmp_path / "d", out=tmp_path / "out_d")
     err = capsys.readouterr().err
     assert rc == 2 and "no image/mask pair" in err and "Traceback" not in err
     (tmp_path / "e").mkdir()
-    rc, _ = _run(tmp_path, tmp_path / "e")
+    rc, out = _run(tmp_path, tmp_path / "e", out=tmp_path / "out_e")
     err = capsys.readouterr().err
     assert rc == 2 and "images: folder not found" in err
+    assert "images: folder not found" in (out / am.LOG_FILE).read_text()  # in the run's log
 
 
 def test_output_folder_policy(tmp_path, no_figures):
@@ -414,14 +425,19 @@ def test_output_folder_policy(tmp_path, no_figures):
     (foreign / "summary.json").write_text("user data")
     assert _run(tmp_path, data, out=foreign)[0] == 2
     assert (foreign / "summary.json").read_text() == "user data"
-    # A folder of unrelated files is fine and they survive; a rerun replaces our outputs.
+    # ... even with --overwrite: files of our names but no manifest of ours are not ours.
+    assert _run(tmp_path, data, "--overwrite", out=foreign)[0] == 2
+    assert (foreign / "summary.json").read_text() == "user data"
+    # A non-empty folder needs --overwrite; unrelated files survive, our outputs are replaced.
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    assert _run(tmp_path, data, out=mine)[0] == 0
+    assert _run(tmp_path, data, out=mine)[0] == 2
+    assert _run(tmp_path, data, "--overwrite", out=mine)[0] == 0
     assert json.loads((mine / am.MANIFEST).read_text())["generator"] == am.SCRIPT_NAME
     (mine / "summary.json").write_text("stale")
-    assert _run(tmp_path, data, out=mine)[0] == 0
+    assert _run(tmp_path, data, out=mine)[0] == 2
+    assert _run(tmp_path, data, "--overwrite", out=mine)[0] == 0
     assert json.loads((mine / "summary.json").read_text())["dataset_size"] == 4
     assert (mine / "notes.txt").read_text() == "keep"
 
@@ -498,13 +514,13 @@ def test_generator_counts_and_touching_bead_estimate(synthetic, tmp_path):
     # Complete masks (with debris in the images) are not flagged en masse.
     assert s["partial_mask_suspects"] <= 0.1 * len(rows)
     cfg = json.loads((out / "recommended_config.json").read_text())
-    assert set(cfg) <= am.TRAINER_CONFIG_KEYS
+    assert set(cfg) <= mcfg.CONFIG_FILE_KEYS
     per_bin = np.histogram(n_obj, bins=cfg["density_bins"])[0]
     assert per_bin.sum() == 16 and per_bin.min() >= 2
     # The trainer accepts the file and stratifies into the same strata (imports no TF).
     trainer = pytest.importorskip("train_microbead_optimized")
     assert trainer.read_config_file(out / "recommended_config.json") == cfg
-    strata = trainer.density_strata(n_obj, cfg["density_bins"])
+    strata = mm.density_strata(n_obj, cfg["density_bins"])
     assert sorted(np.bincount(strata).tolist()) == sorted(per_bin.tolist())
 
 

@@ -20,8 +20,11 @@ import pytest
 import hpc_tools
 
 ROOT = Path(__file__).resolve().parents[1]
+# 10 tiles from ~4 frames: a 30 % frame-grouped validation side holds >= 2 tiles, one per
+# replica (the trainer refuses fewer, naming --val_fraction).
 TINY_TRAIN = ["--models", "unet", "--epochs", "1", "--steps_per_epoch", "2", "--batch_size", "4",
-              "--filters", "4", "--depth", "2", "--image_size", "64", "--verbose", "2"]
+              "--filters", "4", "--depth", "2", "--image_size", "64", "--verbose", "2",
+              "--val_fraction", "0.3"]
 
 # PBS Pro with mpiprocs lists a host once per process, Torque once per cpu (ppn): repeats,
 # not always adjacent, plus a trailing blank line.
@@ -77,14 +80,14 @@ def test_tf_config_cli_prints_json(tmp_path, capsys):
 def test_tf_config_errors_name_the_problem(tmp_path, caplog):
     empty = tmp_path / "empty_nodes"
     empty.write_text("\n# comment only\n")
-    assert hpc_tools.main(["tf-config", "--nodefile", str(empty), "--index", "0"]) == 1
+    assert hpc_tools.main(["tf-config", "--nodefile", str(empty), "--index", "0"]) == 2
     assert f"{empty}: node file lists no host" in caplog.text
     f = tmp_path / "nodes"
     f.write_text(SAMPLE_NODEFILE)
-    assert hpc_tools.main(["tf-config", "--nodefile", str(f), "--index", "3"]) == 1
+    assert hpc_tools.main(["tf-config", "--nodefile", str(f), "--index", "3"]) == 2
     assert "index 3 out of range for 3 host(s)" in caplog.text
     missing = tmp_path / "no_such_file"
-    assert hpc_tools.main(["hosts", "--nodefile", str(missing)]) == 1
+    assert hpc_tools.main(["hosts", "--nodefile", str(missing)]) == 2
     assert f"{missing}: cannot read node file" in caplog.text
     with pytest.raises(hpc_tools.HpcToolError, match="not valid TCP ports"):
         hpc_tools.build_tf_config(["a", "b"], 0, 65535, port_step=1)
@@ -153,7 +156,8 @@ def test_multiworker_two_local_workers_via_job_script(dataset, tmp_path):
         PATH=f"{fake_bin}{os.pathsep}{env['PATH']}", PBS_O_WORKDIR=str(work),
         SCRIPT_DIR=str(ROOT), CONTAINER=str(image), DATA_DIR=str(dataset), OUTPUT_DIR=str(out),
         ALLOW_CPU="1", MODELS="unet", EPOCHS="1", STEPS_PER_EPOCH="2", BATCH_SIZE="4",
-        FILTERS="4", TRAIN_ARGS="--depth 2 --image_size 64", DATA_CHECK_ARGS="--image_size 64",
+        FILTERS="4", TRAIN_ARGS="--depth 2 --image_size 64 --val_fraction 0.3",
+        DATA_CHECK_ARGS="--image_size 64",
         NODEFILE=str(nodefile), LAUNCHER="local", MW_PORT=str(_free_port_pair()),
         MW_PORT_STEP="1",
     )

@@ -92,17 +92,26 @@ def test_every_stage_consumed_the_previous_one(demo_out):
         assert (pred / "rois" / f"{f.stem}_rois.zip").is_file()
 
 
-def test_rerunning_the_demo_never_overwrites(tmp_path):
+def test_rerunning_the_demo_needs_overwrite_and_keeps_foreign_files(tmp_path, monkeypatch,
+                                                                    caplog):
     out = tmp_path / "demo"
-    out.mkdir()
-    (out / "result.txt").write_text("first run")
-    aside = demo.prepare_out_dir(out)
-    assert aside is not None and (aside / "result.txt").read_text() == "first run"
-    assert out.is_dir() and not any(out.iterdir())
-    (out / "result.txt").write_text("second run")
-    aside2 = demo.prepare_out_dir(out)
-    assert aside2 != aside and (aside2 / "result.txt").read_text() == "second run"
-    assert demo.prepare_out_dir(tmp_path / "fresh") is None
+    (out / "evaluation").mkdir(parents=True)
+    (out / "evaluation" / "summary.json").write_text("stale")
+    (out / "runs" / "old_run").mkdir(parents=True)
+    (out / "runs" / "old_run" / "unet_history.csv").write_text("stale")
+    (out / "notes.txt").write_text("keep")
+    ran = []
+    monkeypatch.setattr(demo, "run_demo", lambda args: ran.append(args) or
+                        {"models": {}, "figures": {}, "times_s": {}})
+    # Refused without --overwrite (exit 2, the folder named), nothing touched.
+    assert demo.main(["--out", str(out)]) == 2
+    assert f"{out}: output folder exists and is not empty" in caplog.text
+    assert not ran and (out / "evaluation" / "summary.json").read_text() == "stale"
+    # --overwrite removes only what a demo wrote; a foreign file stays.
+    assert demo.main(["--output-dir", str(out), "--overwrite"]) == 0
+    assert len(ran) == 1 and ran[0].output_dir == str(out)
+    assert (out / "notes.txt").read_text() == "keep"
+    assert not (out / "evaluation").exists() and not (out / "runs").exists()
 
 
 def test_table_formats_every_model(demo_out):

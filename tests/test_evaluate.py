@@ -231,6 +231,7 @@ def test_missing_folder_and_bad_arguments(tmp_path, caplog):
     assert run(["--pred_dir", missing, "--gt_dir", tmp_path, "--output_dir",
                 tmp_path / "o"]) == 2
     assert f"{missing}: prediction folder not found" in caplog.text
+    assert not (tmp_path / "o").exists()  # a typo creates no output folder
     with pytest.raises(SystemExit):
         ev.parse_args(["--pred_dir", "a", "--gt_dir", "b", "--output_dir", "c",
                        "--iou_threshold", "1.5"])
@@ -238,13 +239,6 @@ def test_missing_folder_and_bad_arguments(tmp_path, caplog):
                        "--iou-threshold", "0.7", "--gt-labels-dir", "l"])
     assert (a.pred_dir, a.gt_dir, a.output_dir, a.iou_threshold, a.gt_labels_dir) == (
         "p", "g", "o", 0.7, "l")
-
-
-def test_density_bins():
-    bins = ev.density_bins((0, 10, 50, 150))
-    assert [b[2] for b in bins] == ["0", "1-10", "11-50", "51-150", ">150"]
-    got = [ev.density_bin(n, bins) for n in (0, 1, 10, 11, 150, 151, 5000)]
-    assert got == ["0", "1-10", "1-10", "11-50", "51-150", ">150", ">150"]
 
 
 def test_random_folder_agrees_with_brute_force(tmp_path):

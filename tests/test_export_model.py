@@ -145,9 +145,14 @@ def test_flatfield_is_refused_unless_the_input_is_declared_normalized(tmp_path, 
     err = capsys.readouterr().err
     assert "cannot be expressed" in err and "--input_normalized" in err
     assert not out.exists()
+    out.mkdir()  # --overwrite replaces the package's files only
+    (out / "notes.txt").write_text("user file")
+    (out / "rdf.yaml").write_text("stale")
     rc = em.main(["--model", str(run / "best_unet_model.hdf5"), "--output_dir", str(out),
-                  "--halo", "8", "--input_normalized", "--no_saved_model"])
+                  "--halo", "8", "--input_normalized", "--no_saved_model", "--overwrite"])
     assert rc == 0
+    assert (out / "notes.txt").read_text() == "user file"
+    assert (out / "rdf.yaml").read_text() != "stale"
     test_in, test_out = np.load(out / "test_input.npy"), np.load(out / "test_output.npy")
     cfg = json.loads((out / "config.json").read_text())
     expected = pm.preprocess_frame(mio.read_image(tile), cfg["preprocessing"])

@@ -391,3 +391,93 @@ def test_count_components_is_8_connected_and_counts_touching_beads_once():
     assert mm.count_components(m) == 2
     assert mm.count_components(np.zeros((4, 4))) == 0
     assert mm.count_components(m.astype(np.float32) * 0.9) == 2  # float: foreground > 0.5
+
+
+@pytest.mark.parametrize("t", [0.5, 0.3])
+def test_threshold_rule_at_exactly_t_keras_numpy_trainer_and_predictor_agree(t):
+    # One rule: foreground is prob > t. Pixels at exactly t (as float32) are background
+    # for the Keras metric, microbead_metrics, the trainer's NumPy twin and the predictor.
+    pytest.importorskip("keras")
+    models = pytest.importorskip("models")
+    from keras import ops
+
+    import predict_microscope as pm
+    import train_microbead_optimized as tr
+
+    t32 = float(np.float32(t))
+    prob = np.full((16, 16), 0.05, np.float32)
+    prob[2:6, 2:6] = t32  # exactly t: background
+    prob[8:12, 8:12] = np.nextafter(np.float32(t32), np.float32(1))  # just above: bead
+    truth = np.zeros((16, 16), np.uint8)
+    truth[2:6, 2:6] = truth[8:12, 8:12] = 1
+    expected = (prob > t32).astype(np.uint8)
+    assert expected.sum() == 16
+    np.testing.assert_array_equal(mm.above_threshold(prob, t32), expected.astype(bool))
+    keras_iou = float(ops.convert_to_numpy(
+        models.jacard_coef(truth[None, ..., None].astype(np.float32), prob[None, ..., None],
+                           threshold=t32))[0])
+    numpy_iou = mm.pixel_metrics(prob, truth, threshold=t32)["jaccard"]
+    trainer_iou = float(tr.per_image_jaccard(prob[None], truth[None].astype(np.float32), t32)[0])
+    assert keras_iou == pytest.approx(0.5) and numpy_iou == pytest.approx(0.5)
+    assert trainer_iou == pytest.approx(0.5)
+    cfg = {"preprocessing": {"scale": 1.0}, "postprocessing": {
+        "threshold": 0.99, "median_bead_area_px": 16.0}}
+    res = pm.finish_frame(prob, prob.shape, cfg, threshold=t32)
+    np.testing.assert_array_equal(res["mask"], expected)
+    assert res["beads"] == 1
+
+
+# --------------------------------------------------------------------------- density bins
+
+
+def test_density_bins_have_one_meaning_upper_edge_inclusive():
+    edges = (0, 10, 50, 150)
+    counts = [0, 1, 10, 11, 150, 151, 5000]
+    assert mm.density_bin_ids(counts, edges).tolist() == [0, 1, 1, 2, 3, 4, 4]
+    assert mm.density_bin_names(edges) == ["0", "1-10", "11-50", "51-150", ">150"]
+    assert [mm.density_bin_name(c, edges) for c in counts] == \
+        ["0", "1-10", "1-10", "11-50", "51-150", ">150", ">150"]
+    # Half-integer edges (as analysis recommends) name the integer counts they hold.
+    assert mm.density_bin_names([2.5, 7.5]) == ["0-2", "3-7", ">7"]
+    # The trainer's strata from the same edges are the evaluation's bins (none sparse here).
+    strata = mm.density_strata(counts, edges, min_per_stratum=1)
+    assert strata.tolist() == [0, 1, 1, 2, 3, 4, 4]
+
+
+def test_density_edges_quantiles_by_hand():
+    assert mm.density_edges([1, 1, 2, 2, 3, 3, 4, 4, 5, 5]) == [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
+    assert mm.density_edges([7]) == [6.5, 7.5] and mm.density_edges([]) == []
+
+
+def test_density_edges_merge_until_two_per_stratum():
+    assert mm.density_edges([0, 0, 0, 0, 0, 0, 0, 100]) == [-0.5, 100.5]  # lone dense image
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 9, 17, 40):
+        c = np.concatenate([rng.integers(0, 10, n - 1), [500]])
+        edges = mm.density_edges(c)
+        per_bin = np.histogram(c, bins=edges)[0]
+        assert per_bin.sum() == n and per_bin.min() >= 2, (n, edges, per_bin)
+        assert all(e % 1 == 0.5 for e in edges)
+        assert len(per_bin) <= mm.DENSITY_MAX_BINS
+        # The trainer's strata from these edges are exactly these bins.
+        strata = mm.density_strata(c, edges)
+        assert sorted(np.bincount(strata).tolist()) == sorted(per_bin.tolist())
+
+
+def test_density_strata_merge_sparse_bins_into_the_smaller_neighbour():
+    counts = [0, 0, 1, 1, 1, 2, 50, 100]
+    # edges -> bins {0,0} {1,1,1,2} {50} {100}: the singleton {50} joins its smaller
+    # neighbour {100}, so the dense images keep a stratum of their own.
+    strata = mm.density_strata(counts, edges=[0.5, 10, 60])
+    assert strata.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+
+
+def test_density_strata_quantiles_ordered_and_filled():
+    counts = np.arange(20)[::-1]
+    strata = mm.density_strata(counts)
+    assert np.bincount(strata).tolist() == [4] * 5
+    order = np.argsort(counts)
+    assert np.all(np.diff(strata[order]) >= 0)  # ids ordered by density
+    assert mm.density_strata([3]).tolist() == [0]
+    assert mm.density_strata([]).size == 0
+    assert mm.density_strata([1, 9, 30]).tolist() == [0, 0, 0]  # 3 images: one stratum

@@ -1,6 +1,10 @@
 """The image I/O module: every trap of the old pipeline, tested by name."""
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -86,6 +90,58 @@ def test_antialiased_mask_binarizes_at_half_max_and_warns_naming_file(tmp_path, 
         out = mio.read_mask(path)
     np.testing.assert_array_equal(out, [[0, 0, 0, 1, 1, 1]])
     assert "aa_mask.png" in caplog.text and "grey levels" in caplog.text
+
+
+def _discs(n, size, seed, value=None, radius=(3, 6)):
+    """``(size, size)`` int32 image of ``n`` random discs, value ``i`` (labels) or ``value``."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((size, size), np.int32)
+    for i in range(1, n + 1):
+        cx, cy = (int(v) for v in rng.integers(0, size, 2))
+        cv2.circle(img, (cx, cy), int(rng.integers(radius[0], radius[1] + 1)),
+                   int(i if value is None else value), -1)
+    return img
+
+
+def test_label_image_used_as_mask_keeps_every_bead(tmp_path, caplog):
+    # *_labels.tif pairs as a mask; cut at half its maximum, ids 1..149 of 300 would vanish.
+    lab = _discs(300, 512, seed=0).astype(np.uint16)
+    assert np.unique(lab).size - 1 > 250  # some discs are covered by later ones
+    path = tmp_path / "frame_labels.tif"
+    tifffile.imwrite(path, lab)
+    assert mio.stem_key(path) == "frame"
+    with caplog.at_level(logging.INFO, logger="microbead.io"):
+        mask, rule = mio.read_mask(path, return_rule=True)
+    assert rule == mio.MASK_RULE_LABELS
+    np.testing.assert_array_equal(mask, lab > 0)
+    assert "frame_labels.tif" in caplog.text and "instance-label" in caplog.text
+    # Few ids too (3 beads: id 1 is below half of 3), and a float32 label image (Fiji).
+    few = np.zeros((40, 40), np.uint8)
+    few[2:10, 2:10], few[20:28, 5:13], few[25:35, 25:35] = 1, 2, 3
+    np.testing.assert_array_equal(mio.binarize_mask(few), few > 0)
+    np.testing.assert_array_equal(mio.binarize_mask(lab.astype(np.float32)), lab > 0)
+
+
+def test_antialiased_png_mask_is_still_cut_at_half_max(tmp_path):
+    # A 0/255 mask drawn at 4x and shrunk with INTER_AREA: 8-bit greyscale ramps on every
+    # bead edge; the ramps' low values must stay background (not read as label ids).
+    big = _discs(60, 1024, seed=1, value=255, radius=(12, 24)).astype(np.uint8)
+    aa = cv2.resize(big, (256, 256), interpolation=cv2.INTER_AREA)
+    assert np.unique(aa).size > 10
+    path = tmp_path / "aa_mask.png"
+    cv2.imwrite(str(path), aa)
+    mask, rule = mio.read_mask(path, return_rule=True)
+    assert rule == mio.MASK_RULE_HALF_MAX
+    np.testing.assert_array_equal(mask, aa >= 127.5)
+    # Smoothly upsampled (ramps several pixels wide) and JPEG-compressed masks likewise.
+    small = _discs(60, 256, seed=2, value=255, radius=(2, 3)).astype(np.uint8)
+    up = cv2.resize(small, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
+    assert mio.mask_rule(up) == mio.MASK_RULE_HALF_MAX
+    jpeg = cv2.imdecode(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 95])[1], 0)
+    assert mio.mask_rule(jpeg) == mio.MASK_RULE_HALF_MAX
+    for two_level in (small, small // 255, small.astype(np.uint16) * 257):
+        assert mio.mask_rule(two_level) == mio.MASK_RULE_TWO_LEVEL
+        np.testing.assert_array_equal(mio.binarize_mask(two_level), small > 0)
 
 
 def test_resize_mask_stays_binary():
@@ -204,71 +260,106 @@ def test_parse_dilution(name, expected):
     assert mio.parse_dilution(name) == expected
 
 
-def test_tile_starts_cover_everything_with_requested_overlap():
-    for length, tile, ov in [(2160, 256, 32), (1080, 256, 64), (300, 256, 32), (256, 256, 32)]:
-        starts = mio.tile_starts(length, tile, ov)
-        assert starts[0] == 0 and starts[-1] == length - tile
-        covered = np.zeros(length, bool)
-        for s in starts:
-            covered[s : s + tile] = True
-        assert covered.all()
-        gaps = np.diff(starts)
-        assert np.all(tile - gaps >= ov)
-
-
-def _local_fn(batch):
-    # A purely local "network": 3x3 box filter of the first channel. Any seam or
-    # normalisation-per-tile bug would show up as a difference from the whole-image result.
-    out = np.empty(batch.shape[:3], np.float32)
-    for i, b in enumerate(batch):
-        out[i] = cv2.blur(b[..., 0], (3, 3), borderType=cv2.BORDER_REFLECT_101)
-    return out
-
-
-@pytest.mark.parametrize("shape", [(300, 517), (64, 64), (40, 90), (256, 256)])
-def test_tiled_prediction_equals_whole_image(shape):
-    rng = np.random.default_rng(1)
-    img = rng.random(shape + (1,)).astype(np.float32)
-    whole = _local_fn(img[None])[0]
-    tiled = mio.predict_tiled(img, _local_fn, tile_size=64, overlap=16, batch_size=3)
-    assert tiled.shape == shape
-    # Tile borders differ only where the 3x3 filter saw padding; the blend window gives those
-    # pixels ~no weight wherever another tile covers them, but image borders still see padding.
-    inner = (slice(1, -1), slice(1, -1))
-    np.testing.assert_allclose(tiled[inner], whole[inner], atol=1e-3)
-
-
-def test_every_call_gets_the_same_batch_and_one_tile_is_not_padded():
-    img = np.random.default_rng(2).random((150, 230, 1)).astype(np.float32)
-    seen = []
-
-    def fn(batch):
-        seen.append(batch.shape)
-        return _local_fn(batch)
-
-    plan = mio.plan_tiles(img.shape, 64, 16, 16)
-    assert plan.n_tiles % 4  # the last batch is short
-    tiled = mio.predict_tiled(img, fn, tile_size=64, overlap=16, batch_size=4)
-    assert {s[0] for s in seen} == {4}  # zero tiles fill the last batch: one traced shape
-    assert len(seen) == -(-plan.n_tiles // 4)
-    inner = (slice(1, -1), slice(1, -1))
-    np.testing.assert_allclose(tiled[inner], _local_fn(img[None])[0][inner], atol=1e-3)
-    seen.clear()
-    whole = mio.predict_tiled(img, fn, tile_size=256, overlap=16, batch_size=4)
-    assert seen == [(1, 160, 240, 1)]  # one tile: one tile computed, not batch_size
-    np.testing.assert_allclose(whole, _local_fn(np.pad(img, ((0, 10), (0, 10), (0, 0)),
-                                                       mode="reflect")[None])[0][:150, :230])
-
-
-def test_blend_window_positive_and_symmetric():
-    w = mio.blend_window(64, 16)
-    assert w.shape == (64, 64) and w.min() > 0 and w.max() == pytest.approx(1.0)
-    np.testing.assert_allclose(w, w.T)
-    np.testing.assert_allclose(w, w[::-1, ::-1])
-
-
 def test_unique_path_never_overwrites(tmp_path):
     p = tmp_path / "run"
     assert mio.unique_path(p) == p
     p.mkdir()
     assert mio.unique_path(p) == tmp_path / "run_2"
+
+
+def test_usable_cpus_respects_ncpus_omp_and_affinity(monkeypatch):
+    monkeypatch.delenv("NCPUS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    affinity = len(os.sched_getaffinity(0))
+    assert mio.usable_cpus() == affinity
+    monkeypatch.setenv("NCPUS", "1")
+    assert mio.usable_cpus() == 1
+    monkeypatch.setenv("NCPUS", "")  # empty / junk / 0: ignored
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert mio.usable_cpus() == affinity
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert mio.usable_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(affinity + 64))  # never more than the affinity
+    assert mio.usable_cpus() == affinity
+
+
+def test_importing_microbead_io_does_not_give_opencv_every_core():
+    # A fresh interpreter: importing the module is what sets OpenCV's thread count.
+    env = {**os.environ, "NCPUS": "1"}
+    env.pop("OMP_NUM_THREADS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", "import microbead_io, cv2; print(cv2.getNumThreads())"],
+        cwd=Path(mio.__file__).parent, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+
+
+def test_atomic_write_under_threads_never_flips_the_umask(tmp_path, monkeypatch):
+    # The umask is process-wide: reading it with os.umask(0) + os.umask(old) while other
+    # threads create files can leave files (and the process) world-writable. 8 threads x 25
+    # files, as predict's finisher threads write; os.umask is spied on and slowed down so a
+    # flip, if any, overlaps other threads' writes.
+    import threading
+    import time as _time
+
+    calls = []
+    real_umask = os.umask
+
+    def spy(mask):
+        calls.append(mask)
+        old = real_umask(mask)
+        _time.sleep(0.001)
+        return old
+
+    old = real_umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", spy)
+        start = threading.Barrier(8)
+        errors = []
+
+        def work(t):
+            try:
+                start.wait()
+                for i in range(25):
+                    kind = i % 4
+                    p = tmp_path / f"t{t}_{i}"
+                    if kind == 0:
+                        mio.atomic_write_text(p.with_suffix(".txt"), "x")
+                    elif kind == 1:
+                        mio.atomic_write_json(p.with_suffix(".json"), {"v": float("nan")})
+                    elif kind == 2:
+                        mio.atomic_write_csv(p.with_suffix(".csv"), [{"a": 1}], ["a"])
+                    else:
+                        mio.write_mask(p.with_suffix(".png"), np.eye(4, dtype=np.uint8))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        monkeypatch.setattr(os, "umask", real_umask)
+        assert not errors
+        assert calls == []  # never read or changed
+        assert real_umask(0o027) == 0o027  # the process umask is what it was
+        files = sorted(tmp_path.iterdir())
+        assert len(files) == 200  # and no temporary file left behind
+        modes = {f.name: f.stat().st_mode & 0o777 for f in files}
+        assert set(modes.values()) == {0o640}, {k: oct(v) for k, v in modes.items()
+                                                if v != 0o640}
+        assert (tmp_path / "t0_1.json").read_text() == '{\n  "v": null\n}\n'
+    finally:
+        real_umask(old)
+
+
+def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "summary.csv"
+    target.write_text("old")
+
+    def broken(tmp):
+        Path(tmp).write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        mio.atomic_write(target, broken)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["summary.csv"]

@@ -526,3 +526,29 @@ def test_models_build_and_train_under_jax_backend():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line.split()[0] for line in proc.stdout.splitlines()] == ARCHS
+
+
+@pytest.mark.parametrize("ext", [".keras", ".hdf5"])
+def test_compiled_metrics_use_the_runs_threshold_and_keep_it_when_reloaded(ext, tmp_path):
+    # Early stopping, ReduceLROnPlateau and the best-model checkpoint monitor
+    # val_jacard_coef: it must score the masks prediction writes (the run's --threshold),
+    # not a hard 0.5, and a model reloaded to resume must score the same way.
+    truth = image([[1, 1], [0, 0]])
+    pred = image([[0.6, 0.8], [0.6, 0.1]])  # > 0.5: 3 pixels (IoU 2/3); > 0.7: 1 (IoU 1/2)
+    inputs = keras.Input((2, 2, 1))
+    identity = keras.Model(inputs, layers.Conv2D(1, 1, use_bias=False,
+                                                 kernel_initializer="ones")(inputs))
+    models.compile_model(identity, loss="dice", threshold=0.7)
+    result = identity.evaluate(pred, truth, verbose=0, return_dict=True)
+    assert result["jacard_coef"] == pytest.approx(1 / 2)
+    assert result["dice_coef"] == pytest.approx(2 / 3)
+    assert result["pred_fg"] == pytest.approx(1 / 4)
+    models.compile_model(identity, loss="dice")  # default 0.5
+    assert identity.evaluate(pred, truth, verbose=0, return_dict=True)["jacard_coef"] == (
+        pytest.approx(2 / 3))
+    models.compile_model(identity, lr=0.0, loss="dice", threshold=0.7)
+    identity.train_on_batch(pred, truth)  # builds the optimizer state a resume restores
+    path = models.save_model(identity, tmp_path / f"m{ext}")
+    loaded = models.load_model(path, compile=True)
+    assert loaded.evaluate(pred, truth, verbose=0, return_dict=True)["jacard_coef"] == (
+        pytest.approx(1 / 2))

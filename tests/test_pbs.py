@@ -247,10 +247,12 @@ def test_training_failure_exits_nonzero(tmp_path, fake_bin, dataset):
     shutil.copy(dataset / "masks" / image.name, data / "masks")
     env = job_env(tmp_path, fake_bin, data)
     proc = run_job("pbs_microbead_optimized.sh", env)
-    assert proc.returncode == 1  # the trainer's own exit code, not tee's 0
+    assert proc.returncode == 2  # the trainer's own exit code (fatal), not tee's 0
     assert "need at least 2 usable pairs, got 1" in proc.stdout
-    assert "training FAILED with exit code 1" in proc.stdout
+    assert "training FAILED with exit code 2" in proc.stdout
     (run_dir,) = run_folders(tmp_path / "runs")
+    # The fatal message is in the run's own log too, not only in the job log.
+    assert "need at least 2 usable pairs" in (run_dir / "training_console.log").read_text()
     assert not (run_dir / "training_analysis").exists()  # no analysis after a failure
     (job_log,) = run_dir.glob("pbs_job_*.log")
     assert "need at least 2 usable pairs" in job_log.read_text()
@@ -369,8 +371,16 @@ def test_summary_and_merge(tmp_path, capsys, caplog):
     rows = read_csv(merged / "training_summary.csv")
     assert [(r["run_dir"], r["model"]) for r in rows] == [(str(a), "unet"),
                                                           (str(b), "attention_unet")]
-    # Without --allow_missing a run without summary is an error.
-    assert hpc_tools.main(["merge-summaries", "--output_dir", str(merged), str(pending)]) == 1
+    # The folder now holds our files: refused without --overwrite (exit 2, folder named).
+    assert hpc_tools.main(["merge-summaries", "--output_dir", str(merged), str(a)]) == 2
+    assert f"{merged}: output folder exists and is not empty" in caplog.text
+    # Without --allow_missing a run without summary is an input failure (exit 1); the stale
+    # merged table is gone, a foreign file stays.
+    (merged / "notes.txt").write_text("keep")
+    assert hpc_tools.main(["merge-summaries", "--output_dir", str(merged), "--overwrite",
+                           str(pending)]) == 1
+    assert not (merged / "training_summary.csv").exists()
+    assert (merged / "notes.txt").read_text() == "keep"
 
 
 def test_check_packages_reports_missing_and_mismatch(tmp_path, caplog):

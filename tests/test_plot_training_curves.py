@@ -310,7 +310,8 @@ def test_bad_history_named_and_others_processed(tmp_path, caplog):
     (run / "attention_resunet_history.csv").write_text("epoch,loss\n1,0.5\n")
     missing = tmp_path / "does_not_exist"
     out = tmp_path / "out"
-    assert ptc.main([str(run), str(missing), "--output_dir", str(out), "--dpi", "40"]) == 0
+    # Exit 1: some inputs failed (each named), the others are still processed.
+    assert ptc.main([str(run), str(missing), "--output_dir", str(out), "--dpi", "40"]) == 1
     assert_figures(out)
     for bad in ("attention_unet_history.csv", "attention_resunet_history.csv", "does_not_exist"):
         assert bad in caplog.text
@@ -326,17 +327,20 @@ def test_nothing_plottable_exits_nonzero(tmp_path, caplog):
     run = tmp_path / "run"
     run.mkdir()
     (run / "unet_history.csv").write_text("epoch,loss,jacard_coef,val_loss,val_jacard_coef\n")
-    assert ptc.main([str(run)]) == 1
+    assert ptc.main([str(run)]) == 2
     assert "unet_history.csv: no epochs" in caplog.text
-    assert not (run / "training_analysis").exists()
+    # Nothing but the log, which holds the fatal message too.
+    out = run / "training_analysis"
+    assert [p.name for p in out.iterdir()] == [ptc.LOG_FILE]
+    assert "nothing to plot" in (out / ptc.LOG_FILE).read_text()
     binary = tmp_path / "binary_run"
     binary.mkdir()
     (binary / "unet_history.csv").write_bytes(PNG_MAGIC + bytes([0, 255, 254, 0]))
-    assert ptc.main([str(binary)]) == 1
+    assert ptc.main([str(binary)]) == 2
     assert "binary_run/unet_history.csv: cannot read CSV" in caplog.text
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    assert ptc.main([str(empty)]) == 1
+    assert ptc.main([str(empty)]) == 2
     assert "empty_run: no history CSV" in caplog.text
 
 

@@ -8,6 +8,7 @@ import pytest
 
 import microbead_io as mio
 import predict_microscope as pm
+import tiling
 from make_synthetic_dataset import render_masks, sample_beads
 
 keras = pytest.importorskip("keras")
@@ -46,7 +47,8 @@ def test_tiled_prediction_equals_whole_image_with_a_real_unet(tiny_unet):
     img = rng.random((152, 236, 1)).astype(np.float32)  # divisible by 2**depth: no padding
     whole = np.asarray(tiny_unet.predict_on_batch(img[None]))[0, ..., 0]
     fn = pm.make_keras_predict_fn(tiny_unet)
-    tiled = mio.predict_tiled(img, fn, tile_size=64, overlap=48, batch_size=3, pad_multiple=4)
+    tiled = tiling.predict_tiled(img, fn, tile_size=64, overlap=48, batch_size=3,
+                                 pad_multiple=4)
     assert tiled.shape == (152, 236)
     # The blended tiles reproduce the fully convolutional whole-image probabilities.
     assert np.max(np.abs(tiled - whole)) < 1e-3
@@ -55,27 +57,64 @@ def test_tiled_prediction_equals_whole_image_with_a_real_unet(tiny_unet):
     assert mask_iou >= 0.999
 
 
+def test_tiled_equals_whole_image_at_depth_4_with_the_default_overlap():
+    # At the real depth (4) the receptive field is 200 px: the old default overlap of 64 px
+    # leaves tile-edge (zero padding) effects in the blend. Without --overlap, predict
+    # derives it from the model's depth, and tiled prediction equals the whole image.
+    keras.utils.set_random_seed(1)
+    m = models.build_unet((None, None, 1), filters=4, depth=4, dropout=0.0)
+    rng = np.random.default_rng(3)
+    for layer in m.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+    args = pm.parse_args(["--model", "m.hdf5", "--input_dir", "in", "--output_dir", "out"])
+    assert args.overlap is None
+    overlap, source = pm.resolve_overlap(args.overlap, pm.network_depth(m, 16))
+    assert overlap == tiling.default_overlap(4) == 208 and "receptive field" in source
+    assert pm.resolve_overlap(64, 4) == (64, "--overlap")
+    img = rng.random((384, 384, 1)).astype(np.float32)
+    fn = pm.make_keras_predict_fn(m)
+    whole = fn(img[None])[0, ..., 0]
+    assert tiling.plan_tiles(img.shape, 320, overlap, 16).n_tiles == 4
+    tiled = tiling.predict_tiled(img, fn, tile_size=320, overlap=overlap, batch_size=4,
+                                 pad_multiple=16)
+    assert np.max(np.abs(tiled - whole)) < 1e-3
+    old = tiling.predict_tiled(img, fn, tile_size=320, overlap=64, batch_size=4,
+                               pad_multiple=16)
+    assert np.max(np.abs(old - whole)) > 1e-3  # the trap the derived default avoids
+
+
 def test_shifting_by_half_a_tile_gives_the_same_mask_in_the_overlap(tiny_unet):
     rng = np.random.default_rng(2)
     big = rng.random((128, 224, 1)).astype(np.float32)
     fn = pm.make_keras_predict_fn(tiny_unet)
-    a = mio.predict_tiled(big[:, :192], fn, tile_size=64, overlap=32, pad_multiple=4)
-    b = mio.predict_tiled(big[:, 32:], fn, tile_size=64, overlap=32, pad_multiple=4)
+    a = tiling.predict_tiled(big[:, :192], fn, tile_size=64, overlap=32, pad_multiple=4)
+    b = tiling.predict_tiled(big[:, 32:], fn, tile_size=64, overlap=32, pad_multiple=4)
     inner = (slice(16, -16), slice(32 + 16, 192 - 16))
     inner_b = (slice(16, -16), slice(16, 192 - 32 - 16))
     np.testing.assert_array_equal(a[inner] >= 0.5, b[inner_b] >= 0.5)
     assert np.max(np.abs(a[inner] - b[inner_b])) < 1e-3
 
 
-def test_preprocess_frame_matches_training_path_and_scale():
+def test_preprocess_frame_matches_the_training_loader_and_scale(tmp_path):
+    # The same pixels must reach the network at prediction as in training. The reference
+    # is the training loader reading the stored tile (not the calls preprocess_frame makes):
+    # the frame is that tile upsampled 2x by pixel repetition, so the frame -> tile area
+    # downscale is exact and any difference is a preprocessing drift.
     rng = np.random.default_rng(3)
-    frame = (rng.random((200, 300, 1)) * 4000).astype(np.float32)
-    pre = _config()["preprocessing"]
+    tile = (rng.random((100, 150)) * 4000).astype(np.uint16)
+    mio.write_image(tmp_path / "t.tif", tile)
+    mio.write_mask(tmp_path / "t_mask.png", np.zeros((100, 150), np.uint8))
+    x_train, _ = mio.load_pair(tmp_path / "t.tif", tmp_path / "t_mask.png",
+                               normalization=mio.DEFAULT_NORMALIZATION)
+    frame = np.kron(tile.astype(np.float32), np.ones((2, 2), np.float32))[..., None]
+    pre = _config()["preprocessing"]  # pixel_scale = scale = 0.5: the stored tile's scale
     x = pm.preprocess_frame(frame, pre)
-    assert x.shape == (100, 150, 1)
-    # Training: the stored tile is the 2x-downscaled frame, normalised at that scale.
-    expected = mio.normalize_image(mio.resize_image(frame, (100, 150)))
-    np.testing.assert_allclose(x, expected, atol=1e-6)
+    assert x.shape == x_train.shape == (100, 150, 1)
+    np.testing.assert_allclose(x, x_train, atol=1e-5)
+    assert x.min() == 0.0 and x.max() == 1.0  # percentile levels map to 0 and 1
     # A model trained at another input size than the stored tiles: one more resize.
     pre2 = dict(pre, scale=0.25)
     assert pm.preprocess_frame(frame, pre2).shape == (50, 75, 1)
@@ -129,6 +168,40 @@ def test_fit_dilution_series_recovers_slope():
     fit = pm.fit_dilution_series(d, 43200 / d)
     assert fit["slope"] == pytest.approx(-1.0, abs=1e-9) and fit["r2"] == pytest.approx(1.0)
     assert np.isnan(pm.fit_dilution_series([640], [10])["slope"])
+
+
+def test_single_dilution_is_not_fitted_and_the_summary_says_why(tmp_path):
+    rows = [{"file": f"640x_{i}.png", "dilution": 640, "beads": b, "status": "ok",
+             "width": 8, "height": 8, "area_estimate": 1.0, "coverage_pct": 1.0,
+             "time_s": 0.1} for i, b in enumerate((10, 12, 9))]
+    fit = pm.write_dilution_outputs(tmp_path, rows)
+    assert "one dilution (640x)" in fit["skipped"] and fit["n"] == 3
+    meta = {"model": "m", "note": "n", "threshold": 0.5, "scale": 1.0, "tile_size": 64,
+            "overlap": 16, "tta": False}
+    pm.write_summaries(tmp_path, rows, meta, fit)
+    text = (tmp_path / "prediction_summary.txt").read_text()
+    assert "dilution series: no fit (every image with beads is at one dilution" in text
+    assert "nan" not in text.lower()
+    two = pm.fit_dilution_series([160, 320], [20, 10])
+    assert two["skipped"] == "" and two["slope"] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("kind", ["constant", "all_nan", "some_nan"])
+def test_constant_or_nan_frame_is_unusable_not_ok_with_zero_beads(tmp_path, kind):
+    files = _frames(tmp_path / "in", 2)
+    bad = tmp_path / "in" / f"{kind}_frame.tif"
+    img = np.full((90, 130), 77.0, np.float32)
+    if kind != "constant":
+        img[: (90 if kind == "all_nan" else 3)] = np.nan
+        img[50, 50] = 10.0
+    __import__("tifffile").imwrite(bad, img)
+    cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
+    rows = pm.predict_files([bad, *files], lambda b: b[..., 0], cfg, _out(tmp_path / "o"),
+                            tile_size=64, overlap=16, batch_size=2)
+    status = rows[0]["status"]
+    assert bad.name in status and "unusable image" in status
+    assert ("constant" if kind == "constant" else "NaN") in status
+    assert "beads" not in rows[0] and all(r["status"] == "ok" for r in rows[1:])
 
 
 def _write_run(tmp_path, tiny_model, cfg=None):
@@ -257,7 +330,7 @@ def test_pipeline_reads_at_most_workers_frames_ahead(tmp_path, monkeypatch, work
         return batch[..., 0]
 
     monkeypatch.setattr(mio, "read_image", counting_read)
-    n_tiles = mio.plan_tiles((45, 65, 1), 64, 16, 4).n_tiles  # model scale: half size
+    n_tiles = tiling.plan_tiles((45, 65, 1), 64, 16, 4).n_tiles  # model scale: half size
     calls_per_frame = -(-n_tiles // min(8, n_tiles))
     rows = pm.predict_files(files, slow_fn, cfg, _out(tmp_path / "o"), tile_size=64,
                             overlap=16, batch_size=8, workers=workers)
@@ -299,3 +372,35 @@ def test_count_equals_the_ids_in_the_written_label_image():
     ids = ids[ids > 0]
     assert res["beads"] == ids.size == 1
     assert ids.tolist() == [1]  # renumbered from 1, no gaps
+
+
+def test_overwrite_removes_the_previous_predictions_files_only(tmp_path, tiny_unet):
+    # A rerun with --overwrite on fewer frames must not leave the old frames' masks, which
+    # evaluate_predictions.py would pair as fresh predictions; files not predict's stay.
+    run = _write_run(tmp_path, tiny_unet)
+    inp = tmp_path / "frames"
+    inp.mkdir()
+    rng = np.random.default_rng(5)
+    for name in ("a.png", "b.png"):
+        mio.write_image(inp / name, (rng.random((40, 56)) * 255).astype(np.uint8))
+    out = tmp_path / "pred"
+    base = ["--model", str(run), "--input_dir", str(inp), "--output_dir", str(out),
+            "--tile_size", "64"]
+    assert pm.main(base + ["--geojson", "--save_prob"]) == 0
+    assert (out / "masks" / "b_mask.png").is_file() and (out / "geojson" / "b.geojson").is_file()
+    (inp / "b.png").unlink()
+    (out / "notes.txt").write_text("mine")
+    mio.write_mask(out / "masks" / "hand_drawn.png", np.eye(8, dtype=np.uint8))
+    assert pm.main(base) == 2  # refused without --overwrite
+    assert pm.main(base + ["--overwrite", "--no_figures"]) == 0
+    left = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert not {p for p in left if p.split("/")[-1].startswith("b")}, left
+    assert {"notes.txt", "masks/hand_drawn.png", "masks/a_mask.png", "labels/a_labels.tif",
+            "beads/a_beads.csv", "prediction_summary.csv"} <= left
+    assert not any(p.startswith(("overlays/", "comparisons/", "prob/", "geojson/"))
+                   for p in left)
+    with open(out / "prediction_summary.csv", newline="") as fh:
+        assert [r["file"] for r in csv.DictReader(fh)] == ["a.png"]
+    used = json.loads((out / "prediction_config.json").read_text())
+    assert used["overlap"] == tiling.default_overlap(2) and used["network_depth"] == 2
+    assert "receptive field" in used["overlap_source"]

@@ -16,7 +16,9 @@ import pytest
 
 import make_synthetic_dataset as syn
 import microbead_io as mio
+import microbead_metrics as mm
 import predict_microscope as pm
+import tiling
 import train_microbead_optimized as tmo
 
 
@@ -98,12 +100,12 @@ def test_tile_alone_and_inside_its_frame_give_the_same_mask(tiny_unet):
     cfg = _cfg(33)
     fn = pm.make_keras_predict_fn(tiny_unet)
     x_frame = pm.preprocess_frame(frame, cfg["preprocessing"])
-    prob_frame = mio.predict_tiled(x_frame, fn, tile_size=2048, overlap=64, batch_size=1,
-                                   pad_multiple=8)
+    prob_frame = tiling.predict_tiled(x_frame, fn, tile_size=2048, overlap=64, batch_size=1,
+                                      pad_multiple=8)
     x0 = 480
     tile = frame[:, x0:x0 + 512]
-    prob_tile = mio.predict_tiled(pm.preprocess_frame(tile, cfg["preprocessing"]), fn,
-                                  tile_size=2048, overlap=64, batch_size=1, pad_multiple=8)
+    prob_tile = tiling.predict_tiled(pm.preprocess_frame(tile, cfg["preprocessing"]), fn,
+                                     tile_size=2048, overlap=64, batch_size=1, pad_multiple=8)
     # An untrained net: threshold at the frame's median probability so the mask is far from
     # trivial (half the pixels), then compare the tile's interior.
     thr = float(np.median(prob_frame))
@@ -135,7 +137,7 @@ def test_no_frame_on_both_sides_of_the_split_or_any_fold():
     names, counts = _grid_names()
     groups = [mio.frame_group(n) for n in names]
     assert len(set(groups)) == 9
-    strata = tmo.density_strata(counts)
+    strata = mm.density_strata(counts)
     for seed in range(5):
         tr, va = tmo.stratified_split(strata, 0.15, seed, groups=groups)
         assert va.size and tr.size and np.intersect1d(tr, va).size == 0
@@ -160,7 +162,7 @@ def test_frame_group_rules():
 def test_one_frame_cannot_be_split_and_says_why():
     names, counts = _grid_names(n_frames=1)
     with pytest.raises(ValueError, match="group"):
-        tmo.stratified_split(tmo.density_strata(counts), 0.15, 0,
+        tmo.stratified_split(mm.density_strata(counts), 0.15, 0,
                              groups=[mio.frame_group(n) for n in names])
 
 

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import microbead_config as mcfg
 import microbead_io as mio
+import microbead_metrics as mm
 import train_microbead_optimized as tmo
 from make_synthetic_dataset import generate_dataset
 
@@ -224,25 +226,6 @@ def test_intensity_augmentation_never_blanks_an_image(dataset, dilution):
 # --------------------------------------------------------------------------- split
 
 
-def test_density_strata_merges_sparse_bins():
-    counts = [0, 0, 1, 1, 1, 2, 50, 100]
-    # edges -> bins {0,0} {1,1,1,2} {50} {100}; the two singletons merge into their lower
-    # neighbour.
-    strata = tmo.density_strata(counts, edges=[0.5, 10, 60])
-    assert strata.tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
-
-
-def test_density_strata_quantiles_ordered_and_filled():
-    counts = np.arange(20)[::-1]
-    strata = tmo.density_strata(counts)
-    assert np.bincount(strata).tolist() == [4] * 5
-    order = np.argsort(counts)
-    assert np.all(np.diff(strata[order]) >= 0)  # ids ordered by density
-    assert tmo.density_strata([3]).tolist() == [0]
-    assert tmo.density_strata([]).size == 0
-    assert tmo.density_strata([1, 9, 30]).tolist() == [0, 0, 0]  # 3 images: one stratum
-
-
 def test_stratified_split_counts_and_proportions():
     strata = np.repeat([0, 1, 2, 3], [20, 10, 6, 4])
     train, val = tmo.stratified_split(strata, 0.25, seed=0)
@@ -267,13 +250,29 @@ def test_stratified_split_reproducible_and_seed_dependent():
 
 
 def test_stratified_split_six_images_has_validation():
-    strata = tmo.density_strata([3, 8, 20, 25, 60, 90])
+    strata = mm.density_strata([3, 8, 20, 25, 60, 90])
     train, val = tmo.stratified_split(strata, 0.15, seed=42)
     assert len(val) == 1 and len(train) == 5  # round(0.9) = 1, never 0
     _, val2 = tmo.stratified_split([0, 0], 0.15, seed=0)
     assert len(val2) == 1
     with pytest.raises(ValueError, match="at least 2"):
         tmo.stratified_split([0], 0.15, seed=0)
+
+
+def test_stratified_split_stratum_with_one_image_still_gives_validation():
+    # Each one-image stratum had to keep its image for training: the validation set was
+    # empty. Such a stratum now joins its density neighbour.
+    for strata, frac, n_val in (([0, 1], 0.5, 1), ([0, 1, 2], 0.3, 1),
+                                ([0, 1, 1, 1, 2], 0.2, 1), ([0, 0, 0, 1, 2, 2, 2], 0.3, 2)):
+        for seed in range(5):
+            train, val = tmo.stratified_split(strata, frac, seed=seed)
+            assert len(val) == n_val and len(train) == len(strata) - n_val, (strata, seed)
+            assert np.array_equal(np.sort(np.concatenate([train, val])),
+                                  np.arange(len(strata)))
+    # Strata without a single-image one split exactly as before (same seed, same indices).
+    strata = np.repeat([0, 1, 2, 3], [20, 10, 6, 4])
+    assert np.bincount(strata[tmo.stratified_split(strata, 0.25, seed=0)[1]],
+                       minlength=4).tolist() == [5, 3, 1, 1]
 
 
 def test_stratified_kfold_partitions_every_index():
@@ -318,7 +317,24 @@ def test_auto_bn_momentum():
     # with Keras' default 0.99 they would still weigh 60 % after 50 steps (the trap).
     for steps in (25, 50, 100, 250, 1000):
         assert tmo.auto_bn_momentum(steps) ** steps < 0.01
-    assert 0.99 ** 50 > 0.6
+
+
+def test_auto_bn_momentum_lets_a_real_batchnorm_catch_up_in_one_epoch():
+    """The trap, measured on a Keras layer (not on the formula): after 50 training steps
+    on inputs of mean 5, Keras' default momentum leaves the moving mean near 2 (the initial
+    0 still weighs 0.99**50 = 60 %); the auto momentum for 50 steps/epoch reaches 5."""
+    import keras
+
+    x = np.full((4, 2, 2, 1), 5.0, np.float32)
+
+    def moving_mean_after(momentum: float, steps: int) -> float:
+        bn = keras.layers.BatchNormalization(momentum=momentum)
+        for _ in range(steps):
+            bn(x, training=True)
+        return float(keras.ops.convert_to_numpy(bn.moving_mean)[0])
+
+    assert moving_mean_after(tmo.auto_bn_momentum(50), 50) > 5.0 * 0.99
+    assert moving_mean_after(0.99, 50) == pytest.approx(5.0 * (1 - 0.99 ** 50), rel=1e-3)
 
 
 def test_batchstat_jaccard_exposes_stale_moving_statistics():
@@ -338,6 +354,35 @@ def test_batchstat_jaccard_exposes_stale_moving_statistics():
     assert infer.tolist() == pytest.approx([0.5, 0.5])
     # Batch statistics: mean 0.5, sd 0.5 -> BN gives -1 / +1 -> sigmoid(50 x + 1) is exact.
     assert tmo.batchstat_jaccard(model, y, y, 0.5) == pytest.approx(1.0)
+
+
+def test_batchstat_jaccard_runs_the_validation_set_in_training_size_chunks():
+    """Memory: never the whole validation set as one training=True batch."""
+    import keras
+
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.BatchNormalization()(inp)
+    model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(x))
+    rng = np.random.default_rng(0)
+    xs = rng.random((7, 8, 8, 1)).astype(np.float32)
+    ys = (rng.random((7, 8, 8, 1)) > 0.5).astype(np.float32)
+    calls = []
+
+    def spy(batch, training):
+        calls.append((len(batch), training))
+        return model(batch, training=training)
+
+    value = tmo.batchstat_jaccard(spy, xs, ys, 0.5, batch_size=3)
+    assert calls == [(3, True), (2, True), (2, True)]  # ceil(7 / 3) near-equal chunks
+    # Each chunk normalised by its own statistics, per-image scores averaged over all 7.
+    expected = np.mean(np.concatenate([
+        tmo.per_image_jaccard(keras.ops.convert_to_numpy(model(xs[i], training=True)),
+                              ys[i], 0.5) for i in (slice(0, 3), slice(3, 5), slice(5, 7))]))
+    assert value == pytest.approx(expected)
+    calls.clear()  # batch_size >= N: the one-batch value, in one call
+    one = tmo.per_image_jaccard(keras.ops.convert_to_numpy(model(xs, training=True)), ys, 0.5)
+    assert tmo.batchstat_jaccard(spy, xs, ys, 0.5, batch_size=32) == pytest.approx(one.mean())
+    assert calls == [(7, True)]
 
 
 def test_per_image_jaccard_hand_values():
@@ -370,13 +415,12 @@ def test_config_file_between_preset_and_flags(tmp_path):
     assert (b.filters, b.epochs) == (4, 7)
 
 
-def test_config_unknown_key_names_key_and_file(tmp_path):
+def test_config_unknown_key_names_key_and_file(tmp_path, caplog):
     cfg = tmp_path / "bad_config.json"
     cfg.write_text(json.dumps({"filters": 8, "learning_rate": 0.1}))
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exc:
-        tmo.main(["--config", str(cfg), "--output_dir", str(out)])
-    msg = str(exc.value)
+    assert tmo.main(["--config", str(cfg), "--output_dir", str(out)]) == 2
+    msg = caplog.text
     assert "learning_rate" in msg and str(cfg) in msg
     assert not out.exists()  # rejected before any run folder is made
 
@@ -395,10 +439,12 @@ def test_explicit_options():
     assert given == {"resume", "epochs", "batch_size"}
 
 
-def test_missing_data_folder_names_it(tmp_path):
-    with pytest.raises(SystemExit) as exc:
-        tmo.main(["--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path)])
-    assert str(tmp_path / "nope" / "images") in str(exc.value)
+def test_missing_data_folder_names_it(tmp_path, caplog):
+    assert tmo.main(["--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path)]) == 2
+    assert str(tmp_path / "nope" / "images") in caplog.text
+    # The fatal message also lands in the run's log file.
+    (run,) = [p for p in tmp_path.iterdir() if p.name.startswith("microbead_training_")]
+    assert str(tmp_path / "nope" / "images") in (run / "training_console.log").read_text()
 
 
 # --------------------------------------------------------------------------- end to end
@@ -438,7 +484,11 @@ def test_run_writes_every_output(main_run, dataset):
 
 
 def test_config_has_what_prediction_needs(main_run, dataset):
-    cfg = json.loads((main_run["run_dir"] / "config.json").read_text())
+    path = main_run["run_dir"] / "config.json"
+    cfg = json.loads(path.read_text())
+    # The schema owner accepts what the trainer wrote, unchanged (no key unknown or missing).
+    assert cfg["format_version"] == mcfg.FORMAT_VERSION == 2
+    assert mcfg.read_run_config(path) == cfg
     meta = json.loads((dataset / "dataset.json").read_text())
     pre, post, env = cfg["preprocessing"], cfg["postprocessing"], cfg["environment"]
     # stored tiles are 64 px, trained at 64 px: scale = pixel_scale = 64 / 512.
@@ -504,9 +554,8 @@ def test_second_run_same_second_gets_new_folder(main_run, monkeypatch, tmp_path)
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     monkeypatch.setattr(tmo, "run_folder_name", lambda now=None: run.name)
     # Missing data: main stops after creating its folder, which must not be the old one.
-    with pytest.raises(SystemExit):
-        tmo.main(["--data_dir", str(tmp_path / "missing"), "--output_dir",
-                  str(main_run["out"])])
+    assert tmo.main(["--data_dir", str(tmp_path / "missing"), "--output_dir",
+                     str(main_run["out"])]) == 2
     twin = run.with_name(run.name + "_2")
     assert twin.is_dir() and (twin / "training_console.log").is_file()
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
@@ -608,3 +657,17 @@ def test_kfold_writes_folds_and_resumes_after_interruption(small_dataset, tmp_pa
     assert float(ksum[0]["mean_best_val_jacard"]) == pytest.approx(np.mean(per_fold), abs=1e-5)
     assert float(ksum[0]["sd_best_val_jacard"]) == pytest.approx(np.std(per_fold, ddof=1),
                                                                  abs=1e-5)
+
+
+def test_val_batches_split_evenly_over_replicas():
+    # Frame-grouped splits give odd validation sizes; a last batch of 1 on 2 replicas, or of
+    # 3 split 2/1, crashed MirroredStrategy. Every batch must split into equal shares.
+    for replicas in (2, 3, 4):
+        for n_val in range(1, 40):
+            for batch in (1, 2, 4, 8, 16, 32):
+                b, pad = tmo.val_layout(n_val, batch, replicas)
+                total = n_val + pad
+                assert b % replicas == 0 and total % replicas == 0 and pad < replicas
+                assert b <= max(replicas, batch) and (total % b) % replicas == 0
+    assert tmo.val_layout(5, 4, replicas=1) == (4, 0)  # one replica: as before
+    assert tmo.val_layout(3, 4, replicas=2) == (4, 1)
