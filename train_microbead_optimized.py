@@ -643,6 +643,28 @@ def _elastic(x, alpha: float = 6.0, grid: int = 8):
     return top * (1 - wy) + bot * wy
 
 
+def any_replica(strategy, flag_fn) -> bool:
+    """True if ``flag_fn()`` is true on any replica (all workers) of ``strategy``.
+
+    An all-reduce across replicas, so every worker of a MultiWorkerMirroredStrategy
+    takes the same decision from its own clock. ``flag_fn`` runs in each replica's context.
+    Without a strategy, or with one replica, it is just ``flag_fn()``.
+    """
+    if strategy is None or getattr(strategy, "num_replicas_in_sync", 1) <= 1:
+        return bool(flag_fn())
+    import tensorflow as tf
+
+    def step():
+        flag = flag_fn()
+        value = tf.cast(flag, tf.float32) if tf.is_tensor(flag) else tf.constant(float(flag))
+        # ReduceOp has SUM and MEAN only: a sum > 0 means some replica said yes.
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM,
+                                                              value)
+
+    result = strategy.experimental_local_results(strategy.run(step))
+    return bool(float(result[0]) > 0.5)
+
+
 def val_layout(n_val: int, batch_size: int, replicas: int = 1) -> tuple[int, int]:
     """``(batch, n_pad)`` for the validation dataset under ``replicas`` replicas.
 
@@ -852,9 +874,15 @@ def make_callbacks(model_name, out_dir: Path, y_val, args, resume_state=None,
             self.fired = False
 
         def on_epoch_end(self, epoch, logs=None):
-            if args.max_minutes and time.time() - start_time > 60 * args.max_minutes:
-                log.warning("%s: --max_minutes %.1f reached; stopping", model_name,
-                            args.max_minutes)
+            if not args.max_minutes:
+                return
+            over = time.time() - start_time > 60 * args.max_minutes
+            # Each worker has its own clock: they must agree, or the ones that go on hang
+            # in their next collective op.
+            strategy = getattr(self.model, "distribute_strategy", None)
+            if any_replica(strategy, lambda: over):
+                log.warning("%s: --max_minutes %.1f reached%s; stopping", model_name,
+                            args.max_minutes, "" if over else " on another worker")
                 self.fired = True
                 self.model.stop_training = True
 

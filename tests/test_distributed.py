@@ -188,3 +188,23 @@ def _write_fake_tools(bin_dir: Path) -> None:
     from test_pbs import write_fake_tools
 
     write_fake_tools(bin_dir)
+
+
+def test_max_minutes_stop_is_agreed_across_replicas():
+    """Workers' clocks differ: one worker over --max_minutes must stop every worker (the
+    others would hang in their next collective). Replicas stand in for workers here: a
+    flag true on replica 1 only is true everywhere after the all-reduce."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(\n"
+        "    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "import train_microbead_optimized as t\n"
+        "s = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])\n"
+        "rid = lambda: tf.distribute.get_replica_context().replica_id_in_sync_group\n"
+        "print(t.any_replica(s, lambda: tf.equal(rid(), 1)), t.any_replica(s, lambda: False),"
+        " t.any_replica(None, lambda: True))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True False True"
