@@ -306,7 +306,8 @@ mb_train_cmd() {
     MB_TRAIN_CMD=("$CONTAINER_PYTHON" "$SCRIPT_DIR/train_microbead_optimized.py" --verbose 2)
     [[ -z $run_dir_file ]] || MB_TRAIN_CMD+=(--run_dir_file "$run_dir_file")
     if [[ -n $resume ]]; then
-        # The run's config.json restores every setting but --epochs (which may be raised).
+        # The run's config.json restores every setting; --epochs and --max_minutes may
+        # change, any other flag given again (TRAIN_ARGS) must equal its saved value.
         MB_TRAIN_CMD+=(--resume "$resume")
         [[ -z $EPOCHS ]] || MB_TRAIN_CMD+=(--epochs "$EPOCHS")
     else
