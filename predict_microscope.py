@@ -207,10 +207,9 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
     # area was measured (4x fewer pixels than a 2x-downscaled frame's native grid: splitting
     # dense frames at native scale cost more than the forward pass). The ids are then carried
     # to native resolution and clipped to the native mask's outline.
+    mask_small = microbead_metrics.above_threshold(prob_small, thr).astype(np.uint8)
     labels_small = microbead_metrics.label_beads(
-        microbead_metrics.above_threshold(prob_small, thr).astype(np.uint8),
-        median_area=float(post["median_bead_area_px"]),
-        prob=prob_small)
+        mask_small, median_area=float(post["median_bead_area_px"]), prob=prob_small)
     labels = mio.resize_labels(labels_small, (h, w)) if labels_small.shape != (h, w) \
         else labels_small
     labels[mask == 0] = 0
@@ -223,8 +222,7 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
         lut = np.zeros(present.size, labels.dtype)
         lut[present] = np.arange(1, n + 1, dtype=labels.dtype)
         labels = lut[labels]
-    ratio = bead_area_ratio(microbead_metrics.above_threshold(prob_small, thr),
-                            float(post["median_bead_area_px"]))
+    ratio = bead_area_ratio(mask_small, float(post["median_bead_area_px"]))
     n_comp = microbead_metrics.count_components(mask)
     fg = int(mask.sum())
     return {

@@ -1386,8 +1386,13 @@ def label_ceiling(pairs) -> dict | None:
     return {k: res[k] for k in ("pooled_jaccard", "median_pair_jaccard", "n_pairs")}
 
 
-def train_split(data, train_idx, val_idx, args, out_dir: Path, strategy, counts) -> list[dict]:
-    """Train every requested model on one split into ``out_dir``; skip finished ones."""
+def train_split(data, train_idx, val_idx, args, out_dir: Path, strategy, counts,
+                median_area: float) -> list[dict]:
+    """Train every requested model on one split into ``out_dir``; skip finished ones.
+
+    ``median_area`` is the ``config.json`` median bead area (model scale) written into
+    ``out_dir``: validation beads are counted with the area prediction will use.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     files, groups = data["files"], data["groups"]
     mio.atomic_write_json(out_dir / "split.json", {
@@ -1401,8 +1406,7 @@ def train_split(data, train_idx, val_idx, args, out_dir: Path, strategy, counts)
         "seed": args.seed,
     })
     done = mcfg.finished_models(out_dir)
-    data = {**data, "median_area_px": float(microbead_metrics.estimate_bead_area(
-        [data["masks"][i] for i in train_idx]))}
+    data = {**data, "median_area_px": float(median_area)}
     rows = []
     for name in args.models:
         if name in done:
@@ -1566,7 +1570,8 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
     for k, ((tr, va), folder) in enumerate(zip(splits, folders)):
         folder.mkdir(parents=True, exist_ok=True)
         mcfg.save_run_config(folder / mcfg.CONFIG_FILE, config)
-        rows = train_split(data, tr, va, args, folder, strategy, counts)
+        rows = train_split(data, tr, va, args, folder, strategy, counts,
+                           config["postprocessing"]["median_bead_area_px"])
         if len(splits) > 1:
             for r in rows:
                 r["fold"] = k + 1
