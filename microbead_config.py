@@ -96,6 +96,7 @@ TRAINING_DEFAULTS = {
     "pixel_scale": None,
     "normalization": "flatfield",
     "group_pattern": None,
+    "val_split": "auto",
     "threshold": 0.5,
     "rotation": 15.0,
     "intensity_aug": True,
@@ -126,6 +127,9 @@ TRAINING_PRESETS = {
 
 #: Every trainer option.
 OPTION_KEYS = frozenset(TRAINING_DEFAULTS)
+#: Options added after format 2 was fixed, with the behaviour runs saved before them had:
+#: absent from an older config.json is fine, and a resumed older run keeps that behaviour.
+LATER_OPTIONS = {"val_split": "frames"}
 #: Options a ``--config`` JSON may set (``recommended_config.json`` holds a subset).
 #: Verbosity and the test-only logical CPU split are not settings of a run.
 CONFIG_FILE_KEYS = OPTION_KEYS - {"verbose", "logical_cpus"}
@@ -198,6 +202,11 @@ def _since(version: int):
     return field(default=ABSENT, metadata={"required_from": version})
 
 
+def _optional():
+    """A key no format requires: added later, and runs saved before it lack it."""
+    return field(default=ABSENT, metadata={"required_from": None, "optional": True})
+
+
 def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -265,11 +274,22 @@ class Preprocessing:
 
 @dataclass(kw_only=True)
 class Postprocessing:
-    """``postprocessing``: probability threshold and the training beads' median area."""
+    """``postprocessing``: probability threshold and the training beads' median area.
+
+    ``per_model`` (optional, added after format 2): for each trained model, what it was
+    calibrated to on its validation tiles: ``predicted_bead_area_px`` (the median area of the
+    beads it predicts there, model scale: the scale check's reference, since the label masks
+    may be shrunk) and ``object_filter`` (which predicted objects count as beads, see
+    ``microbead_metrics.filter_objects``; None = all). :func:`for_model` copies one model's
+    entry up into ``predicted_bead_area_px`` / ``object_filter``, where prediction reads it.
+    """
 
     threshold: float
     median_bead_area_px: float
     median_bead_area_native_px: float = _since(2)
+    per_model: dict = _optional()
+    predicted_bead_area_px: float = _optional()
+    object_filter: dict | None = _optional()
 
     def problems(self) -> list[str]:
         out = []
@@ -312,6 +332,8 @@ DATA_KEYS = section_keys(DataFacts)
 def _required(cls, version: int) -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
+        if f.metadata.get("optional"):
+            continue
         since = f.metadata.get("required_from")
         if since is None or version >= since:
             out.append(f.name)
@@ -387,7 +409,7 @@ class RunConfig:
         training = raw.get("training", {})
         if isinstance(training, dict):
             _keys_of(training, "training", TRAINING_KEYS,
-                     OPTION_KEYS if version >= 2 else (), problems)
+                     OPTION_KEYS - set(LATER_OPTIONS) if version >= 2 else (), problems)
         else:
             problems.append("'training' must be an object")
         data = None
@@ -435,6 +457,28 @@ class RunConfig:
         import microbead_io
 
         microbead_io.atomic_write_json(path, self.to_dict())
+
+
+def model_name_of(path) -> str | None:
+    """The architecture name in ``best_<name>_model.*`` / ``final_<name>_model.*``, else None."""
+    stem = Path(path).name.split(".")[0]
+    for prefix in ("best_", "final_", "last_"):
+        if stem.startswith(prefix) and stem.endswith("_model"):
+            return stem[len(prefix):-len("_model")]
+    return None
+
+
+def for_model(config: dict, model_name: str | None) -> dict:
+    """``config`` with ``model_name``'s ``postprocessing.per_model`` entry copied up to
+    ``postprocessing.predicted_bead_area_px`` / ``object_filter`` (a new dict; the input is
+    not changed). Runs saved before these keys, or a model without an entry, come back with
+    neither key: prediction then uses the training masks' bead area and no object filter."""
+    post = dict(config.get("postprocessing") or {})
+    entry = (post.get("per_model") or {}).get(model_name or "") or {}
+    for key in ("predicted_bead_area_px", "object_filter"):
+        if key in entry:
+            post[key] = entry[key]
+    return {**config, "postprocessing": post}
 
 
 def read_run_config(path) -> dict:

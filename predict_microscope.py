@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+import bead_filter
 import cli
 import microbead_config as mcfg
 import microbead_io as mio
@@ -68,7 +69,7 @@ OUTPUT_FILES = (
 SUMMARY_COLUMNS = (
     "file", "width", "height", "dilution", "beads", "n_components", "coverage_pct",
     "mean_bead_area_px", "area_estimate", "bead_area_ratio", "scale_used", "scale_warning",
-    "time_s", "status",
+    "rejected_objects", "time_s", "status",
 )
 # A frame whose typical bead is this much smaller / larger (area, at model scale) than the
 # training beads is probably at another pixel scale: counts are then unreliable.
@@ -178,14 +179,22 @@ def tta_predict_fn(predict_fn, tta: bool):
 
 
 def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
-                 threshold: float | None = None) -> dict:
+                 threshold: float | None = None, image_small: np.ndarray | None = None
+                 ) -> dict:
     """Threshold, bead instances and counts from model-scale probabilities.
 
     Parameters
     ----------
     prob_small : float32 ``(h, w)`` blended probabilities at model scale
     native_shape : the frame's ``(H, W, ...)``; outputs are at this resolution
-    cfg : the run's config dict
+    cfg : the run's config dict (with ``microbead_config.for_model`` applied, so that
+        ``postprocessing.object_filter`` / ``predicted_bead_area_px`` are the model's own)
+    image_small : float ``(h, w[, C])`` the normalised network input; needed when the
+        object filter bounds contrast (without it those bounds are not applied)
+
+    Beads are split at model scale, then the run's object filter (``bead_filter``; from the
+    validation tiles at training time) drops objects unlike any bead the labels confirm:
+    faint smudges and noise in dark corners. ``rejected`` counts them.
 
     Returns
     -------
@@ -210,8 +219,25 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
     mask_small = microbead_metrics.above_threshold(prob_small, thr).astype(np.uint8)
     labels_small = microbead_metrics.label_beads(
         mask_small, median_area=float(post["median_bead_area_px"]), prob=prob_small)
+    rule = post.get("object_filter")
+    rejected = 0
+    if rule:
+        img = None if image_small is None else np.asarray(image_small, np.float32)
+        if img is not None and img.ndim == 3:
+            img = img.mean(axis=-1)
+        feats = bead_filter.object_features(labels_small, prob_small, img)
+        keep = bead_filter.accepted(feats, rule)
+        rejected = int((~keep & (feats["area_px"] > 0)).sum())
+        if rejected:
+            labels_small = bead_filter.apply_filter(labels_small, keep)
+            mask_small = (labels_small > 0).astype(np.uint8)
+            # The native mask follows: a rejected object is not bead at any resolution.
+            if labels_small.shape != (h, w):
+                mask &= mio.resize_mask(mask_small, (h, w)).astype(np.uint8)
+            else:
+                mask = mask_small.copy()
     labels = mio.resize_labels(labels_small, (h, w)) if labels_small.shape != (h, w) \
-        else labels_small
+        else labels_small.copy()
     labels[mask == 0] = 0
     # A bead smaller than a native pixel's reach can vanish when clipped to the native
     # outline: renumber what is left, so the count is the number of ids in the label file.
@@ -222,7 +248,7 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
         lut = np.zeros(present.size, labels.dtype)
         lut[present] = np.arange(1, n + 1, dtype=labels.dtype)
         labels = lut[labels]
-    ratio = bead_area_ratio(mask_small, float(post["median_bead_area_px"]))
+    ratio = bead_area_ratio(mask_small, reference_bead_area(post))
     n_comp = microbead_metrics.count_components(mask)
     fg = int(mask.sum())
     return {
@@ -232,7 +258,16 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
         "area_estimate": fg / area_native if area_native > 0 else float("nan"),
         "median_bead_area_native_px": area_native,
         "bead_area_ratio": ratio, "scale_warning": scale_warning(ratio), "scale_used": scale,
+        "rejected": rejected,
     }
+
+
+def reference_bead_area(post: dict) -> float:
+    """The scale check's reference (model px): the model's own median predicted bead area on
+    its validation tiles when the run stored it, else the training masks' median area (older
+    runs; shrunk masks make that smaller than what the model segments)."""
+    value = post.get("predicted_bead_area_px")
+    return float(value) if value else float(post["median_bead_area_px"])
 
 
 def bead_area_ratio(mask_small: np.ndarray, median_area: float) -> float:
@@ -279,7 +314,7 @@ def predict_frame(image: np.ndarray, predict_fn, cfg: dict, *, tile_size: int, o
         x, predict_fn, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
         pad_multiple=int(cfg["preprocessing"].get("pad_multiple", 16)), progress=progress,
     )
-    return finish_frame(prob_small, image.shape, cfg, threshold)
+    return finish_frame(prob_small, image.shape, cfg, threshold, image_small=x)
 
 
 def network_depth(model, pad_multiple: int = 16) -> int:
@@ -522,6 +557,7 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
 
     thr = float(cfg["postprocessing"]["threshold"] if threshold is None else threshold)
     train_area = float(cfg["postprocessing"]["median_bead_area_px"])
+    ref_area = reference_bead_area(cfg["postprocessing"])
 
     def tiled(x):
         return tiling.predict_tiled(x, predict_fn, tile_size=tile_size, overlap=overlap,
@@ -531,21 +567,22 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
         prob = tiled(x)
         scale = float(pre["scale"])
         if auto_scale:
-            ratio = bead_area_ratio(microbead_metrics.above_threshold(prob, thr), train_area)
+            ratio = bead_area_ratio(microbead_metrics.above_threshold(prob, thr), ref_area)
             if scale_warning(ratio):
                 scale *= float(np.clip(ratio ** -0.5, 0.25, 4.0))
-                prob = tiled(preprocess_frame(image, {**pre, "scale": scale}))
-        return prob, scale
+                x = preprocess_frame(image, {**pre, "scale": scale})
+                prob = tiled(x)
+        return prob, scale, x
 
     def finish(path, image, fwd, seconds):
-        prob_small, scale = fwd
+        prob_small, scale, x_small = fwd
         t = time.perf_counter()
         try:
             used = cfg if scale == float(pre["scale"]) else {
                 **cfg, "preprocessing": {**pre, "scale": scale},
                 "postprocessing": {**cfg["postprocessing"], "median_bead_area_native_px":
                                    train_area / scale ** 2}}
-            res = finish_frame(prob_small, image.shape, used, threshold)
+            res = finish_frame(prob_small, image.shape, used, threshold, image_small=x_small)
             write_outputs(out_dir, path.stem, image, res, save_prob=save_prob, figures=figures,
                           exports=exports)
         except FRAME_ERRORS as exc:
@@ -565,6 +602,7 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
             "area_estimate": round(res["area_estimate"], 2),
             "bead_area_ratio": round(res["bead_area_ratio"], 3),
             "scale_used": round(scale, 6), "scale_warning": res["scale_warning"],
+            "rejected_objects": res["rejected"],
             "time_s": round(dt, 3),
             "status": "ok",
         }
@@ -842,6 +880,7 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
 
     import models
 
+    cfg = mcfg.for_model(cfg, mcfg.model_name_of(model_path))
     pre, post = cfg["preprocessing"], cfg["postprocessing"]
     pad = int(pre.get("pad_multiple", 16))
     tile = max(pad, args.tile_size // pad * pad)
@@ -851,6 +890,10 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
              "threshold %.3f; median bead area %.1f px (model scale)", pre["scale"],
              pre["pixel_scale"], pre["channels"], pre["normalization"], threshold,
              post["median_bead_area_px"])
+    log.info("object filter: %s", bead_filter.describe(post.get("object_filter")))
+    if post.get("predicted_bead_area_px"):
+        log.info("scale check against the model's own beads on its validation tiles: %.1f px "
+                 "(model scale)", post["predicted_bead_area_px"])
     model = models.load_model(model_path)
     predict_fn = tta_predict_fn(make_keras_predict_fn(model), args.tta)
     depth = network_depth(model, pad)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+import bead_filter
 import cli
 import microbead_config as mcfg
 import microbead_io as mio
@@ -201,6 +202,125 @@ def stratified_split(strata, val_fraction: float, seed: int, groups=None
     return train, val
 
 
+def within_frame_split(strata, groups, val_fraction: float, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Validation tiles taken from inside the source frames, so validation spans the frames'
+    densities even when there are only a handful of frames.
+
+    ``round(N * val_fraction)`` tiles (at least one) go to validation. Every frame with at
+    least two tiles gives one while the quota lasts; when the quota is smaller than the
+    number of such frames, frames are picked evenly over the density order (``strata``; the
+    sparsest and the densest first). A surplus goes to the largest frames, each keeping at
+    least half of its tiles for training. Within a frame the tiles are drawn at random
+    (seeded). Pixels a validation tile shares with a training neighbour are cut out of
+    validation by :func:`validation_windows`.
+
+    Parameters
+    ----------
+    strata : (N,) int, density stratum per tile (higher = denser)
+    groups : (N,) source-frame key per tile
+    """
+    strata = np.asarray(strata)
+    n = strata.size
+    if n < 2:
+        raise ValueError(f"need at least 2 images to split into train and validation, got {n}")
+    keys = [str(g) for g in groups]
+    frames: dict[str, list[int]] = {}
+    for i, g in enumerate(keys):
+        frames.setdefault(g, []).append(i)
+    rng = np.random.default_rng(seed)
+    eligible = [g for g, idx in frames.items() if len(idx) >= 2]
+    if not eligible:
+        raise ValueError("no source frame holds two or more tiles")
+    # Density order of the frames: median stratum, then name (reproducible).
+    eligible.sort(key=lambda g: (float(np.median(strata[frames[g]])), g))
+    n_val = int(min(n - 1, max(1, round(n * val_fraction))))
+    take = dict.fromkeys(frames, 0)
+    if n_val < len(eligible):
+        pos = np.unique(np.round(np.linspace(0, len(eligible) - 1, n_val)).astype(int))
+        for k in pos:
+            take[eligible[k]] = 1
+    else:
+        for g in eligible:
+            take[g] = 1
+        rest = n_val - len(eligible)
+        while rest > 0:
+            room = [g for g in eligible if take[g] + 1 <= len(frames[g]) // 2]
+            if not room:
+                break
+            g = max(room, key=lambda g: (len(frames[g]) - take[g], g))
+            take[g] += 1
+            rest -= 1
+    val = []
+    for g, k in take.items():
+        if k:
+            val += list(rng.choice(frames[g], size=k, replace=False))
+    val = np.sort(np.asarray(val, int))
+    return np.setdiff1d(np.arange(n), val), val
+
+
+def validation_windows(overlaps, train_idx, val_idx, shape, multiple: int
+                       ) -> list[tuple[int, int, int, int]]:
+    """Per validation tile, the window ``(y0, y1, x0, x1)`` that shares no pixel with any
+    training tile; all windows have one size, a multiple of ``multiple`` (the pooling grid).
+
+    ``overlaps``: ``(first, second, side, width)`` tuples in model pixels (see
+    ``label_quality.Overlap``; ``right``: the last ``width`` columns of ``first`` are the first
+    of ``second``; ``below``: the same for rows). A validation tile loses the strip it shares
+    with a training neighbour; strips shared with other validation tiles stay.
+
+    Raises ValueError when the windows would be smaller than ``multiple``.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    train = set(int(i) for i in train_idx)
+    boxes = []
+    for v in val_idx:
+        y0, y1, x0, x1 = 0, h, 0, w
+        for first, second, side, width in overlaps:
+            if first == v and second in train:
+                if side == "right":
+                    x1 = min(x1, w - int(width))
+                else:
+                    y1 = min(y1, h - int(width))
+            elif second == v and first in train:
+                if side == "right":
+                    x0 = max(x0, int(width))
+                else:
+                    y0 = max(y0, int(width))
+        boxes.append((y0, y1, x0, x1))
+    bh = min(b[1] - b[0] for b in boxes) // multiple * multiple
+    bw = min(b[3] - b[2] for b in boxes) // multiple * multiple
+    if bh < multiple or bw < multiple:
+        raise ValueError("validation tiles share too much with their training neighbours to "
+                         "leave a window of one pooling cell")
+    out = []
+    for y0, y1, x0, x1 in boxes:
+        # Centred in the free area: as far from the cut edges as the size allows.
+        oy, ox = y0 + (y1 - y0 - bh) // 2, x0 + (x1 - x0 - bw) // 2
+        out.append((oy, oy + bh, ox, ox + bw))
+    return out
+
+
+def choose_val_split(mode: str, files, groups, n_frames_limit: int = 20) -> tuple[str, str]:
+    """``frames`` or ``tiles`` for ``--val_split`` (``auto`` resolved) and why.
+
+    ``auto`` takes validation tiles from inside the frames when every tile names its grid
+    cell (``..._grid_rR_cC``, so the strips neighbours share can be found and cut out) and
+    there are fewer than ``n_frames_limit`` frames: whole-frame validation would then rest on
+    one or two frames, i.e. one or two densities.
+    """
+    n_frames = len(set(map(str, groups)))
+    if mode != "auto":
+        return mode, f"--val_split {mode}"
+    gridded = all(mio.grid_cell(Path(f).name) is not None for f in files)
+    if n_frames < n_frames_limit and gridded:
+        return "tiles", (f"auto: {n_frames} source frame(s) (< {n_frames_limit}), grid tiles: "
+                         "validation tiles from inside the frames, strips shared with "
+                         "training tiles cut out")
+    why = "not every tile is a _grid_rR_cC tile" if not gridded else f"{n_frames} frames"
+    return "frames", f"auto: {why}; whole source frames validate"
+
+
 def stratified_kfold(strata, k: int, seed: int, groups=None
                      ) -> list[tuple[np.ndarray, np.ndarray]]:
     """K stratified folds: within each stratum, shuffled images are dealt round-robin.
@@ -331,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("group_pattern",
         help="regex whose first group names a tile's source frame (default: the name without "
              "'_grid_rR_cC'); tiles of one frame never straddle a split")
+    add("val_split", choices=("auto", "frames", "tiles"),
+        help="frames: whole source frames validate; tiles: validation tiles from inside "
+             "every frame, pixels shared with training tiles cut out; auto: tiles when there "
+             "are fewer than 20 frames of grid tiles, else frames")
     add("threshold", type=float, help="probability threshold stored for prediction")
     add("rotation", type=float, help="max random rotation in degrees (0 = off)")
     add("intensity_aug", type=_bool, help="brightness/contrast/gamma/noise on images")
@@ -493,13 +617,25 @@ def load_training_data(args) -> dict:
         for i in range(len(loaded.images)):
             loaded.images[i] = mio.apply_normalization(loaded.images[i], norm)
     log.info("input size %d px (%s)", args.image_size, size_source)
-    ceiling = label_ceiling(pairing.pairs)
+    overlaps = grid_overlaps(pairing.pairs)
+    ceiling = label_ceiling(pairing.pairs, overlaps)
     if ceiling:
         log.info("label-consistency ceiling: masks of neighbouring tiles agree at pooled "
                  "Jaccard %.3f on their shared pixels (%d pairs); val Jaccard is capped near "
                  "that", ceiling["pooled_jaccard"], ceiling["n_pairs"])
+    # Shared strips in model pixels, indexed like ``files`` (pairs that failed to load are
+    # not in ``files``); a strip is rounded up so that a partly shared pixel counts as shared.
+    index = {Path(p[0]).name: i for i, p in enumerate(pairing.pairs)}
+    where = {Path(f).name: i for i, f in enumerate(loaded.files)}
+    names = {i: n for n, i in index.items()}
+    factor = args.image_size / stored[0]
+    model_overlaps = [
+        (where[names[o.first]], where[names[o.second]], o.side,
+         int(math.ceil(o.width * factor)))
+        for o in overlaps if names[o.first] in where and names[o.second] in where]
     return {
         "label_ceiling": ceiling,
+        "overlaps": model_overlaps,
         "normalization": dict(norm),
         "image_size_source": size_source,
         "groups": [mio.frame_group(f, args.group_pattern) for f in loaded.files],
@@ -683,11 +819,23 @@ def val_layout(n_val: int, batch_size: int, replicas: int = 1) -> tuple[int, int
     return batch, n_pad
 
 
-def make_datasets(images, masks, train_idx, val_idx, args, seed: int, replicas: int = 1):
+def validation_arrays(images, masks, val_idx, windows=None) -> tuple[np.ndarray, np.ndarray]:
+    """Validation images ``(n, h, w, C)`` and float masks ``(n, h, w, 1)``: whole tiles, or
+    each tile's window ``(y0, y1, x0, x1)`` from :func:`validation_windows`."""
+    if not windows:
+        return images[val_idx], masks[val_idx][..., None].astype(np.float32)
+    xs = np.stack([images[i, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in zip(val_idx, windows)])
+    ys = np.stack([masks[i, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in zip(val_idx, windows)])
+    return xs, ys[..., None].astype(np.float32)
+
+
+def make_datasets(images, masks, train_idx, val_idx, args, seed: int, replicas: int = 1,
+                  val_data=None):
     """``tf.data`` pipelines: cached, shuffled, augmented in parallel, batched, prefetched.
 
     Validation is never augmented and covers every validation image (last batch partial),
-    so it can never have zero steps.
+    so it can never have zero steps. ``val_data``: ``(images, masks)`` to validate on instead
+    of ``images[val_idx]`` (windows cut from the tiles, :func:`validation_arrays`).
     """
     import tensorflow as tf
 
@@ -713,9 +861,16 @@ def make_datasets(images, masks, train_idx, val_idx, args, seed: int, replicas: 
     if n_pad:
         log.warning("validation: %d image(s) repeated so each of %d replicas gets an equal "
                     "share of every batch", n_pad, replicas)
-        val_idx = np.concatenate([val_idx, np.resize(val_idx, n_pad)])
+    if val_data is None:
+        xv, yv = x[val_idx], y[val_idx]
+    else:
+        xv, yv = np.asarray(val_data[0], np.float32), np.asarray(val_data[1], np.float32)
+        yv = yv[..., None] if yv.ndim == 3 else yv
+    if n_pad:
+        pad = np.resize(np.arange(len(xv)), n_pad)
+        xv, yv = np.concatenate([xv, xv[pad]]), np.concatenate([yv, yv[pad]])
     val = (
-        tf.data.Dataset.from_tensor_slices((x[val_idx], y[val_idx]))
+        tf.data.Dataset.from_tensor_slices((xv, yv))
         .batch(val_batch)
         .cache()
         .prefetch(tf.data.AUTOTUNE)
@@ -1082,7 +1237,7 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
     import models
 
     x, y = data["images"], data["masks"]
-    x_val, y_val = x[val_idx], y[val_idx][..., None].astype(np.float32)
+    x_val, y_val = validation_arrays(x, y, val_idx, data.get("val_windows"))
     steps = args.steps_per_epoch or auto_steps_per_epoch(len(train_idx), args.batch_size)
     bn_m = args.bn_momentum or auto_bn_momentum(steps)
     history_path = out_dir / f"{name}_history.csv"
@@ -1094,7 +1249,8 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
                     name, last_ckpt)
     initial_epoch = int(state["epoch"]) if state else 0
     train_ds, val_ds = make_datasets(x, y, train_idx, val_idx, args, args.seed,
-                                     replicas=int(strategy.num_replicas_in_sync))
+                                     replicas=int(strategy.num_replicas_in_sync),
+                                     val_data=(x_val, y_val[..., 0]))
 
     with strategy.scope():
         model = models.build_model(
@@ -1154,9 +1310,20 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
                     reloaded, vj[best_i])
     save_snapshot(out_dir / f"validation_snapshot_{name}.png", name, x_val, y_val, prob,
                   [data["files"][i] for i in val_idx], args.threshold)
+    calib, pred_labels = calibrate_on_validation(prob, x_val, y_val, args.threshold,
+                                                 data["median_area_px"])
+    mio.atomic_write_json(out_dir / calibration_file(name), calib)
+    log.info("%s: %s", name, bead_filter.describe(calib["object_filter"]))
+    v = calib["validation"]
+    log.info("%s: on the validation tiles the filter keeps %d of %d predicted objects: drops "
+             "%d of the %d no labelled bead confirms and %d of the %d it does; predicted beads "
+             "are %.1f px (median component, model scale) against %.1f px in the masks",
+             name, v["kept"], v["objects"], v["dropped_unmatched"], v["unmatched"],
+             v["dropped_matched"], v["matched"], calib["predicted_bead_area_px"] or 0.0,
+             data["median_area_px"])
     append_validation_counts(out_dir / VALIDATION_COUNTS, name, prob, y_val,
                              [data["files"][i] for i in val_idx], args.threshold,
-                             data["median_area_px"], data["model_scale"])
+                             data["median_area_px"], data["model_scale"], pred_labels)
     return {
         "model": name,
         "best_epoch": int(hist[best_i]["epoch"]),
@@ -1175,26 +1342,98 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
     }
 
 
+def calibration_file(name: str) -> str:
+    """``calibration_<model>.json``: the model's object filter and predicted bead area."""
+    return f"calibration_{name}.json"
+
+
+def calibrate_on_validation(prob, x_val, y_val, threshold: float, median_area: float,
+                            quantile: float = bead_filter.DEFAULT_QUANTILE
+                            ) -> tuple[dict, list[np.ndarray]]:
+    """The model's object filter and its own bead size, from its validation predictions.
+
+    Each validation tile's prediction is split into beads as ``predict_microscope`` does;
+    every object gets :func:`bead_filter.object_features` (against the normalised input);
+    objects whose centre lies within :func:`bead_filter.match_radius` of a labelled
+    object's are *confirmed*. :func:`bead_filter.calibrate` sets lower bounds that keep all
+    but ``quantile`` of the confirmed objects per feature. ``predicted_bead_area_px`` is the
+    median 8-connected component area of the kept objects (model scale): the scale check's
+    reference (the masks' own beads may be shrunk).
+
+    Returns
+    -------
+    (calibration dict, per-tile filtered labels). The dict has ``object_filter`` (or None),
+    ``predicted_bead_area_px`` (None without objects) and ``validation`` counts.
+    """
+    import cv2
+
+    labels, feats, matched = [], [], []
+    for p, x in zip(prob, x_val):
+        p2 = np.asarray(p, np.float32)[..., 0]
+        lab = microbead_metrics.label_beads(
+            microbead_metrics.above_threshold(p2, threshold).astype(np.uint8),
+            median_area=median_area, prob=p2)
+        img = np.asarray(x, np.float32).mean(axis=-1)
+        f = bead_filter.object_features(lab, p2, img)
+        labels.append(lab)
+        feats.append(f)
+    all_area = np.concatenate([f["area_px"] for f in feats]) if feats else np.zeros(0)
+    radius = bead_filter.match_radius(float(np.median(all_area)) if all_area.size else
+                                      median_area)
+    for f, t in zip(feats, y_val):
+        truth = bead_filter.component_centres(np.asarray(t)[..., 0] > 0.5)
+        matched.append(bead_filter.match_centres(
+            truth, np.stack([f["cy"], f["cx"]], 1), radius)[1])
+    cat = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]} if feats else {}
+    conf = np.concatenate(matched) if matched else np.zeros(0, bool)
+    rule = bead_filter.calibrate(cat, conf, quantile=quantile) if feats else None
+    kept_labels, areas = [], []
+    for lab, f in zip(labels, feats):
+        out = bead_filter.apply_filter(lab, bead_filter.accepted(f, rule))
+        kept_labels.append(out)
+        _, _, stats, _ = cv2.connectedComponentsWithStats((out > 0).astype(np.uint8),
+                                                          connectivity=8)
+        areas.append(stats[1:, cv2.CC_STAT_AREA])
+    areas = np.concatenate(areas) if areas else np.zeros(0)
+    keep = bead_filter.accepted(cat, rule) if feats else np.zeros(0, bool)
+    return {
+        "object_filter": rule,
+        "predicted_bead_area_px": float(np.median(areas)) if areas.size else None,
+        "match_radius_px": round(float(radius), 3),
+        "validation": {
+            "objects": int(conf.size), "kept": int(keep.sum()),
+            "matched": int(conf.sum()), "unmatched": int((~conf).sum()),
+            "dropped_matched": int((conf & ~keep).sum()),
+            "dropped_unmatched": int((~conf & ~keep).sum()),
+        },
+    }, kept_labels
+
+
 VALIDATION_COUNTS = "validation_counts.csv"
 VALIDATION_COUNT_COLUMNS = ("model", "file", "n_true", "n_pred", "area_px")
 
 
 def validation_count_rows(name, prob, y_val, files, threshold: float, median_area: float,
-                          model_scale: float) -> list[dict]:
+                          model_scale: float, pred_labels=None) -> list[dict]:
     """Per validation tile: beads in the label mask and in the prediction, split alike.
 
     Both masks go through ``microbead_metrics.label_beads`` with the same median bead area
     (prediction: with its probabilities, as ``predict_microscope`` does), so ``n_pred -
     n_true`` is the model's own counting error. ``area_px`` is the tile's area in native
     frame pixels (for densities). ``quantify_assay.py --model`` reads these rows.
+    ``pred_labels``: the predicted beads already split and filtered (as prediction counts
+    them, :func:`calibrate_on_validation`); else split here without a filter.
     """
     rows = []
-    for p, t, f in zip(prob, y_val, files):
+    for k, (p, t, f) in enumerate(zip(prob, y_val, files)):
         p2 = np.asarray(p)[..., 0]
         t2 = microbead_metrics.above_threshold(np.asarray(t)[..., 0], 0.5).astype(np.uint8)
-        n_pred = int(microbead_metrics.label_beads(
-            microbead_metrics.above_threshold(p2, threshold).astype(np.uint8),
-            median_area=median_area, prob=p2).max())
+        if pred_labels is not None:
+            n_pred = int(len(np.unique(pred_labels[k])) - 1)
+        else:
+            n_pred = int(microbead_metrics.label_beads(
+                microbead_metrics.above_threshold(p2, threshold).astype(np.uint8),
+                median_area=median_area, prob=p2).max())
         n_true = int(microbead_metrics.label_beads(t2, median_area=median_area).max())
         rows.append({"model": name, "file": f, "n_true": n_true, "n_pred": n_pred,
                      "area_px": round(t2.size / model_scale ** 2, 1)})
@@ -1202,11 +1441,11 @@ def validation_count_rows(name, prob, y_val, files, threshold: float, median_are
 
 
 def append_validation_counts(path: Path, name, prob, y_val, files, threshold, median_area,
-                             model_scale) -> None:
+                             model_scale, pred_labels=None) -> None:
     """Replace ``name``'s rows of ``validation_counts.csv`` (atomic; other models kept)."""
     rows = [r for r in _read_csv_rows(path) if r["model"] != name]
     rows += validation_count_rows(name, prob, y_val, files, threshold, median_area,
-                                  model_scale)
+                                  model_scale, pred_labels)
     mio.atomic_write_csv(path, rows, VALIDATION_COUNT_COLUMNS)
 
 
@@ -1370,17 +1609,42 @@ def write_summary(path: Path, rows: list[dict], extra_cols=()) -> None:
     mio.atomic_write_csv(path, rows, list(extra_cols) + list(SUMMARY_COLUMNS))
 
 
-def label_ceiling(pairs) -> dict | None:
+def grid_overlaps(pairs) -> list:
+    """Strips that grid neighbours share (``label_quality.Overlap``), found on the stored
+    tiles at native resolution; ``[]`` without ``_grid_rR_cC`` neighbours. Unreadable files
+    take part in no pair."""
+    import label_quality
+
+    def load(i):
+        try:
+            return mio.read_image(pairs[i][0], 1)[..., 0]
+        except (mio.ImageReadError, OSError):
+            return np.zeros((0, 0), np.float32)
+
+    return label_quality.find_grid_overlaps([Path(i).name for i, _ in pairs], load)
+
+
+def label_ceiling(pairs, overlaps=None) -> dict | None:
     """How well the masks agree with themselves where grid neighbours share pixels.
 
-    ``label_quality.consistency_ceiling_from_files`` on the stored tiles (native
+    ``label_quality.overlap_agreement`` on the strips of :func:`grid_overlaps` (native
     resolution); None without ``_grid_rR_cC`` neighbours. No model can be expected to agree
     with the labels much better than this pooled Jaccard.
     """
     import label_quality
 
-    res = label_quality.consistency_ceiling_from_files([i for i, _ in pairs],
-                                                       [m for _, m in pairs])
+    if overlaps is None:
+        overlaps = grid_overlaps(pairs)
+
+    def load_mask(i):
+        try:
+            return mio.read_mask(pairs[i][1], warn=False)
+        except (mio.ImageReadError, OSError):
+            return np.zeros((0, 0), np.uint8)
+
+    rows = label_quality.overlap_agreement(overlaps, load_mask,
+                                           names=[Path(i).name for i, _ in pairs])
+    res = label_quality.pooled_agreement(rows)
     if not res:
         return None
     return {k: res[k] for k in ("pooled_jaccard", "median_pair_jaccard", "n_pairs")}
@@ -1395,16 +1659,38 @@ def train_split(data, train_idx, val_idx, args, out_dir: Path, strategy, counts,
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     files, groups = data["files"], data["groups"]
+    mode = data.get("val_split", "frames")
+    windows = None
+    if mode == "tiles":
+        try:
+            windows = validation_windows(data.get("overlaps", []), train_idx, val_idx,
+                                         data["images"].shape[1:3], 2 ** args.depth)
+        except ValueError as exc:
+            raise SystemExit(f"error: {args.data_dir}: {exc}; use --val_split frames") \
+                from None
+    data = {**data, "val_windows": windows}
+    shared = sorted({groups[i] for i in train_idx} & {groups[i] for i in val_idx})
     mio.atomic_write_json(out_dir / "split.json", {
+        "mode": mode,
         "train": [files[i] for i in train_idx],
         "val": [files[i] for i in val_idx],
         "train_objects": [int(counts[i]) for i in train_idx],
         "val_objects": [int(counts[i]) for i in val_idx],
+        "val_windows": [list(map(int, w)) for w in windows] if windows else None,
         "train_groups": sorted({groups[i] for i in train_idx}),
         "val_groups": sorted({groups[i] for i in val_idx}),
+        "groups_on_both_sides": shared,
         "group_pattern": args.group_pattern or "default: name without _grid_rR_cC",
         "seed": args.seed,
     })
+    log.info("validation: %d tile(s) from %d frame(s)%s:", len(val_idx),
+             len({groups[i] for i in val_idx}),
+             f", each cut to {windows[0][1] - windows[0][0]}x{windows[0][3] - windows[0][2]} px "
+             "so no pixel is shared with a training tile" if windows else "")
+    for i in sorted(val_idx, key=lambda i: counts[i]):
+        log.info("  %s (%d objects)", files[i], counts[i])
+    log.info("training: %d tile(s) from %d frame(s)", len(train_idx),
+             len({groups[i] for i in train_idx}))
     done = mcfg.finished_models(out_dir)
     data = {**data, "median_area_px": float(median_area)}
     rows = []
@@ -1460,7 +1746,7 @@ def resume_options(args, argv, saved: dict, source: Path) -> list[str]:
     given = explicit_options(argv) - RESUME_IGNORED
     conflicts, notes = [], []
     for name in sorted(given):
-        value, old = getattr(args, name), saved.get(name)
+        value, old = getattr(args, name), saved.get(name, mcfg.LATER_OPTIONS.get(name))
         if _same_option(name, value, old):
             continue
         if name in RESUME_OVERRIDES:
@@ -1474,7 +1760,7 @@ def resume_options(args, argv, saved: dict, source: Path) -> list[str]:
             "A resumed run continues with its saved options; only "
             f"{', '.join('--' + k for k in sorted(RESUME_OVERRIDES))} may change. Drop the "
             "flag(s), or start a new run.")
-    for name, value in saved.items():
+    for name, value in {**mcfg.LATER_OPTIONS, **saved}.items():
         if name not in RESUME_IGNORED and not (name in RESUME_OVERRIDES and name in given):
             setattr(args, name, value)
     return notes
@@ -1556,7 +1842,13 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
             splits = stratified_kfold(strata, args.kfold, args.seed, groups=groups)
             folders = [mcfg.fold_dir(run_dir, k + 1) for k in range(len(splits))]
         else:
-            splits = [stratified_split(strata, args.val_fraction, args.seed, groups=groups)]
+            mode, why = choose_val_split(args.val_split, data["files"], groups)
+            log.info("validation split: %s (%s)", mode, why)
+            data["val_split"] = mode
+            if mode == "tiles":
+                splits = [within_frame_split(strata, groups, args.val_fraction, args.seed)]
+            else:
+                splits = [stratified_split(strata, args.val_fraction, args.seed, groups=groups)]
             folders = [run_dir]
     except ValueError as exc:
         raise SystemExit(f"error: {args.data_dir}: {exc}") from None
@@ -1572,6 +1864,7 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
         mcfg.save_run_config(folder / mcfg.CONFIG_FILE, config)
         rows = train_split(data, tr, va, args, folder, strategy, counts,
                            config["postprocessing"]["median_bead_area_px"])
+        config["postprocessing"]["per_model"] = read_calibrations(folder, args.models)
         if len(splits) > 1:
             for r in rows:
                 r["fold"] = k + 1
@@ -1599,6 +1892,64 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
     log.info("done: %s", run_dir)
     print(f"RUN_DIR={run_dir.resolve()}")
     return 0
+
+
+def read_calibrations(folder: Path, names) -> dict:
+    """``postprocessing.per_model`` of a run folder: each model's ``calibration_<model>.json``
+    (written when its training finished; a resumed run reads the earlier models' files)."""
+    out = {}
+    for name in names:
+        path = folder / calibration_file(name)
+        if path.is_file():
+            c = json.loads(path.read_text())
+            out[name] = {"predicted_bead_area_px": c.get("predicted_bead_area_px"),
+                         "object_filter": c.get("object_filter")}
+    return out
+
+
+def recalibrate_run(run_dir, data_dir=None, models_=None) -> dict:
+    """Calibrate a finished run's models on its own validation tiles after the fact.
+
+    For runs trained before the object filter existed: reads ``config.json`` and
+    ``split.json`` (validation files and windows), preprocesses those tiles exactly as
+    training did, predicts them with each ``best_<model>_model.hdf5`` and runs
+    :func:`calibrate_on_validation`; writes ``calibration_<model>.json`` and adds
+    ``postprocessing.per_model`` to ``config.json``. The weights are not touched.
+
+    Returns the new ``per_model`` dict.
+    """
+    import models
+
+    run_dir = Path(run_dir)
+    cfg = mcfg.read_run_config(run_dir / mcfg.CONFIG_FILE)
+    split = json.loads((run_dir / "split.json").read_text())
+    pre, post = cfg["preprocessing"], cfg["postprocessing"]
+    data_dir = Path(data_dir or cfg["data"]["data_dir"])
+    images_dir, masks_dir = _dataset_dirs(data_dir)
+    pairs = dict((Path(i).name, m) for i, m in mio.pair_files(images_dir, masks_dir).pairs)
+    windows = split.get("val_windows") or [None] * len(split["val"])
+    xs, ys = [], []
+    for name, w in zip(split["val"], windows):
+        img, m = mio.load_pair(images_dir / name, pairs[name], image_size=pre["input_size"][0],
+                               channels=pre["channels"], normalization=pre["normalization"])
+        if w:
+            img, m = img[w[0]:w[1], w[2]:w[3]], m[w[0]:w[1], w[2]:w[3]]
+        xs.append(img)
+        ys.append(m)
+    x_val = np.stack(xs)
+    y_val = np.stack(ys)[..., None].astype(np.float32)
+    for name in models_ or list(cfg["models"]):
+        path = run_dir / f"best_{name}_model.hdf5"
+        if not path.is_file():
+            continue
+        prob = models.load_model(path).predict(x_val, batch_size=4, verbose=0)
+        calib, _ = calibrate_on_validation(prob, x_val, y_val, float(post["threshold"]),
+                                           float(post["median_bead_area_px"]))
+        mio.atomic_write_json(run_dir / calibration_file(name), calib)
+        log.info("%s: %s", name, bead_filter.describe(calib["object_filter"]))
+    cfg["postprocessing"]["per_model"] = read_calibrations(run_dir, list(cfg["models"]))
+    mcfg.save_run_config(run_dir / mcfg.CONFIG_FILE, cfg)
+    return cfg["postprocessing"]["per_model"]
 
 
 def write_kfold_summary(path: Path, rows: list[dict]) -> None:

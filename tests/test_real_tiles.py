@@ -240,7 +240,11 @@ def test_trainer_on_native_grid_tiles_without_dataset_json(tmp_path):
     assert pre["normalization"]["method"] == "flatfield"
     assert pre["normalization"]["low"] < pre["normalization"]["high"]
     split = json.loads((tmp_path / "runs" / run.split("/")[-1] / "split.json").read_text())
-    assert split["val"] and not set(split["train_groups"]) & set(split["val_groups"])
+    # Few frames: validation tiles come from inside the frames, cut to windows that share
+    # no pixel with a training neighbour (37 px at 512 = 5 px at 64; 64 - 5 -> 56 on the
+    # 4-px pooling grid). Whole-frame validation is still there on request.
+    assert split["mode"] == "tiles" and split["val"]
+    assert [w[3] - w[2] for w in split["val_windows"]] == [56] * len(split["val"])
     # Noisy masks of neighbouring tiles disagree on their shared 37 px: the ceiling is
     # measured, stored and printed next to val Jaccard.
     ceiling = cfg["data"]["label_consistency_ceiling"]
@@ -249,6 +253,11 @@ def test_trainer_on_native_grid_tiles_without_dataset_json(tmp_path):
     header, row = summary.splitlines()[:2]
     col = header.split(",").index("label_ceiling")
     assert float(row.split(",")[col]) == pytest.approx(ceiling["pooled_jaccard"], abs=1e-4)
+    # The model's own calibration (object filter, predicted bead size) travels in config.json.
+    calib = json.loads((tmp_path / "runs" / run.split("/")[-1] / "calibration_unet.json")
+                       .read_text())
+    assert set(calib) >= {"object_filter", "predicted_bead_area_px", "validation"}
+    assert cfg["postprocessing"]["per_model"]["unet"]["object_filter"] == calib["object_filter"]
     vc = (tmp_path / "runs" / run.split("/")[-1] / "validation_counts.csv").read_text()
     assert vc.splitlines()[0] == "model,file,n_true,n_pred,area_px"
     assert len(vc.splitlines()) == 1 + len(split["val"])
@@ -268,3 +277,68 @@ def test_label_noise_degrades_masks_but_keeps_exact_labels(tmp_path):
             assert (mask & (labels == 0)).sum() <= 0.1 * max(1, mask.sum())
         shrunk += int(mask.sum() < (labels > 0).sum())
     assert shrunk == 10
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def test_within_frame_validation_spans_every_frame_and_the_density_range():
+    # Seven frames of seven tiles each, one density per frame (the shared set's shape).
+    names, counts = [], []
+    for f, dil in enumerate([160, 320, 640, 1280, 2560, 5120, 10240]):
+        for c in range(7):
+            names.append(f"{dil}x_2025-05-16_00-5{f}-00_grid_r1_c{c}.png")
+            counts.append(int(1300 * 160 / dil) + c)
+    groups = [mio.frame_group(n) for n in names]
+    strata = mm.density_strata(np.array(counts))
+    assert tmo.choose_val_split("auto", names, groups)[0] == "tiles"
+    tr, va = tmo.within_frame_split(strata, groups, 0.15, seed=3)
+    assert np.intersect1d(tr, va).size == 0 and len(tr) + len(va) == len(names)
+    assert sorted({groups[i] for i in va}) == sorted(set(groups))  # every frame, once
+    assert min(counts[i] for i in va) < 30 and max(counts[i] for i in va) > 1000
+    # Fewer tiles than frames in the quota: spread over the density order, both ends kept.
+    tr, va = tmo.within_frame_split(strata, groups, 3 / 49, seed=0)
+    dil = sorted(mio.parse_dilution(names[i]) for i in va)
+    assert len(va) == 3 and dil[0] == 160 and dil[-1] == 10240
+    # Many frames, or names without grid cells: whole frames validate, as before.
+    assert tmo.choose_val_split("auto", names, [f"f{i}" for i in range(25)])[0] == "frames"
+    assert tmo.choose_val_split("auto", ["a.png", "b.png"], ["a", "b"])[0] == "frames"
+    assert tmo.choose_val_split("frames", names, groups)[0] == "frames"
+
+
+def test_validation_windows_share_no_pixel_with_training_tiles(tmp_path):
+    # Two rows of five 48-px tiles cut from one random frame; columns overlap by 11 px.
+    rng = np.random.default_rng(0)
+    tile, stride, row_y = 48, 37, (0, 80)
+    frame = rng.integers(0, 255, (140, stride * 4 + tile)).astype(np.uint8)
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    pairs, where = [], []
+    for r, y in enumerate(row_y):
+        for c in range(5):
+            name = f"320x_a_grid_r{r}_c{c}.png"
+            x = c * stride
+            mio.write_image(tmp_path / "images" / name, frame[y:y + tile, x:x + tile])
+            mio.write_mask(tmp_path / "masks" / name, np.zeros((tile, tile), np.uint8))
+            pairs.append((tmp_path / "images" / name, tmp_path / "masks" / name))
+            where.append((y, x))
+    overlaps = tmo.grid_overlaps(pairs)
+    assert sorted((o.first, o.second, o.side, o.width) for o in overlaps) == [
+        (r * 5 + c, r * 5 + c + 1, "right", tile - stride) for r in range(2) for c in range(4)]
+    ov = [(o.first, o.second, o.side, o.width) for o in overlaps]
+    for val in ([2], [0, 7], [3, 4]):
+        train = np.setdiff1d(np.arange(10), val)
+        wins = tmo.validation_windows(ov, train, np.array(val), (tile, tile), 4)
+        assert len({(y1 - y0, x1 - x0) for y0, y1, x0, x1 in wins}) == 1  # one size
+        for v, (y0, y1, x0, x1) in zip(val, wins):
+            assert (y1 - y0) % 4 == 0 and (x1 - x0) % 4 == 0 and x1 > x0
+            fy, fx = where[v]
+            cols = set(range(fx + x0, fx + x1))
+            for t in train:
+                ty, tx = where[t]
+                if ty == fy:  # same row: no frame column may be in both
+                    assert not cols & set(range(tx, tx + tile)), (val, v, t)
+    # The middle tile of a row loses both shared strips: 48 - 2 * 11 = 26 -> 24 px.
+    wins = tmo.validation_windows(ov, np.setdiff1d(np.arange(10), [2]), np.array([2]),
+                                  (tile, tile), 4)
+    assert wins[0][3] - wins[0][2] == 24

@@ -1,0 +1,215 @@
+"""Which predicted objects count as beads: per-object evidence, calibration, filtering.
+
+A network trained on the users' labels also marks faint out-of-focus smudges and noise in
+the dark, vignetted parts of a frame: small, low-contrast objects that the labels never
+mark. On a blank or a sparse frame they decide the limit of detection. This module measures
+per predicted object how much it looks like the beads the network found *and* the labels
+confirm, and drops the objects that look like none of them.
+
+* :func:`object_features`: area, mean / max probability, and the contrast of the object
+  against a ring of background around it in the normalised input the network saw, absolute
+  and in units of that ring's own noise (a local signal-to-noise ratio: dividing by a dark
+  background amplifies noise, so the same absolute darkness is weaker evidence there);
+* :func:`match_centres`: one-to-one matching of object centres within a distance;
+* :func:`calibrate`: from the validation tiles' predicted objects that match a labelled
+  bead, the lower limits that keep all but ``quantile`` of them (recall cost bounded by
+  construction; no unmatched object is used, since the labels miss faint beads);
+* :func:`apply_filter`: the labels with rejected objects removed, renumbered 1..n.
+
+The rule is stored per model in ``config.json`` (``postprocessing.per_model``) by the
+trainer and applied by ``predict_microscope.finish_frame``. Pure NumPy / SciPy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+#: Features a rule may bound from below (``min_<feature>``).
+FEATURES = ("area_px", "mean_prob", "contrast", "snr")
+#: Share of matched validation objects a calibrated rule may reject (per feature bound).
+DEFAULT_QUANTILE = 0.01
+#: Fewer matched validation objects than this: no rule (too little to calibrate on).
+MIN_MATCHED = 30
+#: Matching radius, in bead radii (6 px for the users' ~8-px beads at native scale).
+MATCH_RADII = 1.5
+#: Ring around an object: from ``RING_GAP`` to ``RING_GAP + RING_WIDTH`` px (model scale).
+RING_GAP, RING_WIDTH = 2, 3
+
+
+def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | None) -> dict:
+    """Per-object evidence for labels ``1..n``.
+
+    Parameters
+    ----------
+    labels : int ``(H, W)``; 0 background, objects ``1..n`` (ids without pixels get area 0)
+    prob : float ``(H, W)`` probabilities in [0, 1]
+    image : float ``(H, W)`` normalised network input (beads dark, background ~ bright), or
+        None (then ``contrast`` and ``snr`` are NaN)
+
+    Returns
+    -------
+    dict of float arrays of length ``n``: ``area_px``, ``mean_prob``, ``max_prob``,
+    ``contrast`` (ring mean minus object mean: positive for dark objects), ``snr``
+    (contrast / ring standard deviation), ``cy``, ``cx`` (centroids).
+    """
+    labels = np.asarray(labels)
+    n = int(labels.max(initial=0))
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    safe = np.maximum(area, 1.0)
+    p = np.asarray(prob, np.float64).ravel()
+    out = {
+        "area_px": area,
+        "mean_prob": np.bincount(flat, weights=p, minlength=n + 1)[1:] / safe,
+        "max_prob": ndimage.maximum(p.reshape(labels.shape), labels, np.arange(1, n + 1))
+        if n else np.zeros(0),
+    }
+    yy, xx = np.indices(labels.shape)
+    out["cy"] = np.bincount(flat, weights=yy.ravel(), minlength=n + 1)[1:] / safe
+    out["cx"] = np.bincount(flat, weights=xx.ravel(), minlength=n + 1)[1:] / safe
+    if image is None or n == 0:
+        out["contrast"] = np.full(n, np.nan)
+        out["snr"] = np.full(n, np.nan)
+        return out
+    img = np.asarray(image, np.float64)
+    if img.shape != labels.shape:
+        raise ValueError(f"image shape {img.shape} != labels shape {labels.shape}")
+    inside = np.bincount(flat, weights=img.ravel(), minlength=n + 1)[1:] / safe
+    near = ndimage.maximum_filter(labels, size=2 * RING_GAP + 1) > 0
+    owner = ndimage.maximum_filter(labels, size=2 * (RING_GAP + RING_WIDTH) + 1)
+    ring = (~near) & (owner > 0)
+    rid = np.where(ring, owner, 0).ravel()
+    cnt = np.bincount(rid, minlength=n + 1)[1:].astype(np.float64)
+    s1 = np.bincount(rid, weights=img.ravel(), minlength=n + 1)[1:]
+    s2 = np.bincount(rid, weights=img.ravel() ** 2, minlength=n + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / cnt
+        sd = np.sqrt(np.maximum(s2 / cnt - mean ** 2, 0.0))
+        contrast = mean - inside
+        # The ring's spread includes real structure (a neighbour's edge); floor it at a small
+        # fraction of the normalised range so a perfectly flat ring cannot divide by ~0.
+        snr = contrast / np.maximum(sd, 0.01)
+    # An object whose ring is entirely other objects (a bead inside a clump) has no
+    # background to compare with: it keeps its evidence (infinite), rules cannot reject it.
+    contrast[cnt == 0] = np.inf
+    snr[cnt == 0] = np.inf
+    out["contrast"], out["snr"] = contrast, snr
+    return out
+
+
+def match_centres(truth: np.ndarray, pred: np.ndarray, max_dist: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one matches of ``(N, 2)`` and ``(M, 2)`` centres within ``max_dist`` (minimum
+    total distance within each cluster of candidate pairs). Returns boolean arrays
+    ``(truth_matched, pred_matched)``."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    truth = np.asarray(truth, float).reshape(-1, 2)
+    pred = np.asarray(pred, float).reshape(-1, 2)
+    tm, pm = np.zeros(len(truth), bool), np.zeros(len(pred), bool)
+    if len(truth) == 0 or len(pred) == 0:
+        return tm, pm
+    hits = cKDTree(pred).query_ball_point(truth, r=max_dist)
+    ti = np.repeat(np.arange(len(truth)), [len(h) for h in hits])
+    if ti.size == 0:
+        return tm, pm
+    pj = np.concatenate([np.asarray(h, int) for h in hits])
+    nt = len(truth)
+    graph = coo_matrix((np.ones(ti.size), (ti, nt + pj)), shape=(nt + len(pred),) * 2)
+    _, comp = connected_components(graph, directed=False)
+    dist = np.linalg.norm(truth[ti] - pred[pj], axis=1)
+    order = np.argsort(comp[ti], kind="stable")
+    ti, pj, dist, cid = ti[order], pj[order], dist[order], comp[ti][order]
+    bounds = np.flatnonzero(np.diff(cid)) + 1
+    for sl in np.split(np.arange(ti.size), bounds):
+        ut, ui = np.unique(ti[sl], return_inverse=True)
+        up, uj = np.unique(pj[sl], return_inverse=True)
+        cost = np.full((ut.size, up.size), 1e9)
+        cost[ui, uj] = dist[sl]
+        r, k = linear_sum_assignment(cost)
+        ok = cost[r, k] <= max_dist
+        tm[ut[r[ok]]] = True
+        pm[up[k[ok]]] = True
+    return tm, pm
+
+
+def component_centres(mask: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` (row, col) centroids of the 8-connected components of a binary mask."""
+    import cv2
+
+    n, _, _, cent = cv2.connectedComponentsWithStats(
+        (np.asarray(mask) > 0).astype(np.uint8), connectivity=8)
+    return cent[1:, ::-1].astype(float) if n > 1 else np.zeros((0, 2))
+
+
+def match_radius(median_area_px: float) -> float:
+    """Centre-matching radius for beads of ``median_area_px`` (:data:`MATCH_RADII` radii)."""
+    r = math.sqrt(max(float(median_area_px), 1.0) / math.pi)
+    return max(2.0, MATCH_RADII * r)
+
+
+def calibrate(features: dict, matched: np.ndarray, *, quantile: float = DEFAULT_QUANTILE,
+              features_used=FEATURES) -> dict | None:
+    """Lower bounds that keep all but ``quantile`` of the matched objects, per feature.
+
+    Parameters
+    ----------
+    features : :func:`object_features` of the validation objects (concatenated)
+    matched : bool, which of them match a labelled bead (:func:`match_centres`)
+
+    Returns
+    -------
+    dict ``{"min_<feature>": value, ..., "quantile": q, "n_matched": m}`` or None with
+    fewer than :data:`MIN_MATCHED` matched objects. Infinite / NaN values (no background
+    ring, no image) are left out of a bound's estimate.
+    """
+    matched = np.asarray(matched, bool)
+    if int(matched.sum()) < MIN_MATCHED:
+        return None
+    rule: dict = {"quantile": float(quantile), "n_matched": int(matched.sum())}
+    for key in features_used:
+        v = np.asarray(features[key], float)[matched]
+        v = v[np.isfinite(v)]
+        if v.size >= MIN_MATCHED:
+            rule[f"min_{key}"] = float(np.quantile(v, quantile))
+    return rule
+
+
+def accepted(features: dict, rule: dict | None) -> np.ndarray:
+    """Boolean per object: meets every ``min_<feature>`` bound of ``rule`` (None: all)."""
+    n = len(features["area_px"])
+    keep = np.ones(n, bool)
+    if not rule:
+        return keep
+    for key in FEATURES:
+        bound = rule.get(f"min_{key}")
+        if bound is None:
+            continue
+        v = np.asarray(features[key], float)
+        keep &= ~(v < bound)  # NaN (no image) never rejects
+    return keep
+
+
+def apply_filter(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``labels`` with the objects whose ``keep`` is False set to 0; ids renumbered 1..n in
+    their old order."""
+    keep = np.asarray(keep, bool)
+    lut = np.zeros(keep.size + 1, np.int32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[np.asarray(labels)]
+
+
+def describe(rule: dict | None) -> str:
+    """One line for logs and reports."""
+    if not rule:
+        return "no object filter (every predicted bead counts)"
+    parts = [f"{k[4:]} >= {rule[k]:.3g}" for k in (f"min_{f}" for f in FEATURES) if k in rule]
+    return (f"beads kept when {', '.join(parts)} (each bound keeps "
+            f"{100 * (1 - rule['quantile']):.0f} % of the {rule['n_matched']} validation beads "
+            "the labels confirm)")

@@ -1,0 +1,176 @@
+"""Which predicted objects count as beads (issue: counts a limit of detection can rest on).
+
+Faint smudges and dark-corner noise that a network marks must not become beads; the filter
+is calibrated on the beads the labels confirm, and the scale check compares frames with the
+model's own beads, not with the (shrunk) label masks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import bead_filter as bf
+import make_synthetic_dataset as syn
+import microbead_config as mcfg
+import microbead_io as mio
+import predict_microscope as pm
+
+
+def _scene(seed=0, n_beads=40, n_faint=6, shape=(160, 200)):
+    """Normalised image (beads 0.2, faint blobs 0.93 on 1.0 +- 0.02 noise), a 'probability'
+    map that marks both, and the bead-only truth mask."""
+    rng = np.random.default_rng(seed)
+    img = 1.0 + rng.normal(0, 0.02, shape)
+    prob = np.zeros(shape, np.float32)
+    truth = np.zeros(shape, np.uint8)
+    yy, xx = np.indices(shape)
+    centres = []
+    while len(centres) < n_beads + n_faint:
+        c = rng.uniform(8, np.array(shape) - 8)
+        if all(np.hypot(*(c - d)) > 12 for d in centres):
+            centres.append(c)
+    for k, (cy, cx) in enumerate(centres):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
+        prob[disc] = 0.9
+        if k < n_beads:
+            img[disc] = 0.2
+            truth[disc] = 1
+        else:
+            img[disc] = 0.93  # a faint smudge: barely darker than the background noise
+    return img.astype(np.float32), prob, truth, np.array(centres)
+
+
+def test_features_contrast_and_snr_tell_beads_from_faint_blobs():
+    img, prob, truth, centres = _scene()
+    labels = np.zeros(prob.shape, np.int32)
+    yy, xx = np.indices(prob.shape)
+    for k, (cy, cx) in enumerate(centres, 1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = k
+    f = bf.object_features(labels, prob, img)
+    assert f["area_px"].tolist() == np.bincount(labels.ravel())[1:].tolist()
+    assert np.allclose(f["mean_prob"], 0.9)
+    assert np.allclose(f["contrast"][:40], 0.8, atol=0.02)
+    assert np.allclose(f["contrast"][40:], 0.07, atol=0.02)
+    assert f["snr"][:40].min() > 10 * f["snr"][40:].max() / 2
+    assert np.allclose(f["cy"], centres[:, 0], atol=0.3)
+    # No image: the image evidence is unknown (NaN) and never rejects.
+    g = bf.object_features(labels, prob, None)
+    assert np.isnan(g["contrast"]).all()
+    assert bf.accepted(g, {"min_contrast": 0.5}).all()
+
+
+def test_match_centres_is_one_to_one_within_the_radius():
+    truth = np.array([[10.0, 10.0], [10.0, 16.0], [50.0, 50.0]])
+    pred = np.array([[10.0, 11.0], [30.0, 30.0], [10.0, 15.0], [10.0, 13.0]])
+    tm, pm_ = bf.match_centres(truth, pred, 2.5)
+    assert tm.tolist() == [True, True, False]
+    assert pm_.tolist() == [True, False, True, False]  # (10, 13) is nobody's nearest free
+    assert bf.match_centres(np.zeros((0, 2)), pred, 3)[1].tolist() == [False] * 4
+
+
+def test_calibrated_filter_keeps_confirmed_beads_and_drops_faint_blobs():
+    img, prob, truth, _ = _scene(seed=1)
+    cfg = {"preprocessing": {"scale": 1.0},
+           "postprocessing": {"threshold": 0.5, "median_bead_area_px": 49.0}}
+    # Without a filter the faint blobs are counted as beads.
+    plain = pm.finish_frame(prob, prob.shape, cfg, image_small=img)
+    assert plain["beads"] == 46 and plain["rejected"] == 0
+    feats = bf.object_features(plain["labels"], prob, img)
+    matched = bf.match_centres(bf.component_centres(truth),
+                               np.stack([feats["cy"], feats["cx"]], 1), 6.0)[1]
+    assert matched.sum() == 40
+    # Each bound keeps all but `quantile` of the confirmed beads: the recall cost is bounded
+    # by construction (at most one quantile per feature).
+    loose = bf.calibrate(feats, matched)
+    assert (~bf.accepted(feats, loose))[matched].mean() <= len(bf.FEATURES) * 0.01 + 1 / 40
+    rule = bf.calibrate(feats, matched, quantile=0.0)
+    assert rule["n_matched"] == 40 and "min_contrast" in rule and "min_snr" in rule
+    filtered = pm.finish_frame(prob, prob.shape, {**cfg, "postprocessing": {
+        **cfg["postprocessing"], "object_filter": rule}}, image_small=img)
+    assert filtered["beads"] == 40 and filtered["rejected"] == 6
+    ids = np.unique(filtered["labels"])
+    assert ids.tolist() == list(range(41))  # renumbered: the count is the ids in the file
+    assert not filtered["mask"][truth == 0].any()  # the blobs left the mask too
+    # Too few confirmed beads: no rule rather than a guess.
+    assert bf.calibrate(feats, np.arange(46) < 5) is None
+    assert "every predicted bead counts" in bf.describe(None)
+    assert "contrast >=" in bf.describe(rule)
+
+
+def _beads_mask(radius, shape=(400, 600), seed=0):
+    rng = np.random.default_rng(seed)
+    beads = syn.sample_beads(rng, shape, 120, radius=radius, radius_sd=0.3, min_gap=2.0)
+    return syn.render_masks(beads, shape)[0]
+
+
+def test_scale_check_uses_the_models_own_beads_and_still_flags_2x_and_half():
+    whole = _beads_mask(4.0)  # what the model segments: whole beads, ~50 px
+    labels = syn.render_masks(syn.sample_beads(np.random.default_rng(0), (400, 600), 120,
+                                               radius=4.0, radius_sd=0.3, min_gap=2.0),
+                              (400, 600))[1]
+    whole_area = float(np.median(np.bincount(labels.ravel())[1:]))
+    shrunk_area = whole_area / 2.2  # the label masks' beads: shrunk by the users' detector
+    post = {"threshold": 0.5, "median_bead_area_px": shrunk_area}
+    cfg = {"preprocessing": {"scale": 1.0}, "postprocessing": post}
+    prob = whole.astype(np.float32)
+    # An older run (no model area stored): a correct frame is flagged, as users saw.
+    assert pm.finish_frame(prob, prob.shape, cfg)["scale_warning"]
+    # With the model's own predicted bead area as reference: a correct frame is quiet ...
+    ok = {**cfg, "postprocessing": {**post, "predicted_bead_area_px": whole_area}}
+    res = pm.finish_frame(prob, prob.shape, ok)
+    assert res["scale_warning"] == "" and 0.8 < res["bead_area_ratio"] < 1.25
+    # ... and frames at half and at twice the training scale are still flagged.
+    half = mio.resize_mask(whole, (200, 300)).astype(np.float32)
+    assert "smaller" in pm.finish_frame(half, half.shape, ok)["scale_warning"]
+    double = mio.resize_mask(whole, (800, 1200)).astype(np.float32)
+    assert "larger" in pm.finish_frame(double, double.shape, ok)["scale_warning"]
+
+
+def _config(tmp_path):
+    return {
+        "format_version": mcfg.FORMAT_VERSION,
+        "models": {"unet": {"architecture": "unet", "filters": 4, "depth": 2, "dropout": 0.1,
+                            "batch_norm": True}},
+        "preprocessing": {"channels": 1, "input_size": [64, 64],
+                          "stored_tile_size": [64, 64], "pixel_scale": 1.0,
+                          "pixel_scale_source": "test", "scale": 1.0, "scale_source": "test",
+                          "channel_mode": "luminance", "normalization": {"method": "percentile"},
+                          "pad_multiple": 4},
+        "postprocessing": {"threshold": 0.5, "median_bead_area_px": 20.0,
+                           "median_bead_area_native_px": 20.0},
+        "training": dict(mcfg.TRAINING_DEFAULTS),
+        "data": {"data_dir": str(tmp_path), "n_images": 2, "skipped": [],
+                 "mean_objects_per_image": 1.0, "positive_ratio": 0.1,
+                 "label_consistency_ceiling": None},
+        "environment": {},
+    }
+
+
+def test_per_model_calibration_round_trips_and_old_runs_still_load(tmp_path):
+    cfg = _config(tmp_path)
+    rule = {"quantile": 0.01, "n_matched": 50, "min_area_px": 12.0}
+    cfg["postprocessing"]["per_model"] = {
+        "unet": {"predicted_bead_area_px": 48.0, "object_filter": rule}}
+    mcfg.save_run_config(tmp_path / "config.json", cfg)
+    back = mcfg.read_run_config(tmp_path / "config.json")
+    used = mcfg.for_model(back, mcfg.model_name_of(tmp_path / "best_unet_model.hdf5"))
+    assert used["postprocessing"]["object_filter"] == rule
+    assert used["postprocessing"]["predicted_bead_area_px"] == 48.0
+    assert "object_filter" not in back["postprocessing"]  # the input is not changed
+    other = mcfg.for_model(back, "attention_unet")
+    assert "object_filter" not in other["postprocessing"]
+    assert mcfg.model_name_of("final_attention_resunet_model.keras") == "attention_resunet"
+    # A run saved before these keys (and before --val_split) loads and predicts as before.
+    old = copy.deepcopy(_config(tmp_path))
+    del old["training"]["val_split"]
+    mcfg.save_run_config(tmp_path / "old.json", old)
+    loaded = mcfg.for_model(mcfg.read_run_config(tmp_path / "old.json"), "unet")
+    assert pm.reference_bead_area(loaded["postprocessing"]) == 20.0
+    # An unknown key is still an error.
+    bad = copy.deepcopy(old)
+    bad["postprocessing"]["object_filtre"] = rule
+    with pytest.raises(mcfg.ConfigError, match="object_filtre"):
+        mcfg.save_run_config(tmp_path / "bad.json", bad)
