@@ -1649,8 +1649,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--large", type=int, default=0, help="also write N full frames")
     p.add_argument("--blank_frames", "--blank-frames", type=int, default=0,
-                   help="also write N blank (0-bead) full frames with debris, smudges and "
-                        "specks (large/blank_*; concentration 0 in large/samples.csv)")
+                   help="also write N blank (0-bead) full frames with debris (microscope "
+                        "style: and faint smudges, specks, mottle) as large/blank_*, "
+                        "concentration 0 in large/samples.csv")
     p.add_argument("--large_size", "--large-size", type=int, nargs=2, default=[3840, 2160],
                    metavar=("W", "H"), help="size of the full frames")
     p.add_argument("--radius", type=float, default=None,
