@@ -644,8 +644,10 @@ def render_brightfield(
 
 # The users' real tiles, measured (issue "Real brightfield tiles"): mean RGB inside the masks
 # ~(81, 75, 93) on a grey background ~(107, 108, 105); beads 7-9 px across at native scale;
-# illumination varies 12 % (median) and up to 32 % across a 512-px tile; noise ~0.7 grey
-# levels; slightly blurred.
+# illumination varies 12 % (median) and up to 32 % across a 512-px tile; slightly blurred.
+# Pixel noise (sd of neighbour differences / sqrt 2, bead-free pixels, issue 22): 0.5-2.1
+# grey levels per channel, higher in darker tiles (sd x mean level ~ 95-175 grey levels^2:
+# 2.0 at level 73, 1.2-1.6 at 110-145).
 MICRO_BACKGROUND_RGB = np.array([107.0, 108.0, 105.0]) / 255.0
 MICRO_BEAD_RGB = np.array([81.0, 75.0, 93.0]) / 255.0
 MICRO_RADIUS = 4.0  # native px (7-9 px across with the sd below)
@@ -669,7 +671,8 @@ def sample_microscope_appearance(rng: np.random.Generator, frame_shape=FRAME_SHA
 
     Keys: ``background_rgb`` and ``bead_ratio`` (per-channel bead transmission relative to
     the background, from the measured colours, jittered a few %), ``blur_sigma``
-    (0.8-1.3 px), ``noise_sd`` (0.5-0.9 grey levels), ``mottle_sd`` (0.5-1.1 % of the
+    (0.8-1.3 px), ``noise_sd`` (0.6-1.6 grey levels at the background level, more where
+    the image is darker: sd x level constant), ``mottle_sd`` (0.5-1.1 % of the
     background: the faint blotchy texture of the users' background, sigma ~3 px, whose
     darker spots pass for specks where the light is dim), and an illumination field for
     :func:`illumination_field`: a gentle frame-wide polynomial plus 5-9 broad lobes
@@ -699,7 +702,7 @@ def sample_microscope_appearance(rng: np.random.Generator, frame_shape=FRAME_SHA
         "illum_amp": float(amp),
         "blotches": lobes,
         "blur_sigma": float(rng.uniform(0.8, 1.3)),
-        "noise_sd": float(rng.uniform(0.5, 0.9)) / 255.0,
+        "noise_sd": float(rng.uniform(0.6, 1.6)) / 255.0,
         # Drawn last: the frame's other parameters stay what they were before it existed.
         "mottle_sd": float(rng.uniform(0.005, 0.011)),
     }
@@ -765,7 +768,13 @@ def render_microscope(
         t = cv2.GaussianBlur(t, (0, 0), sigmaX=sig, sigmaY=sig, borderType=cv2.BORDER_REFLECT)
         img[..., c] = t * illum
     if noise:
-        img += np.float32(ap["noise_sd"]) * rng.standard_normal(img.shape, dtype=np.float32)
+        # noise_sd holds at the frame's background level; the users' frames are noisier
+        # where they are darker (sd x level ~ constant), which is where models found beads
+        # in noise. Capped at 3x so a near-black pixel does not explode.
+        level = np.float32(np.mean(ap["background_rgb"])) / np.maximum(
+            img.mean(axis=2, keepdims=True), np.float32(1e-3))
+        sd = np.float32(ap["noise_sd"]) * np.minimum(level, np.float32(3.0))
+        img += sd * rng.standard_normal(img.shape, dtype=np.float32)
     np.clip(img, 0.0, 1.0, out=img)
     return img
 

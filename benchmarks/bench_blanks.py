@@ -43,7 +43,7 @@ def blank_frames_dir(tmp: Path, n: int, size, seed: int) -> Path:
     holding ``images/`` (the generator's ``large/``, as the demo's frames are)."""
     import make_synthetic_dataset as syn
 
-    syn.generate_dataset(tmp / "blanks", n=1, size=64, seed=seed, blank_frames=n,
+    syn.generate_dataset(tmp / "blanks", n=1, seed=seed, blank_frames=n,
                          large_size=tuple(size), log_file=False)
     return tmp / "blanks" / "large"
 
