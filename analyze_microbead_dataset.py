@@ -1192,7 +1192,8 @@ def label_checks(records: list[ImageRecord], root: Path, problems: list[Problem]
                 if math.isfinite(median_area) and median_area > 0 else None)
         dark = lq.darkness_map(img, bead_diameter=diam)
         diameters[rec.name] = diam
-        reg = lq.register_mask(mask, dark)
+        # Registered on bead centres (solid and ring beads); shapes judged on darkness.
+        reg = lq.register_mask(mask, lq.centre_response(dark, bead_diameter=diam))
         fixed = lq.shift_mask(mask, -reg.dy, -reg.dx) if reg.is_offset() else mask
         shape = lq.shape_check(dark, fixed)
         regs[rec.name] = reg
@@ -1219,8 +1220,8 @@ def label_checks(records: list[ImageRecord], root: Path, problems: list[Problem]
                 if r is cand or masks[r.name].shape != tuple(cand.native_shape):
                     continue
                 if dark is None:
-                    dark = lq.darkness_map(mio.read_image(cand.image_path, 1)[..., 0],
-                                           bead_diameter=diameters[cand.name])
+                    dark = lq.centre_map(mio.read_image(cand.image_path, 1)[..., 0],
+                                         bead_diameter=diameters[cand.name])
                 reg = lq.register_mask(masks[r.name], dark)
                 if r.name not in best or reg.evidence > best[r.name][1].evidence:
                     best[r.name] = (_rel(cand.image_path, root), reg)
@@ -1251,7 +1252,7 @@ def label_checks(records: list[ImageRecord], root: Path, problems: list[Problem]
             problems.append(Problem(
                 _rel(r.mask_path, root), MASK_OFFSET,
                 f"mask sits {_offset_text(reg.dy, reg.dx)} px from its image's beads{edge}; "
-                f"undoing it raises the mean darkness under the mask from "
+                f"undoing it raises the mean bead-centre darkness under the mask from "
                 f"{reg.score_unshifted:.1f} to {reg.score:.1f} ({reg.gain:+.0%}); "
                 "--write_fixed shifts it back"))
         missed, merged = lq.shape_flags(row)
@@ -1361,8 +1362,9 @@ def render_label_section(analysis: Analysis) -> list[str]:
         "darkness map: 1 - luminance / local background (grey closing over 8 bead diameters, "
         "smoothed: `microbead_io.flatfield_ratio`), minus the tile's median, clipped at 0; a "
         "ratio, so sparse and dense, 8- and 16-bit tiles share one scale. A mask's *dark "
-        "score* is 100 x the mean darkness under it (percent by which the masked pixels are "
-        "darker than their background); its *evidence* is that minus the tile's mean darkness "
+        "score* is 100 x the mean under it of that darkness averaged over a gaussian of half "
+        "a bead diameter (`label_quality.centre_map`: it peaks at the centre of solid and of "
+        "ring beads alike); its *evidence* is that minus the tile's mean "
         "(about 0 for a mask placed at random). Per-file numbers: `label_quality.csv`; "
         "figure: `label_quality.png`.\n")
     out.append(f"**Registration.** Every integer shift within +-{s['max_shift_px']} px is "

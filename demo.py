@@ -4,10 +4,11 @@ Purpose
     Show, on a CPU in minutes, every step users run on their own data: generate a synthetic
     dataset like theirs (microscope style: 73 native 512-px RGB grid tiles cut from frame
     rows with 37-px column overlaps, solid dark beads, uneven light; + four 3840x2160 frames
-    of four dilutions with ground truth), analyze it, train the three models with the CPU
-    preset, plot the training curves, predict masks and bead counts on the large frames,
-    evaluate them against the truth, calibrate the assay (bead density vs concentration,
-    LoD; needs frames of >= 3 dilutions) and print a short results table with the figures.
+    of four dilutions and two blank frames, with ground truth), analyze it, train the three
+    models with the CPU preset, plot the training curves, predict masks and bead counts on
+    the large frames, evaluate them against the truth, calibrate the assay (bead density vs
+    concentration, LoB from the blank frames, LoD; needs frames of >= 3 dilutions) and print
+    a short results table with the figures.
 
 Inputs
     None (the data is generated). The users' ``dataset_microscope/`` is never touched.
@@ -28,6 +29,7 @@ Example
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
@@ -58,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tile size (default: the style's, 512 native px for microscope)")
     p.add_argument("--large", type=int, default=4,
                    help="3840x2160 frames with ground truth (>= 3 dilutions for the assay)")
+    cli.add_option(p, "blank_frames", type=int, default=2,
+                   help="blank (0-bead) frames of that size with smudges and debris: the "
+                        "assay's blanks (limit of blank) and the false beads per blank frame")
     cli.add_option(p, "large_size", type=int, nargs=2, default=(3840, 2160),
                    metavar=("W", "H"), help="size of those frames")
     p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data")
@@ -100,7 +105,7 @@ def run_demo(args) -> dict:
     t = _step("1/7 generate the synthetic dataset")
     make_synthetic_dataset.generate_dataset(
         data, n=args.n, size=args.size, seed=args.seed, large=args.large,
-        large_size=tuple(args.large_size), style=args.style)
+        large_size=tuple(args.large_size), style=args.style, blank_frames=args.blank_frames)
     tile_size = json.loads((data / "dataset.json").read_text())["size"]
     times["generate_s"] = time.perf_counter() - t
 
@@ -128,7 +133,7 @@ def run_demo(args) -> dict:
     evaluation = out / "evaluation"
     assay = out / "assay"
     summary_eval = summary_assay = None
-    if args.large:
+    if args.large or args.blank_frames:
         t = _step("5/7 predict masks and bead counts on the large frames (best model)")
         _check(predict_microscope.main(
             ["--model", str(run_dir), "--input_dir", str(large / "images"),
@@ -143,12 +148,15 @@ def run_demo(args) -> dict:
         times["evaluate_s"] = time.perf_counter() - t
         summary_eval = json.loads((evaluation / "summary.json").read_text())
 
+        # The generator's sample sheet marks the blank frames (concentration 0).
+        sheet = large / make_synthetic_dataset.SAMPLE_SHEET
         # A calibration needs >= 3 concentrations; the default 2 frames give 2 dilutions.
-        n_dil = quantify_assay.n_concentrations(pred)
+        n_dil = quantify_assay.n_concentrations(pred, sheet)
         if n_dil >= 3:
             t = _step("7/7 quantify the assay: calibration curve and detection limits")
             _check(quantify_assay.main(
-                ["--predictions", str(pred), "--truth", str(large / "counts.csv"),
+                ["--predictions", str(pred), "--samples", str(sheet),
+                 "--truth", str(large / "counts.csv"),
                  "--model", str(run_dir), "--output_dir", str(assay)]), "assay quantification")
             times["assay_s"] = time.perf_counter() - t
             summary_assay = json.loads((assay / quantify_assay.RESULTS_NAME).read_text())
@@ -175,6 +183,11 @@ def run_demo(args) -> dict:
             "f1_at_0.5": objects["f1"],
             "mean_jaccard": summary_eval["pixel"]["mean_per_image"]["jaccard"],
         }
+    if args.blank_frames and summary_eval:
+        with open(pred / "prediction_summary.csv", newline="") as fh:
+            false_beads = [int(r["beads"]) for r in csv.DictReader(fh)
+                           if r["file"].startswith("blank_") and r.get("status", "ok") == "ok"]
+        results["blank_frames"] = {"n_images": len(false_beads), "false_beads": false_beads}
     if summary_assay:
         fit = summary_assay["fit"]
         results["assay"] = {
@@ -185,6 +198,7 @@ def run_demo(args) -> dict:
             "lod": summary_assay["lod"],
             "lod_ci95": summary_assay["lod_ci95"],
             "lod_method": summary_assay["lod_method"],
+            "lob": summary_assay.get("lob"),
             "loq": summary_assay["loq"],
             "true_fit": (summary_assay.get("truth") or {}).get("fit"),
         }
@@ -220,6 +234,12 @@ def format_table(results: dict) -> str:
             f"object F1 at IoU 0.5:             {lf['f1_at_0.5']:.4f}",
             f"mean pixel Jaccard:               {lf['mean_jaccard']:.4f}",
         ]
+    bf = results.get("blank_frames")
+    if bf and bf["false_beads"]:
+        fb = sorted(bf["false_beads"])
+        median = (fb[(len(fb) - 1) // 2] + fb[len(fb) // 2]) / 2
+        lines.append(f"false beads per blank frame:      median {median:g}, max {fb[-1]} "
+                     f"({bf['n_images']} blank frames)")
     a = results.get("assay")
     if a:
         lod = "n/a" if a["lod"] is None else f"{a['lod']:.3g} {a['unit']}"

@@ -24,7 +24,9 @@ Outputs (``DIR`` = ``--output_dir``, old spelling ``--out``)
 * ``DIR/dataset.json``          parameters, pixel scale, summary numbers, list of files written
 * ``DIR/make_synthetic_dataset.log``
 * with ``--large N``: ``DIR/large/{images,masks,labels}/<stem>.png|tif`` full frames at native
-  scale (``--large_size``, default 3840x2160) and ``DIR/large/counts.csv``.
+  scale (``--large_size``, default 3840x2160), ``DIR/large/counts.csv`` and
+  ``DIR/large/samples.csv`` (the assay's sample sheet); ``--blank_frames N`` adds N blank
+  frames there (``blank_...``, no bead; concentration 0, ``blank`` true in the sheet).
 
 Stems look like ``640x_2025-05-16_00-59-00_002_grid_r1_c1`` (tiles) and
 ``640x_2025-05-16_01-02-03_101`` (large frames).
@@ -72,6 +74,7 @@ MIN_BEADS = 3
 # Touching beads may overlap by up to this much (native px): they touch, they do not overlap.
 TOUCH_TOLERANCE = 0.5
 LOG_NAME = "make_synthetic_dataset.log"
+SAMPLE_SHEET = "samples.csv"  # large/: the assay's sample sheet (blanks marked)
 COUNT_FIELDS = (
     "file", "stem", "dilution", "n_beads", "requested_beads", "n_touching", "positive_ratio",
     "n_debris",
@@ -117,8 +120,9 @@ class Debris:
     """Unlabelled debris, fully specified so rendering draws no random numbers for it.
 
     ``kind`` is ``"blob"`` (union of soft ellipses; ``parts`` rows are
-    ``(dy, dx, semi_a, semi_b, angle)``), ``"speck"`` (gaussian; ``parts`` = ``[[sigma]]``)
-    or ``"fibre"`` (polyline; ``parts`` rows are ``(dy, dx)`` vertices, ``width`` its
+    ``(dy, dx, semi_a, semi_b, angle)``), ``"speck"`` (gaussian; ``parts`` = ``[[sigma]]``),
+    ``"smudge"`` (elongated gaussian; ``parts`` = ``[[sigma_a, sigma_b, angle]]``) or
+    ``"fibre"`` (polyline; ``parts`` rows are ``(dy, dx)`` vertices, ``width`` its
     thickness). ``darkness`` is the drop in transmission (0..1) before blur.
     """
 
@@ -439,21 +443,13 @@ def illumination_field(appearance: dict, shape, origin=(0, 0)) -> np.ndarray:
     ``shape`` is the window ``(H, W)`` in native px, ``origin`` its top-left corner in frame
     coordinates, so tiles cut from one frame share one continuous field. float32 ``(H, W)``.
     """
-    fh, fw = appearance["frame_shape"]
     h, w = int(shape[0]), int(shape[1])
     # The field is smooth on a scale of >= 15 px: evaluate every 8 px, then interpolate.
     step = 8
     gh, gw = h // step + 3, w // step + 3
     ys = origin[0] + (np.arange(gh, dtype=np.float64) - 0.5) * step
     xs = origin[1] + (np.arange(gw, dtype=np.float64) - 0.5) * step
-    v = (2 * ys / fh - 1)[:, None]
-    u = (2 * xs / fw - 1)[None, :]
-    coarse = 1.0 + _poly(appearance["illum_coef"], v, u)
-    for by, bx, sig, amp in appearance["blotches"]:
-        gy = np.exp(-0.5 * ((ys - by) / sig) ** 2)
-        gx = np.exp(-0.5 * ((xs - bx) / sig) ** 2)
-        if gy.max() > 1e-3 and gx.max() > 1e-3:
-            coarse = coarse + amp * gy[:, None] * gx[None, :]
+    coarse = illumination_at(appearance, ys[:, None], xs[None, :])
     # Node j sits at coordinate (j - 0.5) * step, so pixel i (centre i + 0.5) is at grid
     # position (i + 0.5) / step + 0.5. cv2.resize by `step` samples output pixel i' at
     # (i' + 0.5) / step - 0.5: the same, with i' = i + step. Bilinear between nodes.
@@ -461,6 +457,23 @@ def illumination_field(appearance: dict, shape, origin=(0, 0)) -> np.ndarray:
                     interpolation=cv2.INTER_LINEAR)
     field_ = up[step : step + h, step : step + w]
     return np.asarray(field_, dtype=np.float32)
+
+
+def illumination_at(appearance: dict, ys, xs) -> np.ndarray:
+    """The illumination of :func:`illumination_field` at frame coordinates ``(ys, xs)``.
+
+    ``ys`` and ``xs`` broadcast against each other (a column and a row give the grid the
+    field is interpolated from; two 1-D arrays give single points). float64.
+    """
+    fh, fw = appearance["frame_shape"]
+    ys, xs = np.asarray(ys, np.float64), np.asarray(xs, np.float64)
+    out = 1.0 + _poly(appearance["illum_coef"], 2 * ys / fh - 1, 2 * xs / fw - 1)
+    for by, bx, sig, amp in appearance["blotches"]:
+        gy = np.exp(-0.5 * ((ys - by) / sig) ** 2)
+        gx = np.exp(-0.5 * ((xs - bx) / sig) ** 2)
+        if gy.max() > 1e-3 and gx.max() > 1e-3:
+            out = out + amp * gy * gx
+    return out
 
 
 def _window(cy: float, cx: float, reach: float, shape):
@@ -553,6 +566,11 @@ def _add_debris(contrast, debris: list[Debris]) -> None:
         elif item.kind == "speck":
             sig = float(item.parts[0, 0])
             contrast[sl] -= item.darkness * np.exp(-0.5 * (dy * dy + dx * dx) / sig**2)
+        elif item.kind == "smudge":
+            sa, sb, ang = (float(v) for v in item.parts[0])
+            c, s = math.cos(ang), math.sin(ang)
+            ua, ub = (dx * c + dy * s) / sa, (-dx * s + dy * c) / sb
+            contrast[sl] -= item.darkness * np.exp(-0.5 * (ua * ua + ub * ub))
         else:
             patch = np.zeros((sl[0].stop - sl[0].start, sl[1].stop - sl[1].start), np.float32)
             # cv2 draws at 1/16 px precision; vertices relative to the patch corner.
@@ -626,8 +644,10 @@ def render_brightfield(
 
 # The users' real tiles, measured (issue "Real brightfield tiles"): mean RGB inside the masks
 # ~(81, 75, 93) on a grey background ~(107, 108, 105); beads 7-9 px across at native scale;
-# illumination varies 12 % (median) and up to 32 % across a 512-px tile; noise ~0.7 grey
-# levels; slightly blurred.
+# illumination varies 12 % (median) and up to 32 % across a 512-px tile; slightly blurred.
+# Pixel noise (sd of neighbour differences / sqrt 2, bead-free pixels, issue 22): 0.5-2.1
+# grey levels per channel, higher in darker tiles (sd x mean level ~ 95-175 grey levels^2:
+# 2.0 at level 73, 1.2-1.6 at 110-145).
 MICRO_BACKGROUND_RGB = np.array([107.0, 108.0, 105.0]) / 255.0
 MICRO_BEAD_RGB = np.array([81.0, 75.0, 93.0]) / 255.0
 MICRO_RADIUS = 4.0  # native px (7-9 px across with the sd below)
@@ -651,7 +671,10 @@ def sample_microscope_appearance(rng: np.random.Generator, frame_shape=FRAME_SHA
 
     Keys: ``background_rgb`` and ``bead_ratio`` (per-channel bead transmission relative to
     the background, from the measured colours, jittered a few %), ``blur_sigma``
-    (0.8-1.3 px), ``noise_sd`` (0.5-0.9 grey levels), and an illumination field for
+    (0.8-1.3 px), ``noise_sd`` (0.6-1.6 grey levels at the background level, more where
+    the image is darker: sd x level constant), ``mottle_sd`` (0.5-1.1 % of the
+    background: the faint blotchy texture of the users' background, sigma ~3 px, whose
+    darker spots pass for specks where the light is dim), and an illumination field for
     :func:`illumination_field`: a gentle frame-wide polynomial plus 5-9 broad lobes
     (sigma 180-420 px), so a 512-px window varies by ~12 % (median; 90th percentile 24 %).
     """
@@ -679,7 +702,9 @@ def sample_microscope_appearance(rng: np.random.Generator, frame_shape=FRAME_SHA
         "illum_amp": float(amp),
         "blotches": lobes,
         "blur_sigma": float(rng.uniform(0.8, 1.3)),
-        "noise_sd": float(rng.uniform(0.5, 0.9)) / 255.0,
+        "noise_sd": float(rng.uniform(0.6, 1.6)) / 255.0,
+        # Drawn last: the frame's other parameters stay what they were before it existed.
+        "mottle_sd": float(rng.uniform(0.005, 0.011)),
     }
 
 
@@ -729,6 +754,11 @@ def render_microscope(
     grey = np.zeros(shape, np.float32)
     if debris:
         _add_debris(grey, debris)
+    if ap.get("mottle_sd"):
+        # Blurred white noise at sigma 3 px has sd 1 / (2 sqrt(pi) 3); rescale to mottle_sd.
+        mottle = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0), 3.0,
+                                  borderType=cv2.BORDER_REFLECT)
+        grey += np.float32(ap["mottle_sd"] * 2.0 * math.sqrt(math.pi) * 3.0) * mottle
     illum = illumination_field(ap, shape, origin)
     img = np.empty(shape + (3,), np.float32)
     sig = ap["blur_sigma"]
@@ -738,7 +768,13 @@ def render_microscope(
         t = cv2.GaussianBlur(t, (0, 0), sigmaX=sig, sigmaY=sig, borderType=cv2.BORDER_REFLECT)
         img[..., c] = t * illum
     if noise:
-        img += np.float32(ap["noise_sd"]) * rng.standard_normal(img.shape, dtype=np.float32)
+        # noise_sd holds at the frame's background level; the users' frames are noisier
+        # where they are darker (sd x level ~ constant), which is where models found beads
+        # in noise. Capped at 3x so a near-black pixel does not explode.
+        level = np.float32(np.mean(ap["background_rgb"])) / np.maximum(
+            img.mean(axis=2, keepdims=True), np.float32(1e-3))
+        sd = np.float32(ap["noise_sd"]) * np.minimum(level, np.float32(3.0))
+        img += sd * rng.standard_normal(img.shape, dtype=np.float32)
     np.clip(img, 0.0, 1.0, out=img)
     return img
 
@@ -747,6 +783,72 @@ def illumination_variation(field_: np.ndarray) -> float:
     """Relative variation ``(max - min) / mean`` of an illumination window (0.12 = 12 %)."""
     f = np.asarray(field_, np.float64)
     return float((f.max() - f.min()) / max(f.mean(), 1e-12))
+
+
+# Faint out-of-focus smudges and specks, as in the darker, vignetted parts of the users'
+# frames (issue 22): smudges 10-40 px across (gaussian sigma 3-10 px), 2-6 % darker than
+# the background (beads: ~30 %); specks ~2-3 px, 3-8 %. Per 512x512 native px: smudge
+# candidates kept with a probability that grows where the light is dim, specks anywhere.
+SMUDGES_PER_TILE = 14.0
+SPECKS_PER_TILE = 8.0
+SMUDGE_SIGMA = (3.0, 10.0)
+SMUDGE_DEPTH = (0.02, 0.06)
+SPECK_SIGMA = (0.7, 1.4)
+SPECK_DEPTH = (0.03, 0.08)
+
+
+def sample_smudges(rng: np.random.Generator, shape, *, appearance: dict, origin=(0, 0),
+                   beads: BeadLayout | None = None, clearance: float = 2.0) -> list[Debris]:
+    """Faint, blurred smudges (dense where the light is dim) and faint specks; never beads.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    shape : (H, W)
+        Window in native px at ``origin`` (frame coordinates) of the frame of ``appearance``
+        (:func:`sample_microscope_appearance`), whose illumination decides where smudges go:
+        a candidate is kept with probability ``clip((1.02 - light) / 0.15, 0.1, 1)``, where
+        ``light`` is relative to the frame's median.
+    beads : BeadLayout or None
+        Smudges and specks keep ``clearance`` px plus their own reach (1.5 sigma) off every
+        bead, so the exact labels stay exact.
+
+    Returns
+    -------
+    list of Debris, kinds ``"smudge"`` and ``"speck"``; darkness is the drop in transmission.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    tiles = h * w / NATIVE_TILE**2
+    n_smudge = int(rng.poisson(SMUDGES_PER_TILE * tiles))
+    n_speck = int(rng.poisson(SPECKS_PER_TILE * tiles))
+    if n_smudge + n_speck == 0:
+        return []
+    ys, xs = rng.uniform(0, h, n_smudge + n_speck), rng.uniform(0, w, n_smudge + n_speck)
+    fh, fw = appearance["frame_shape"]
+    grid = np.linspace(0.0, 1.0, 17)
+    typical = float(np.median(illumination_at(appearance, grid[:, None] * fh,
+                                              grid[None, :] * fw)))
+    light = illumination_at(appearance, ys + origin[0], xs + origin[1]) / typical
+    keep = rng.random(ys.size) < np.clip((1.02 - light) / 0.15, 0.1, 1.0)
+    keep[n_smudge:] = True
+    sig_a = np.concatenate([rng.uniform(*SMUDGE_SIGMA, n_smudge), rng.uniform(*SPECK_SIGMA,
+                                                                             n_speck)])
+    sig_b = sig_a * np.concatenate([rng.uniform(0.5, 1.0, n_smudge), np.ones(n_speck)])
+    angle = rng.uniform(0, np.pi, ys.size)
+    depth = np.concatenate([rng.uniform(*SMUDGE_DEPTH, n_smudge),
+                            rng.uniform(*SPECK_DEPTH, n_speck)])
+    if beads is not None and len(beads):
+        for i in np.flatnonzero(keep):
+            d2 = (beads.y - ys[i]) ** 2 + (beads.x - xs[i]) ** 2
+            keep[i] = not np.any(d2 < (beads.r + 1.5 * sig_a[i] + clearance) ** 2)
+    out = []
+    for i in np.flatnonzero(keep):
+        kind = "smudge" if i < n_smudge else "speck"
+        parts = (np.array([[sig_a[i], sig_b[i], angle[i]]]) if kind == "smudge"
+                 else np.array([[sig_a[i]]]))
+        out.append(Debris(kind, float(ys[i]), float(xs[i]), float(depth[i]),
+                          float(3.0 * sig_a[i] + 1.0), parts))
+    return out
 
 
 def _micro_scene(rng, ap: dict, window_shape, origin, n_beads: int, *, radius: float,
@@ -762,6 +864,7 @@ def _micro_scene(rng, ap: dict, window_shape, origin, n_beads: int, *, radius: f
     debris = sample_debris(rng, window_shape, n_debris, beads=beads, radius=radius)
     for d in debris:
         d.darkness *= 0.5  # faint grey particles, less dark than the beads
+    debris += sample_smudges(rng, window_shape, appearance=ap, origin=origin, beads=beads)
     img = render_microscope(rng, beads, window_shape, appearance=ap, debris=debris,
                             origin=origin)
     return img, beads, len(debris)
@@ -1009,7 +1112,8 @@ class GenerationError(RuntimeError):
 
 
 def _dataset_paths(out: Path) -> list[Path]:
-    return [out / "counts.csv", out / "dataset.json", out / "large" / "counts.csv"] + [
+    return [out / "counts.csv", out / "dataset.json", out / "large" / "counts.csv",
+            out / "large" / SAMPLE_SHEET] + [
         out / sub for sub in ("images", "masks", "labels", "large/images", "large/masks",
                               "large/labels")
     ]
@@ -1096,6 +1200,7 @@ def generate_dataset(
     log_file: bool = True,
     style: str = "microscope",
     label_noise: bool = False,
+    blank_frames: int = 0,
 ) -> dict:
     """Write a synthetic dataset in the users' layout and return its summary.
 
@@ -1114,6 +1219,10 @@ def generate_dataset(
         streams, so adding ``large`` does not change the tiles.
     large : int
         Number of full frames (native scale, 8-bit PNG) to write under ``large/``.
+    blank_frames : int
+        Number of blank (0-bead) full frames to add under ``large/`` (:func:`blank_frame`;
+        ``blank_...`` stems, dilution ``blank`` in ``counts.csv``, concentration 0 and
+        ``blank`` true in ``large/samples.csv``), for an assay's limit of blank.
     large_size : (W, H)
         Size of those frames.
     radius : float or None
@@ -1155,12 +1264,13 @@ def generate_dataset(
                    (MICRO_RADIUS * REFERENCE_SCALE if micro else 4.7))
     if beads_at_160x is None:
         beads_at_160x = MICRO_BEADS_AT_160X if micro else 270.0
-    n, large = int(n), int(large)
+    n, large, blank_frames = int(n), int(large), int(blank_frames)
     lw, lh = (int(v) for v in large_size)
-    if n < 1 or size < 8 or large < 0 or lw < 16 or lh < 16:
+    if n < 1 or size < 8 or large < 0 or blank_frames < 0 or lw < 16 or lh < 16:
         raise ValueError(
-            f"need n >= 1, size >= 8, large >= 0, large_size >= 16x16; got n={n}, "
-            f"size={size}, large={large}, large_size={lw}x{lh}"
+            f"need n >= 1, size >= 8, large >= 0, blank_frames >= 0, large_size >= 16x16; "
+            f"got n={n}, size={size}, large={large}, blank_frames={blank_frames}, "
+            f"large_size={lw}x{lh}"
         )
     if not (radius > 0 and beads_at_160x > 0):
         raise ValueError(f"radius and beads_at_160x must be > 0, got {radius}, {beads_at_160x}")
@@ -1172,7 +1282,7 @@ def generate_dataset(
         return _generate(out, n=n, size=size, seed=int(seed), large=large, large_wh=(lw, lh),
                          radius=float(radius), beads_at_160x=float(beads_at_160x),
                          tiff_every=int(tiff_every), log_file=log_file, style=style,
-                         label_noise=bool(label_noise))
+                         label_noise=bool(label_noise), blank_frames=blank_frames)
     except OSError as exc:
         log.error("%s: writing the dataset failed: %s", out, exc)  # into its log file too
         raise GenerationError(str(exc)) from exc
@@ -1303,16 +1413,40 @@ def _ring_tiles(out: Path, rows: list, areas: list, *, n, size, seed, radius_nat
 
 
 def _micro_frame(rng, frame_shape, dilution, radius_native, beads_at_160x):
+    """One full microscope-style frame; ``dilution`` None renders a blank (no beads)."""
     ap = sample_microscope_appearance(rng, frame_shape)
-    requested = expected_beads(dilution, beads_at_160x) * frame_shape[0] * frame_shape[1] \
-        / NATIVE_TILE**2
-    n_beads = max(MIN_BEADS, int(rng.poisson(requested)))
+    if dilution is None:
+        requested, n_beads = 0.0, 0
+    else:
+        requested = expected_beads(dilution, beads_at_160x) * frame_shape[0] \
+            * frame_shape[1] / NATIVE_TILE**2
+        n_beads = max(MIN_BEADS, int(rng.poisson(requested)))
     img, beads, n_debris = _micro_scene(rng, ap, frame_shape, (0, 0), n_beads,
                                         radius=radius_native, beads_at_160x=beads_at_160x)
     mask, labels = render_masks(beads, frame_shape, 1.0)
     beads, labels = _relabel_present(beads, labels)
     return {"image": img, "mask": mask, "labels": labels, "beads": beads,
             "n_debris": n_debris, "requested": requested}
+
+
+def blank_frame(seed: int, index: int = 0, frame_shape=FRAME_SHAPE, *,
+                radius_native: float = MICRO_RADIUS, style: str = "microscope") -> dict:
+    """A blank (0-bead) full frame at native scale: debris, smudges, specks, no bead.
+
+    The same function writes ``--blank_frames`` and feeds ``benchmarks/bench_blanks.py``;
+    frame ``index`` of ``seed`` is always the same image. Returns the scene dict of a large
+    frame: ``image`` float32 ``(H, W, 3)`` (microscope) or ``(H, W)`` (rings) in [0, 1],
+    all-zero ``mask`` and ``labels``, ``beads`` (empty), ``n_debris`` (debris, smudges and
+    specks), ``requested`` 0.
+    """
+    rng = np.random.default_rng([int(seed), 5, int(index)])
+    shape = (int(frame_shape[0]), int(frame_shape[1]))
+    if style == "microscope":
+        return _micro_frame(rng, shape, None, radius_native, MICRO_BEADS_AT_160X)
+    scene = make_scene(rng, shape, shape, 0, appearance=sample_appearance(rng, shape),
+                       radius_native=radius_native)
+    scene["requested"] = 0.0
+    return scene
 
 
 def _write_tiles(out: Path, *, style, n, size, seed, radius_native, beads_at_160x,
@@ -1332,9 +1466,10 @@ def _write_tiles(out: Path, *, style, n, size, seed, radius_native, beads_at_160
 
 
 def _write_large_frames(out: Path, *, style, large, large_wh, seed, radius_native,
-                        beads_at_160x) -> tuple[list[dict], list[str]]:
-    """``large`` full frames at native scale under ``large/``, one dilution each; returns
-    their counts.csv rows and the files written."""
+                        beads_at_160x, blank_frames=0) -> tuple[list[dict], list[str]]:
+    """``large`` full frames at native scale under ``large/``, one dilution each, then
+    ``blank_frames`` blank ones (dilution ``blank``); returns their counts.csv rows and the
+    files written (with ``large/samples.csv``, the assay's sample sheet)."""
     rows: list[dict] = []
     files: list[str] = []
     t = 3600 + 2 * 60 + 3
@@ -1359,8 +1494,31 @@ def _write_large_frames(out: Path, *, style, large, large_wh, seed, radius_nativ
                                scene["requested"], scene["labels"], scene["mask"],
                                scene["n_debris"]))
         log.info("large frame %s: %d beads (%dx%d)", stem, len(scene["beads"]), lw, lh)
+    for j in range(int(blank_frames)):
+        scene = blank_frame(seed, j, frame_shape, radius_native=radius_native, style=style)
+        stem = f"blank_{DATE}_{_stamp(t)}_{201 + j:03d}"
+        t += 120
+        files += _write_truth(out, "large", stem, f"{stem}.png", scene["image"], 8,
+                              scene["mask"], scene["labels"])
+        rows.append(_count_row(f"{stem}.png", stem, "blank", 0, 0.0, scene["labels"],
+                               scene["mask"], scene["n_debris"]))
+        log.info("blank frame %s: %d debris, smudges and specks (%dx%d)", stem,
+                 scene["n_debris"], lw, lh)
     _write_counts(out / "large" / "counts.csv", rows)
-    return rows, files + ["large/counts.csv"]
+    _write_sample_sheet(out / "large" / SAMPLE_SHEET, rows)
+    return rows, files + ["large/counts.csv", f"large/{SAMPLE_SHEET}"]
+
+
+def _write_sample_sheet(path: Path, rows: list[dict]) -> None:
+    """The large frames' concentrations for ``quantify_assay.py --samples``: 1/dilution,
+    and 0 with ``blank`` true for blank frames (their LoB comes from these)."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "concentration", "unit", "blank"])
+        for r in rows:
+            blank = r["dilution"] == "blank"
+            w.writerow([r["file"], 0 if blank else repr(1.0 / r["dilution"]),
+                        "" if blank else "1/dilution", "true" if blank else "false"])
 
 
 def _grid_layout(style: str) -> dict:
@@ -1411,7 +1569,8 @@ def _dataset_summary(*, style, seed, n, size, pixel_scale, radius_native, beads_
         "n_tiff16": sum(1 for r in rows if r["file"].endswith(".tif")),
         "tiff_every": tiff_every,
         "large": {
-            "n": large, "size": list(large_wh), "pixel_scale": 1.0,
+            "n": large, "n_blank": sum(1 for r in large_rows if r["dilution"] == "blank"),
+            "size": list(large_wh), "pixel_scale": 1.0,
             "dilutions": [r["dilution"] for r in large_rows],
             "n_beads": [r["n_beads"] for r in large_rows],
         },
@@ -1424,7 +1583,7 @@ def _dataset_summary(*, style, seed, n, size, pixel_scale, radius_native, beads_
 
 
 def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160x, tiff_every,
-              log_file, style="microscope", label_noise=False) -> dict:
+              log_file, style="microscope", label_noise=False, blank_frames=0) -> dict:
     t_start, c_start = time.perf_counter(), time.process_time()
     pixel_scale = size / NATIVE_TILE
     radius_native = radius / REFERENCE_SCALE
@@ -1447,10 +1606,11 @@ def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160
 
     large_rows: list[dict] = []
     t0 = time.perf_counter()
-    if large:
+    if large or blank_frames:
         large_rows, large_files = _write_large_frames(
             out, style=style, large=large, large_wh=large_wh, seed=seed,
-            radius_native=radius_native, beads_at_160x=beads_at_160x)
+            radius_native=radius_native, beads_at_160x=beads_at_160x,
+            blank_frames=blank_frames)
         files += large_files
     t_large = time.perf_counter() - t0
 
@@ -1470,8 +1630,9 @@ def _generate(out: Path, *, n, size, seed, large, large_wh, radius, beads_at_160
         summary["min_beads"], summary["max_beads"], 100 * summary["mean_positive_ratio"],
         summary["median_bead_area_px"] or 0.0, summary["n_tiff16"],
     )
-    if large:
-        log.info("%d large frames in %.2f s (%.2f s/frame)", large, t_large, t_large / large)
+    if large or blank_frames:
+        log.info("%d large frames (%d blank) in %.2f s (%.2f s/frame)", large + blank_frames,
+                 blank_frames, t_large, t_large / (large + blank_frames))
     return summary
 
 
@@ -1496,6 +1657,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "256 rings)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--large", type=int, default=0, help="also write N full frames")
+    p.add_argument("--blank_frames", "--blank-frames", type=int, default=0,
+                   help="also write N blank (0-bead) full frames with debris (microscope "
+                        "style: and faint smudges, specks, mottle) as large/blank_*, "
+                        "concentration 0 in large/samples.csv")
     p.add_argument("--large_size", "--large-size", type=int, nargs=2, default=[3840, 2160],
                    metavar=("W", "H"), help="size of the full frames")
     p.add_argument("--radius", type=float, default=None,
@@ -1524,6 +1689,7 @@ def main(argv=None) -> int:
             large_size=tuple(args.large_size), radius=args.radius,
             beads_at_160x=args.beads_at_160x, tiff_every=args.tiff_every,
             overwrite=args.overwrite, style=args.style, label_noise=args.label_noise,
+            blank_frames=args.blank_frames,
         )
     except GenerationError:
         return cli.EXIT_FATAL  # logged, to the dataset's log file too

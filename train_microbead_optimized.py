@@ -508,18 +508,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [m for m in args.models if m not in MODEL_NAMES]
     if bad:
         parser.error(f"unknown model(s) {bad}; choose from {', '.join(MODEL_NAMES)}")
+    # A patch size from the defaults, a preset or a --config file adapts to small tiles
+    # (fit_patch_size); one typed on the command line is checked as given.
+    args._patch_size_explicit = "patch_size" in explicit_options(argv)
     check_sizes(args, parser.error)
     return args
 
 
-def check_sizes(args, error) -> None:
-    """``image_size`` and ``patch_size`` fit the network's pooling grid (0 = resolved later)."""
+def fit_patch_size(patch_size: int, image_size: int, depth: int) -> int:
+    """The largest multiple of ``2**depth`` that is <= both ``patch_size`` and ``image_size``.
+
+    ``patch_size`` 0 (whole tile) and ``image_size`` 0 (not resolved yet) leave it unchanged.
+    Returns 0 (train on whole tiles) when not even one pooling cell fits.
+    """
+    if not patch_size:
+        return 0
+    multiple = 2 ** depth
+    limit = min(patch_size, image_size) if image_size else patch_size
+    return limit - limit % multiple
+
+
+def check_sizes(args, error, adapt: bool = False) -> None:
+    """``image_size`` and ``patch_size`` fit the network's pooling grid (0 = resolved later).
+
+    An explicit ``--patch_size`` that does not fit is an error. One from the defaults, a
+    preset or a config file is left for the data loader, which calls this with ``adapt``
+    once the input size is known: it is replaced by :func:`fit_patch_size` (logged), so
+    e.g. ``--preset cpu`` (128-px patches) trains on 64-px tiles.
+    """
     if args.image_size and args.image_size % (2 ** args.depth):
         error(f"--image_size {args.image_size} must be divisible by 2**depth "
               f"({2 ** args.depth})")
     p = args.patch_size
     if p and (p % (2 ** args.depth) or (args.image_size and p > args.image_size)):
-        error("--patch_size must be divisible by 2**depth and <= image_size")
+        if getattr(args, "_patch_size_explicit", True):
+            error(f"--patch_size {p} must be divisible by 2**depth ({2 ** args.depth}) and "
+                  f"<= image_size ({args.image_size or 'the stored tile size'})")
+        if adapt:
+            args.patch_size = fit_patch_size(p, args.image_size, args.depth)
+            log.info("patch size %s instead of %d (preset/default): the largest multiple of "
+                     "2**depth = %d that fits the %d-px input", args.patch_size or
+                     "0 (whole tiles)", p, 2 ** args.depth, args.image_size)
 
 
 # ----------------------------------------------------------------------------- data
@@ -597,7 +626,7 @@ def load_training_data(args) -> dict:
         raise SystemExit(f"error: {data_dir}: no image/mask pairs found")
     stored = mio.read_image(pairing.pairs[0][0]).shape[:2]
     args.image_size, size_source = resolve_image_size(args, stored)
-    check_sizes(args, _fatal)
+    check_sizes(args, _fatal, adapt=True)
     norm = mio.DEFAULT_NORMALIZATION if args.normalization == "percentile" else mio.RAW
     loaded = mio.load_pairs(
         pairing.pairs, image_size=args.image_size, channels=args.channels,
@@ -1584,7 +1613,8 @@ def build_config(args, data, split_info, tf_facts, pixel_scale: float,
             "median_bead_area_px": area,
             "median_bead_area_native_px": area / model_scale ** 2,
         },
-        "training": {k: v for k, v in vars(args).items() if k not in ("resume",)},
+        "training": {k: v for k, v in vars(args).items()
+                     if k != "resume" and not k.startswith("_")},
         "data": {
             "data_dir": str(Path(args.data_dir).resolve()),
             "n_images": len(data["files"]),

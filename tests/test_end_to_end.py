@@ -22,7 +22,7 @@ def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "demo"
     rc = demo.main([
         "--out", str(out), "--n", "10", "--size", "128", "--large", "2",
-        "--large_size", "384", "256", "--seed", "3",
+        "--large_size", "384", "256", "--blank_frames", "1", "--seed", "3",
         "--train_args", "--filters 4 --depth 2 --epochs 2 --steps_per_epoch 2 --batch_size 4 "
                         "--patch_size 64",
     ])
@@ -65,14 +65,14 @@ def test_every_stage_consumed_the_previous_one(demo_out):
     best = max(rows.values(), key=lambda r: float(r["best_val_jacard"]))["model"]
     assert f"{best} chosen from" in (pred / "prediction.log").read_text()
     frames = mio.list_images(data / "large" / "images")
-    assert len(frames) == 2
+    assert len(frames) == 3 and sum(f.name.startswith("blank_") for f in frames) == 1
     for f in frames:
         m = mio.read_mask(pred / "masks" / f"{f.stem}_mask.png")
         assert m.shape == (256, 384)
 
     # evaluation paired those masks with the generator's truth
     ev = json.loads((demo_out / "evaluation" / "summary.json").read_text())
-    assert ev["n_evaluated"] == 2
+    assert ev["n_evaluated"] == 3
     with open(data / "large" / "counts.csv", newline="") as fh:
         true_total = sum(int(r["n_beads"]) for r in csv.DictReader(fh))
     assert ev["counts"]["true_total"] == true_total
@@ -82,6 +82,10 @@ def test_every_stage_consumed_the_previous_one(demo_out):
     lf = results["large_frames"]
     assert lf["true_beads"] == true_total and lf["predicted_beads"] == pred_total
     assert np.isfinite(lf["f1_at_0.5"])
+    # the blank frame's predicted beads are reported as false beads
+    with open(pred / "prediction_summary.csv", newline="") as fh:
+        blank = [int(r["beads"]) for r in csv.DictReader(fh) if r["file"].startswith("blank_")]
+    assert results["blank_frames"] == {"n_images": 1, "false_beads": blank}
 
     # the per-bead table and the Fiji ROI set describe exactly the written label images
     for f in frames:

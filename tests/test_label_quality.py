@@ -427,3 +427,44 @@ def test_evaluate_reports_truth_offsets_and_the_ceiling(labelled_dataset, tmp_pa
                     str(out3), "--no_progress", "--no_figures"]) == 0
     assert "mask_offset" not in read_csv(out3 / "per_image_metrics.csv")[0]
     assert json.loads((out3 / "summary.json").read_text())["label_consistency_ceiling"] is None
+
+
+# --------------------------------------------------------------------------- ring beads
+
+
+def ring_tiles(seed: int, n_tiles: int = 36, n_offset: int = 6, size: int = 128):
+    """Ring beads (dark rim, lighter core: the generator's ``rings`` style, ~9 px across)
+    with shrunk masks; the first ``n_offset`` masks moved by a planted 2-4 px offset."""
+    import make_synthetic_dataset as syn
+
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for i in range(n_tiles):
+        ap = syn.sample_appearance(rng, (size, size))
+        sc = syn.make_scene(rng, (size, size), (size, size), int(rng.integers(6, 14)),
+                            appearance=ap, radius_native=4.7)
+        mask, _ = lq.degrade_mask(sc["labels"], rng, shrink_px=(1, 2), drop_fraction=0.0,
+                                  offset_prob=0.0)
+        planted = (0, 0)
+        while i < n_offset and not 2 <= max(map(abs, planted)) <= 4:
+            planted = tuple(int(v) for v in rng.integers(-4, 5, 2))
+        tiles.append((sc["image"] * 255.0, lq.shift_mask(mask, *planted), planted))
+    return tiles
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ring_beads_offsets_are_named_and_unshifted_masks_are_not(seed):
+    tiles = ring_tiles(seed)
+    areas = np.concatenate([np.bincount(cv2.connectedComponents(m.astype(np.uint8))[1].ravel())
+                            [1:] for _, m, _ in tiles])
+    diameter = 2.0 * math.sqrt(np.median(areas) / math.pi)  # from the shrunk masks
+    named, false = 0, 0
+    for img, mask, planted in tiles:
+        reg = lq.register(img, mask, bead_diameter=diameter)
+        if planted != (0, 0):
+            named += reg.is_offset() and abs(reg.dy - planted[0]) <= 1 \
+                and abs(reg.dx - planted[1]) <= 1
+        else:
+            false += reg.is_offset()
+    # Raw darkness put shrunk masks on the rims: it flagged 14-16 of the 30 unshifted tiles.
+    assert named == 6 and false <= 1, (named, false)

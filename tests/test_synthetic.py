@@ -309,7 +309,8 @@ def test_deterministic_for_a_seed(tmp_path, style):
     s1 = syn.generate_dataset(tmp_path / "a", seed=7, **kw)
     s2 = syn.generate_dataset(tmp_path / "b", seed=7, **kw)
     f1, f2 = _files(tmp_path / "a"), _files(tmp_path / "b")
-    assert len(f1) == 6 * 3 + 3 * 1 + 2 and f1 == f2  # identical bytes
+    # tiles, one large frame, counts.csv, large/counts.csv and large/samples.csv
+    assert len(f1) == 6 * 3 + 3 * 1 + 3 and f1 == f2  # identical bytes
     s1.pop("timings_s"), s2.pop("timings_s")
     assert s1 == s2
     syn.generate_dataset(tmp_path / "c", seed=8, **kw)
@@ -473,3 +474,96 @@ def test_dense_frame_places_quickly():
     lim = beads.r[:400, None] + beads.r[None, :] - syn.TOUCH_TOLERANCE - 1e-9
     np.fill_diagonal(d[:, :400], np.inf)
     assert not np.any(d < lim)
+
+
+# --------------------------------------------------------------------------- blanks, smudges
+
+
+def _residual(img: np.ndarray) -> np.ndarray:
+    """Luminance relative to its smooth background (0 = background, -0.05 = 5 % darker)."""
+    lum = img.mean(axis=2) if img.ndim == 3 else img
+    lum = lum.astype(np.float32)
+    bg = cv2.GaussianBlur(lum, (0, 0), 40)
+    return cv2.GaussianBlur(lum, (0, 0), 1.5) / bg - 1.0
+
+
+def test_blank_frames_hold_no_bead_but_faint_smudges(tmp_path):
+    out = tmp_path / "ds"
+    syn.generate_dataset(out, n=1, size=64, seed=0, large_size=(640, 512), blank_frames=2,
+                         log_file=False)
+    rows = read_counts(out / "large" / "counts.csv")
+    assert [r["dilution"] for r in rows] == ["blank", "blank"]
+    with open(out / "large" / "samples.csv", newline="") as fh:
+        sheet = {r["file"]: r for r in csv.DictReader(fh)}
+    for r in rows:
+        assert r["n_beads"] == "0"
+        assert float(sheet[r["file"]]["concentration"]) == 0.0
+        assert sheet[r["file"]]["blank"] == "true"
+        assert not mio.read_mask(out / "large" / "masks" / f"{r['stem']}.png").any()
+        assert not tifffile.imread(out / "large" / "labels" / f"{r['stem']}.tif").any()
+        img = mio._read_raw(out / "large" / "images" / r["file"]).astype(np.float32)
+        res = _residual(img)
+        # Non-flat: dark blobs of >= 20 px, 2 % or more below the background around them...
+        blobs, n = ndimage.label(res < -0.02)
+        sizes = np.bincount(blobs.ravel())[1:]
+        assert np.sum(sizes >= 20) >= 3, sizes
+        # ...none of them as dark as a bead (~30 % below the background).
+        assert res.min() > -0.25
+    # The other frames' stream is untouched: the same seed gives the same blank frame.
+    again = syn.blank_frame(0, 1, (512, 640))
+    first = mio._read_raw(out / "large" / "images" / rows[1]["file"]).astype(np.float32)
+    assert np.abs(np.round(again["image"] * 255) - first).max() <= 1
+
+
+def test_smudges_are_fainter_larger_and_blurrier_than_beads():
+    shape = (384, 384)
+    ap = syn.sample_microscope_appearance(np.random.default_rng(7), frame_shape=shape)
+    beads = syn.sample_beads(np.random.default_rng(8), shape, 20, radius=syn.MICRO_RADIUS,
+                             radius_sd=syn.MICRO_RADIUS_SD)
+    smudges = [d for d in syn.sample_smudges(np.random.default_rng(9), shape, appearance=ap,
+                                             beads=beads) if d.kind == "smudge"]
+    assert len(smudges) >= 3
+    flat = dict(ap, mottle_sd=0.0)
+    # Noise-free renders, with and without the smudges: the difference is the smudges alone.
+    base = syn.render_microscope(np.random.default_rng(1), beads, shape, appearance=flat,
+                                 noise=False).mean(axis=2)
+    with_s = syn.render_microscope(np.random.default_rng(1), beads, shape, appearance=flat,
+                                   debris=smudges, noise=False).mean(axis=2)
+    bg = np.median(base)
+    bead_drop = (bg - base) / bg
+    smudge_drop = (base - with_s) / bg
+    assert smudge_drop.min() > -1e-6  # smudges only darken
+    mask, _ = syn.render_masks(beads, shape, 1.0)
+    assert not np.any(mask[smudge_drop > 0.01])  # and never sit on a labelled bead
+
+    def describe(drop):
+        lab, n = ndimage.label(drop > 0.5 * drop.max())
+        peak = np.array(ndimage.maximum(drop, lab, range(1, n + 1)))
+        area = np.bincount(lab.ravel())[1:]
+        gy, gx = np.gradient(drop)
+        # Steepest edge relative to the object's own depth: low = blurred.
+        edge = np.array(ndimage.maximum(np.hypot(gy, gx), lab, range(1, n + 1))) / peak
+        return peak, area, edge
+
+    bead_peak, bead_area, bead_edge = describe(bead_drop)
+    sm_peak, sm_area, sm_edge = describe(smudge_drop)
+    assert np.median(bead_peak) > 0.2
+    assert sm_peak.max() < np.median(bead_peak) / 3  # fainter
+    assert np.median(sm_area) > 1.5 * np.median(bead_area)  # larger (half-depth area)
+    assert np.median(sm_edge) < 0.5 * np.median(bead_edge)  # blurrier
+
+
+def test_smudges_gather_where_the_light_is_dim():
+    # The vignetted parts of real frames hold most smudges; specks fall anywhere.
+    ap = syn.sample_microscope_appearance(np.random.default_rng(3))
+    found = syn.sample_smudges(np.random.default_rng(4), syn.FRAME_SHAPE, appearance=ap)
+    light = syn.illumination_field(ap, syn.FRAME_SHAPE)
+    dim = light < np.percentile(light, 25)
+
+    def share_in_dim(kind):
+        pts = [(int(d.y), int(d.x)) for d in found if d.kind == kind]
+        assert len(pts) >= 50
+        return float(np.mean([dim[p] for p in pts]))
+
+    assert share_in_dim("smudge") > 0.4  # the dimmest quarter holds far more than a quarter
+    assert 0.1 < share_in_dim("speck") < 0.4

@@ -610,6 +610,37 @@ def test_six_images_never_zero_validation_steps(small_dataset, tmp_path):
     assert math.isfinite(float(hist[0]["val_loss"]))
 
 
+def test_tiles_smaller_than_the_preset_patch_train_with_default_flags(small_dataset, tmp_path,
+                                                                      caplog):
+    # --preset cpu crops 128-px patches; these tiles are 64 px. Only run-length flags are added.
+    caplog.set_level("INFO")
+    args = ["--data_dir", str(small_dataset), "--output_dir", str(tmp_path), "--preset", "cpu",
+            "--models", "unet", "--filters", "4", "--epochs", "1", "--steps_per_epoch", "2",
+            "--verbose", "0"]
+    assert tmo.main(args) == 0, caplog.text
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    cfg = json.loads((run / "config.json").read_text())
+    # The largest multiple of 2**3 that fits a 64-px tile, recorded as the size used.
+    assert cfg["training"]["patch_size"] == TILE
+    assert cfg["preprocessing"]["input_size"] == [TILE, TILE]
+    assert "patch size 64 instead of 128" in (run / "training_console.log").read_text()
+
+
+def test_explicit_patch_size_larger_than_the_tiles_is_an_error(small_dataset, tmp_path, caplog):
+    args = ["--data_dir", str(small_dataset), "--output_dir", str(tmp_path), "--preset", "cpu",
+            "--patch_size", "128", "--verbose", "0"]
+    assert tmo.main(args) == 2
+    assert "--patch_size 128" in caplog.text and "64" in caplog.text
+
+
+def test_fit_patch_size():
+    assert tmo.fit_patch_size(128, 64, 3) == 64
+    assert tmo.fit_patch_size(128, 72, 3) == 72
+    assert tmo.fit_patch_size(120, 256, 4) == 112
+    assert tmo.fit_patch_size(48, 64, 4) == 48
+    assert tmo.fit_patch_size(0, 32, 3) == 0
+
+
 class SimulatedKill(Exception):
     pass
 
