@@ -84,10 +84,13 @@ def test_calibrated_filter_keeps_confirmed_beads_and_drops_faint_blobs():
     assert matched.sum() == 40
     # Each bound keeps all but `quantile` of the confirmed beads: the recall cost is bounded
     # by construction (at most one quantile per feature).
-    loose = bf.calibrate(feats, matched)
-    assert (~bf.accepted(feats, loose))[matched].mean() <= len(bf.FEATURES) * 0.01 + 1 / 40
-    rule = bf.calibrate(feats, matched, quantile=0.0)
+    tight = bf.calibrate(feats, matched, margin=1.0)
+    assert (~bf.accepted(feats, tight))[matched].mean() <= len(bf.CALIBRATED) * 0.01 + 1 / 40
+    rule = bf.calibrate(feats, matched)  # the default: half the 1 % quantile
     assert rule["n_matched"] == 40 and "min_contrast" in rule and "min_snr" in rule
+    assert "min_mean_prob" not in rule
+    assert rule["min_contrast"] == pytest.approx(
+        0.5 * np.quantile(feats["contrast"][matched], 0.01))
     filtered = pm.finish_frame(prob, prob.shape, {**cfg, "postprocessing": {
         **cfg["postprocessing"], "object_filter": rule}}, image_small=img)
     assert filtered["beads"] == 40 and filtered["rejected"] == 6
