@@ -90,3 +90,30 @@ def test_reach_and_refusals():
     with pytest.raises(ValueError, match="input_channels=1"):
         ph.with_preprocessing(_identity_network(3), input_channels=1, channels=3,
                               normalization={"method": "none"})
+
+
+def _real_tiles():
+    import os
+    from pathlib import Path
+
+    folder = Path(os.environ.get("MICROBEAD_REAL_TILES",
+                                 Path(__file__).resolve().parents[2] / "shared" / "real_tiles"))
+    images = folder / "images"
+    return sorted(images.glob("*.png")) if images.is_dir() else []
+
+
+@pytest.mark.skipif(not _real_tiles(), reason="the users' real tiles are not here "
+                    "(../shared/real_tiles or $MICROBEAD_REAL_TILES)")
+def test_head_equals_numpy_flatfield_on_real_tiles():
+    """Real RGB tiles, the default window for their ~8 px beads, levels pooled from them."""
+    files = _real_tiles()
+    rgbs = [mio.read_image(f, channels=3) for f in (files[0], files[-1])]
+    window = mio.flatfield_window(8.0)
+    low, high = mio.flatfield_levels([mio.to_channels(x, 1) for x in rgbs], window)
+    norm = {"method": "flatfield", "window": window, "low": low, "high": high}
+    head = ph.with_preprocessing(_identity_network(), input_channels=3, channels=1,
+                                 normalization=norm)
+    for rgb in rgbs:
+        got = np.asarray(head.predict_on_batch(rgb[None]))[0]
+        ref = mio.apply_normalization(mio.to_channels(rgb, 1), norm)
+        np.testing.assert_allclose(got, ref, atol=1e-4)
