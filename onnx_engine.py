@@ -1,12 +1,13 @@
 """ONNX export of a Keras model, and an ONNX Runtime batch predictor.
 
 ``export_model.py`` writes the bioimage.io package's ``onnx`` weights with
-:func:`export_onnx`; ``predict_microscope.py --engine onnxruntime`` runs the network with
-:func:`make_onnxruntime_predict_fn` instead of Keras (see the README for the CPU timings
-that motivate it). Both use Keras' own ONNX export (``model.export(format="onnx")``, which
-on the TensorFlow backend converts through ``tf2onnx``), so the optional packages are
-``tf2onnx``, ``onnx`` and ``onnxruntime`` (``requirements-dev.txt``); they are imported
-only here, when asked for.
+:func:`export_onnx`; ``benchmarks/bench_predict.py --engine onnxruntime`` times the
+prediction pipeline with :func:`make_onnxruntime_predict_fn` in place of Keras (on a 2-core
+CPU ONNX Runtime was ~1.5x slower than TensorFlow, so ``predict_microscope.py`` keeps
+Keras; see the README's "Prediction speed"). Both use Keras' own ONNX export
+(``model.export(format="onnx")``, which on the TensorFlow backend converts through
+``tf2onnx``), so the optional packages are ``tf2onnx``, ``onnx`` and ``onnxruntime``
+(``requirements-dev.txt``); they are imported only here, when asked for.
 
 Example
 -------
