@@ -78,6 +78,10 @@ UNET_CITATION = {
 }
 
 
+#: Stands in for a root-logger handler while exporting (see _run).
+_ROOT_PLACEHOLDER = logging.NullHandler()
+
+
 class ExportError(Exception):
     """The run cannot be packaged as asked; ``str(err)`` says why and what to do."""
 
@@ -769,6 +773,7 @@ def main(argv=None) -> int:
             return cli.fatal(log, "%s", exc)
     finally:
         mio.remove_log_handlers(handlers)
+        logging.getLogger().removeHandler(_ROOT_PLACEHOLDER)
 
 
 def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dict,
@@ -814,15 +819,11 @@ def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dic
 
     # Weights: the checkpoint re-saved without its training configuration, so a consumer's
     # plain keras.models.load_model needs none of this pipeline's custom losses or metrics.
-    root = logging.getLogger()
-    placeholder = logging.NullHandler()
-    # Keras' HDF5 writer logs through the root logger, whose first use installs a stderr
-    # handler (logging.basicConfig) and every later line would print twice: give it one.
-    root.addHandler(placeholder)
-    try:
-        models.save_model(model, out / "weights.hdf5")
-    finally:
-        root.removeHandler(placeholder)
+    # Keras' HDF5 writer, the SavedModel and ONNX exports and the client test log through
+    # the root logger, whose first use installs a stderr handler (logging.basicConfig) and
+    # every later line would print twice: give it one until main() returns.
+    logging.getLogger().addHandler(_ROOT_PLACEHOLDER)
+    models.save_model(model, out / "weights.hdf5")
     weights = {"keras_hdf5": {
         "source": "weights.hdf5", "sha256": _sha256(out / "weights.hdf5"),
         "tensorflow_version": tf.__version__,
