@@ -533,7 +533,22 @@ def documentation(*, name: str, arch: str, cfg: dict, plan: dict, row: dict, sha
     if saved_model_note:
         lines.append(f"- No TensorFlow SavedModel: this TensorFlow could not export one "
                      f"({saved_model_note}).")
+    scale = float(pre.get("scale", 1.0))
     lines += [
+        "",
+        "## Use in Fiji (deepImageJ 3) and QuPath",
+        "",
+        (f"- Resample the frame by {scale:.6g} first (Fiji: Image > Scale..., Average when "
+         f"downsizing; QuPath: input resolution = frame pixel size / {scale:.6g})."
+         if not math.isclose(scale, 1.0) else
+         "- Feed frames at their native resolution (QuPath: full resolution)."),
+        "- Fiji: zip this folder's contents; Plugins > DeepImageJ > DeepImageJ Install Model, "
+        "Private model, From ZIP file; open the frame, Plugins > DeepImageJ > DeepImageJ Run. "
+        "deepImageJ runs the SavedModel or the ONNX weights.",
+        "- QuPath (Deep Java Library + Bioimage Model Zoo extensions, TensorFlow engine): "
+        "unzip weights_savedmodel.zip into weights_savedmodel/ beside rdf.yaml; Extensions > "
+        "Bioimage Model Zoo > Create pixel classifier, select rdf.yaml.",
+        f"- Threshold the probability at {thr:g}.",
         "",
         "## Use with the microbead pipeline",
         "",
