@@ -2,28 +2,34 @@
 
 Purpose
     Share a model trained by ``train_microbead_optimized.py`` with the tools that run
-    bioimage.io packages (deepImageJ in Fiji, ilastik, QuPath's and napari's bioimage.io
-    plugins, ``bioimageio.core``). The package states the preprocessing the run's
-    ``config.json`` prescribes: what the spec can express is declared as operations, the rest
-    (the pixel scale, a flat-field normalisation, the threshold and bead splitting) is stated
-    in the documentation as what the consumer must reproduce. A config whose normalisation
-    the spec cannot express is refused unless ``--input_normalized`` declares the input as
-    already normalised. Test tensors are the real model's prediction on a real image.
+    bioimage.io packages (deepImageJ in Fiji, QuPath, ilastik, napari's bioimage.io plugin,
+    ``bioimageio.core``). The packaged model takes the raw 8- or 16-bit frame at the
+    training pixel scale: a flat-field normalisation (the default) and, for frames stored as
+    RGB, the luminance conversion are layers of the exported graph
+    (``preprocessing_head.py``); per-image percentiles (older runs) are declared as the
+    spec's ``scale_range`` operation. What the spec cannot express (resampling to the model
+    scale, the threshold and bead splitting) is stated in the documentation.
+    ``--input_normalized`` instead packages the bare network for input the consumer
+    normalises itself. Test tensors are the real model's prediction on a real image.
 
 Inputs
     ``--model``: a run folder (the model with the best validation Jaccard in its
     ``training_summary.csv``) or a ``best_<model>_model.hdf5`` / ``.keras`` file with
     ``config.json`` beside it. ``--test_image``: the image the test tensors are cut from
     (default: the run's first validation tile, found through ``config.json`` and
-    ``split.json``).
+    ``split.json``); a colour test image makes a luminance model's input RGB.
 
 Outputs (``--output_dir``)
     ``rdf.yaml`` (the description), ``weights.hdf5`` (``keras_hdf5``),
-    ``weights_savedmodel.zip`` (``tensorflow_saved_model_bundle``, when this TensorFlow can
-    export one), ``test_input.npy`` / ``test_output.npy``, ``cover.png``, ``README.md``
-    (documentation: preprocessing, training data, validation scores), the run's
-    ``config.json`` and ``training_summary.csv``, and ``export.log``. With ``bioimageio.spec``
-    installed (``requirements-dev.txt``) the package is validated before the script returns.
+    ``weights_savedmodel.zip`` (``tensorflow_saved_model_bundle``, signature
+    ``serving_default`` and endpoint ``serve``, both returning ``{"probability": ...}``),
+    ``weights.onnx`` (``onnx``, opset 17, when ``tf2onnx`` is installed),
+    ``test_input.npy`` / ``test_output.npy``, ``cover.png``, ``README.md``
+    (documentation: input, preprocessing, training data, validation scores), the run's
+    ``config.json`` and ``training_summary.csv``, and ``export.log``. With
+    ``bioimageio.spec`` installed (``requirements-dev.txt``) the package is validated, and
+    with ``bioimageio.core`` each weight format is run on the test tensors
+    (``test_model``), before the script returns.
 
 Example
     python export_model.py --model runs/microbead_training_20260101_120000 \
@@ -61,14 +67,19 @@ FORMAT_VERSION = "0.5.3"
 LOG_NAME = "export.log"
 #: The files this script writes (``--overwrite`` removes these, nothing else).
 PACKAGE_FILES = (
-    "rdf.yaml", "README.md", "weights.hdf5", "weights_savedmodel.zip", "test_input.npy",
-    "test_output.npy", "cover.png", "config.json", "training_summary.csv", LOG_NAME,
+    "rdf.yaml", "README.md", "weights.hdf5", "weights_savedmodel.zip", "weights.onnx",
+    "test_input.npy", "test_output.npy", "cover.png", "config.json", "training_summary.csv",
+    LOG_NAME,
 )
 UNET_CITATION = {
     "text": "Ronneberger, Fischer, Brox. U-Net: Convolutional Networks for Biomedical Image "
             "Segmentation. MICCAI 2015.",
     "doi": "10.1007/978-3-319-24574-4_28",
 }
+
+
+#: Stands in for a root-logger handler while exporting (see _run).
+_ROOT_PLACEHOLDER = logging.NullHandler()
 
 
 class ExportError(Exception):
@@ -78,28 +89,34 @@ class ExportError(Exception):
 # ----------------------------------------------------------------------------- spec 0.5 input
 
 
-def input_plan(cfg: dict, *, input_normalized: bool = False) -> dict:
+def input_plan(cfg: dict, *, input_normalized: bool = False, rgb_input: bool = False) -> dict:
     """How the package's input relates to a frame, from the run's ``config.json``.
 
     Parameters
     ----------
     cfg : the run's config dict, as ``microbead_config.read_run_config`` validated it
     input_normalized : declare the input as already normalised by
-        ``microbead_io.apply_normalization`` at model scale (any method)
+        ``microbead_io.apply_normalization`` at model scale (any method); the package then
+        holds the bare network
+    rgb_input : the frames are stored as RGB (the test image is): a luminance model whose
+        normalisation is in the graph then takes the 3 channels and converts them itself
 
     Returns
     -------
-    dict with ``mode`` (``"scale_range"``: raw input, the package normalises with per-sample
-    percentiles; ``"normalized"``: the consumer normalises; ``"raw"``: no normalisation),
-    ``normalization`` (the stored dict), ``preprocessing`` (spec 0.5 operations) and
-    ``steps`` (sentences: what the consumer must do before feeding the model).
+    dict with ``mode`` (``"in_graph"``: raw input, the exported graph converts and
+    normalises, see ``preprocessing_head.py``; ``"scale_range"``: raw input, the package
+    declares per-sample percentiles; ``"normalized"``: the consumer normalises),
+    ``normalization`` (the stored dict), ``input_channels``, ``preprocessing`` (spec 0.5
+    operations), ``reach`` (px of border band the in-graph normalisation adds to the halo)
+    and ``steps`` (sentences: what the consumer must do before feeding the model).
 
     Raises
     ------
     ExportError
-        The normalisation cannot be expressed in spec 0.5 and ``input_normalized`` is off,
-        or the method or channel count is unknown.
+        The method or channel count is unknown.
     """
+    import preprocessing_head
+
     pre = cfg.get("preprocessing") or {}
     norm = dict(pre.get("normalization") or mio.DEFAULT_NORMALIZATION)
     method = norm.get("method", "percentile")
@@ -109,6 +126,8 @@ def input_plan(cfg: dict, *, input_normalized: bool = False) -> dict:
     if method not in mio.NORMALIZATION_KEYS:
         raise ExportError(f"normalization method {method!r} is unknown to this version "
                           f"(known: {', '.join(mio.NORMALIZATION_KEYS)})")
+    in_graph = not input_normalized and preprocessing_head.is_in_graph(norm)
+    input_channels = 3 if in_graph and rgb_input else channels
     scale = float(pre.get("scale", 1.0))
     steps = [
         (f"Resample the frame by {scale:.6g} model px per frame px (area interpolation when "
@@ -117,10 +136,23 @@ def input_plan(cfg: dict, *, input_normalized: bool = False) -> dict:
          "cannot resample, so consumers that feed native frames see beads at the wrong size."
          if not math.isclose(scale, 1.0) else
          "Feed the frame at its native resolution (the model was trained at scale 1)."),
-        ("Convert RGB frames to one luminance channel, 0.299 R + 0.587 G + 0.114 B (as "
-         "microbead_io.read_image does); keep the stored value range (8- or 16-bit)."
-         if channels == 1 else "Feed RGB frames as 3 channels in R, G, B order."),
     ]
+    if in_graph:
+        steps.append(
+            "Feed the raw frame in its stored value range (8- or 16-bit, as float32), "
+            + ("as 3 channels in R, G, B order; the model converts them to luminance "
+               "(0.299 R + 0.587 G + 0.114 B) itself. A grey frame works as 3 equal channels."
+               if input_channels == 3 and channels == 1 else
+               "as 3 channels in R, G, B order." if channels == 3 else
+               "as one grey channel (luminance 0.299 R + 0.587 G + 0.114 B of an RGB frame, "
+               "as microbead_io.read_image computes it)."))
+    else:
+        steps.append(
+            "Convert RGB frames to one luminance channel, 0.299 R + 0.587 G + 0.114 B (as "
+            "microbead_io.read_image does); keep the stored value range (8- or 16-bit)."
+            if channels == 1 else "Feed RGB frames as 3 channels in R, G, B order.")
+    plan = {"normalization": norm, "input_channels": input_channels, "preprocessing": [],
+            "reach": 0, "steps": steps}
     if input_normalized:
         steps.append(
             "Normalise the resampled frame with microbead_io.apply_normalization(image, "
@@ -132,17 +164,22 @@ def input_plan(cfg: dict, *, input_normalized: bool = False) -> dict:
                 steps[-1] += (f" Training normalised at the stored-tile scale ({pixel_scale:.6g}"
                               " px per frame px) and then resized; predict_microscope."
                               "preprocess_frame reproduces that order exactly.")
-        return {"mode": "normalized", "normalization": norm, "preprocessing": [],
-                "steps": steps}
-    if method == "flatfield":
-        raise ExportError(
-            f"normalization {json.dumps(norm)} (flat-field: divide by a grey-closing "
-            "background estimate, then map the ratio linearly) cannot be expressed in "
-            "bioimage.io spec 0.5. Pass --input_normalized to package a model whose input "
-            "the consumer normalises with microbead_io.apply_normalization at model scale "
-            "(the package then says so), or retrain with --normalization percentile.")
-    if method == "none":
-        return {"mode": "raw", "normalization": norm, "preprocessing": [], "steps": steps}
+        return {**plan, "mode": "normalized"}
+    if in_graph:
+        plan["reach"] = preprocessing_head.head_reach(norm)
+        if method == "flatfield":
+            geo = preprocessing_head.flatfield_geometry(int(norm["window"]))
+            steps.append(
+                "Normalisation is in the model: flat-field, each pixel divided by a background "
+                f"estimate (grey closing over {geo['window']} x {geo['window']} px, then a "
+                f"Gaussian of sigma {geo['sigma']:g} px), the ratio mapped linearly so "
+                f"{float(norm['low']):.6g} -> 0 and {float(norm['high']):.6g} -> 1 and clipped "
+                "(microbead_io.flatfield_normalize; levels fixed per dataset, so any crop of "
+                f"a frame gets the values the whole frame gives, away from a {plan['reach']} px "
+                "border band, which the output halo includes).")
+        else:
+            steps.append("No normalisation: the model was trained on raw values.")
+        return {**plan, "mode": "in_graph"}
     low, high = float(norm.get("low", 1.0)), float(norm.get("high", 99.8))
     if not (0 <= low < 100 and 1 < high <= 100 and low < high):
         raise ExportError(f"percentiles {low}/{high} are outside what spec 0.5 accepts")
@@ -155,7 +192,7 @@ def input_plan(cfg: dict, *, input_normalized: bool = False) -> dict:
                       f"({pixel_scale:.6g} px per frame px) before resizing to model scale; "
                       "percentiles of the resampled frame differ from those only slightly.")
     return {
-        "mode": "scale_range", "normalization": norm, "steps": steps,
+        **plan, "mode": "scale_range",
         "preprocessing": [
             {"id": "scale_range", "kwargs": {"axes": ["y", "x", "channel"],
                                              "min_percentile": low, "max_percentile": high}},
@@ -167,9 +204,10 @@ def input_plan(cfg: dict, *, input_normalized: bool = False) -> dict:
 def package_input(image: np.ndarray, cfg: dict, plan: dict) -> np.ndarray:
     """What a consumer feeds the package for a frame: float32 ``(h, w, C)`` at model scale.
 
-    ``normalized`` mode: the frame as prediction preprocesses it
-    (``predict_microscope.preprocess_frame``); otherwise the frame resampled to model scale
-    in its stored value range.
+    ``image`` is the frame as ``microbead_io.read_image`` gives it with
+    ``plan["input_channels"]`` channels. ``normalized`` mode: the frame as prediction
+    preprocesses it (``predict_microscope.preprocess_frame``); otherwise the frame resampled
+    to model scale in its stored value range.
     """
     import predict_microscope
 
@@ -183,7 +221,8 @@ def package_input(image: np.ndarray, cfg: dict, plan: dict) -> np.ndarray:
 
 
 def network_input(x: np.ndarray, plan: dict) -> np.ndarray:
-    """The package's own preprocessing applied to its input ``x`` (what the network sees)."""
+    """The spec-declared preprocessing applied to the package input ``x`` (what the
+    packaged model sees; in ``in_graph`` mode the model normalises ``x`` itself)."""
     if plan["mode"] == "scale_range":
         norm = plan["normalization"]
         return mio.normalize_image(x, float(norm.get("low", 1.0)), float(norm.get("high", 99.8)))
@@ -226,6 +265,14 @@ def model_arch(model_path: Path) -> str:
     """``unet`` from ``best_unet_model.hdf5``; the file stem otherwise."""
     m = re.fullmatch(r"(?:best|final)_(.+)_model", model_path.stem)
     return m.group(1) if m else model_path.stem
+
+
+def is_colour(image: np.ndarray) -> bool:
+    """True when an ``(H, W, 3)`` image's channels differ anywhere (a grey file read with
+    ``channels=3`` repeats one plane)."""
+    x = np.asarray(image)
+    return x.ndim == 3 and x.shape[-1] >= 3 and not (
+        np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 0], x[..., 2]))
 
 
 def find_test_image(cfg: dict, model_path: Path) -> Path:
@@ -356,19 +403,33 @@ def cover_image(x_display: np.ndarray, prob: np.ndarray, threshold: float,
     return np.concatenate(panels, axis=1)
 
 
-def export_saved_model(model, zip_path: Path) -> str | None:
-    """Zip of a TensorFlow SavedModel of ``model`` (Keras 3 ``model.export``).
+def export_saved_model(model, zip_path: Path, *, channels: int) -> str | None:
+    """Zip of a TensorFlow SavedModel of ``model`` for bioimage.io clients.
 
-    Returns None on success, else why it could not be made (the package then carries the
-    Keras weights only).
+    One endpoint, ``serve`` (also the ``serving_default`` signature), input ``input``
+    ``(batch, y, x, channels)`` float32, returning ``{"probability": output}``: a dict, as
+    bioimageio.core's TensorFlow 2 adapter (``TFSMLayer(call_endpoint="serve")``) asserts,
+    keyed by the rdf's output id for clients that look outputs up by name (deepImageJ's
+    JDLL, QuPath's DJL). Returns None on success, else why it could not be made (the
+    package then goes without it).
     """
+    import keras
+    import tensorflow as tf
+
+    def serve(x):
+        return {"probability": model(x, training=False)}
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "savedmodel"
         try:
+            archive = keras.export.ExportArchive()
+            archive.track(model)
+            archive.add_endpoint("serve", serve, input_signature=[
+                tf.TensorSpec((None, None, None, int(channels)), tf.float32, name="input")])
             try:
-                model.export(str(folder), format="tf_saved_model", verbose=False)
-            except TypeError:  # Keras < 3.6: no format / verbose arguments
-                model.export(str(folder))
+                archive.write_out(str(folder), verbose=False)
+            except TypeError:  # Keras < 3.6: no verbose argument
+                archive.write_out(str(folder))
         except Exception as exc:  # the many ways an older TF/Keras cannot export
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return f"{type(exc).__name__}: {msg}"
@@ -380,6 +441,20 @@ def export_saved_model(model, zip_path: Path) -> str | None:
                         zf.write(f, f.relative_to(folder).as_posix())
 
         mio.atomic_write(zip_path, write)
+    return None
+
+
+def export_onnx_weights(model, path: Path, *, channels: int) -> str | None:
+    """``weights.onnx`` (opset ``onnx_engine.OPSET``) of ``model``; None on success, else
+    why not (tf2onnx missing, a conversion error): the package then goes without it."""
+    import onnx_engine
+
+    try:
+        mio.atomic_write(path, lambda t: onnx_engine.export_onnx(
+            model, t, channels=channels))
+    except Exception as exc:  # ImportError, and tf2onnx's many conversion errors
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"{type(exc).__name__}: {msg}"
     return None
 
 
@@ -458,7 +533,22 @@ def documentation(*, name: str, arch: str, cfg: dict, plan: dict, row: dict, sha
     if saved_model_note:
         lines.append(f"- No TensorFlow SavedModel: this TensorFlow could not export one "
                      f"({saved_model_note}).")
+    scale = float(pre.get("scale", 1.0))
     lines += [
+        "",
+        "## Use in Fiji (deepImageJ 3) and QuPath",
+        "",
+        (f"- Resample the frame by {scale:.6g} first (Fiji: Image > Scale..., Average when "
+         f"downsizing; QuPath: input resolution = frame pixel size / {scale:.6g})."
+         if not math.isclose(scale, 1.0) else
+         "- Feed frames at their native resolution (QuPath: full resolution)."),
+        "- Fiji: zip this folder's contents; Plugins > DeepImageJ > DeepImageJ Install Model, "
+        "Private model, From ZIP file; open the frame, Plugins > DeepImageJ > DeepImageJ Run. "
+        "deepImageJ runs the SavedModel or the ONNX weights.",
+        "- QuPath (Deep Java Library + Bioimage Model Zoo extensions, TensorFlow engine): "
+        "unzip weights_savedmodel.zip into weights_savedmodel/ beside rdf.yaml; Extensions > "
+        "Bioimage Model Zoo > Create pixel classifier, select rdf.yaml.",
+        f"- Threshold the probability at {thr:g}.",
         "",
         "## Use with the microbead pipeline",
         "",
@@ -498,7 +588,7 @@ def build_rdf(*, name: str, description: str, authors: list[str], license_id: st
     """The ``rdf.yaml`` content (a dict) for model spec :data:`FORMAT_VERSION`."""
     pre, post = cfg.get("preprocessing") or {}, cfg.get("postprocessing") or {}
     training, env = cfg.get("training") or {}, cfg.get("environment") or {}
-    channels = int(shape["channels"])
+    channels = int(plan["input_channels"])
     space_in = {"size": {"min": shape["min"], "step": shape["step"]}}
     rdf = {
         "type": "model",
@@ -516,8 +606,9 @@ def build_rdf(*, name: str, description: str, authors: list[str], license_id: st
         "inputs": [{
             "id": "input",
             "description": ("frame at model scale, normalised (see documentation)"
-                            if plan["mode"] == "normalized"
-                            else "frame at model scale, stored value range"),
+                            if plan["mode"] == "normalized" else
+                            "raw frame at model scale, stored value range (8- or 16-bit "
+                            "values as float32); the model normalises it (see documentation)"),
             "axes": [
                 {"type": "batch"},
                 {"type": "space", "id": "y", **space_in},
@@ -570,6 +661,8 @@ def build_rdf(*, name: str, description: str, authors: list[str], license_id: st
                 "pixel_scale_tile_px_per_frame_px": float(pre.get("pixel_scale", 1.0)),
                 "normalization": plan["normalization"],
                 "input_normalized": plan["mode"] == "normalized",
+                "normalization_in_graph": plan["mode"] == "in_graph",
+                "input_channels": int(plan["input_channels"]),
                 "threshold": float(post.get("threshold", 0.5)),
                 "median_bead_area_px": post.get("median_bead_area_px"),
                 "validation": {k: float(v) for k, v in row.items()
@@ -607,6 +700,36 @@ def validate_package(rdf_path: Path) -> tuple[str, list[str]] | None:
     return summary.status, problems
 
 
+def client_test(rdf_path: Path, weight_formats) -> dict[str, tuple[str, list[str]]] | None:
+    """Run the package as a bioimage.io client does: ``bioimageio.core.test_model`` once
+    per weight format. ``{format: (status, failed checks)}``; None if bioimageio.core is
+    not installed.
+
+    ``test_model`` loads the weights with the client's own adapter (Keras HDF5 without
+    custom objects, the SavedModel's ``serve`` endpoint, ONNX Runtime), runs the test input
+    through the declared preprocessing and the model, and compares with the test output.
+    """
+    try:
+        from bioimageio.core import test_model
+    except ImportError:
+        return None
+    out = {}
+    cwd = os.getcwd()
+    # The TensorFlow adapter unzips the SavedModel into ./bioimageio_unzipped_tf_weights:
+    # run in a scratch folder, so nothing lands in (or is reused from) the caller's folder.
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            for wf in weight_formats:
+                summary = test_model(str(Path(cwd, rdf_path)), weight_format=wf)
+                failed = [f"{d.name}: " + ("; ".join(e.msg for e in d.errors) or d.status)
+                          for d in summary.details if d.status == "failed"]
+                out[wf] = (summary.status, failed)
+        finally:
+            os.chdir(cwd)
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -619,8 +742,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("test_image", default=None,
         help="image for the test tensors (default: the run's first validation tile)")
     add("input_normalized", action="store_true",
-        help="declare the input as already normalised by microbead_io.apply_normalization "
-             "at model scale (needed for flat-field runs, which spec 0.5 cannot express)")
+        help="package the bare network and declare its input as already normalised by "
+             "microbead_io.apply_normalization at model scale (default: the package takes "
+             "the raw frame and normalises it itself)")
     add("name", default=None, help="model name (default: 'Microbead <model> segmentation')")
     add("author", action="append", default=None,
         help="author name (repeat for several); the model zoo requires at least one")
@@ -631,6 +755,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("test_size", type=int, default=256,
         help="max test tensor edge in model px")
     add("no_saved_model", action="store_true", help="skip the TensorFlow SavedModel weights")
+    add("no_onnx", action="store_true", help="skip the ONNX weights")
+    add("no_client_test", action="store_true",
+        help="skip running each weight format with bioimageio.core's test_model")
     cli.add_overwrite(p)
     return p.parse_args(argv)
 
@@ -646,12 +773,13 @@ def main(argv=None) -> int:
             cli.check_output_dir(out, overwrite=args.overwrite, log_name=LOG_NAME)
             model_path, cfg_path, note = predict_microscope.resolve_model(args.model)
             cfg = predict_microscope.read_run_config(cfg_path)
-            plan = input_plan(cfg, input_normalized=args.input_normalized)
             test_image = Path(args.test_image) if args.test_image else \
                 find_test_image(cfg, model_path)
+            plan = input_plan(cfg, input_normalized=args.input_normalized,
+                              rgb_input=is_colour(mio.read_image(test_image, channels=3)))
             cli.prepare_output_dir(out, PACKAGE_FILES, overwrite=args.overwrite,
                                    log_name=LOG_NAME)
-        except (SystemExit, ExportError, cli.OutputDirError) as exc:
+        except (SystemExit, ExportError, cli.OutputDirError, mio.ImageReadError) as exc:
             return cli.fatal(log, "%s", str(exc).removeprefix("error: "))
         handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
         try:
@@ -660,6 +788,7 @@ def main(argv=None) -> int:
             return cli.fatal(log, "%s", exc)
     finally:
         mio.remove_log_handlers(handlers)
+        logging.getLogger().removeHandler(_ROOT_PLACEHOLDER)
 
 
 def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dict,
@@ -668,21 +797,33 @@ def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dic
     import tensorflow as tf
 
     import models
+    import preprocessing_head
 
     log.info("model: %s", note)
-    log.info("input: %s", plan["mode"])
+    log.info("input: %s, %d channel(s)", plan["mode"], plan["input_channels"])
     pre, post = cfg["preprocessing"], cfg["postprocessing"]
     arch = model_arch(model_path)
     step = int(pre.get("pad_multiple", 16))
-    halo = max(0, int(args.halo))
-    shape = {"channels": int(pre["channels"]), "step": step, "halo": halo,
-             "min": step * (2 * halo // step + 1)}
-    model = models.load_model(model_path)
+    # A tiling consumer drops the network's halo plus the in-graph normalisation's border.
+    # Rounded up to a multiple of the size step: a client that pads the input by the halo
+    # on each side must still land on a size the network accepts.
+    halo = max(0, int(args.halo)) + int(plan["reach"])
+    halo = -(-halo // step) * step
+    min_size = max(step * (2 * halo // step + 1),
+                   preprocessing_head.min_input_size(plan["normalization"]))
+    shape = {"channels": int(plan["input_channels"]), "step": step, "halo": halo,
+             "min": -(-min_size // step) * step}
+    network = models.load_model(model_path)
+    model = network
+    if plan["mode"] == "in_graph":
+        model = preprocessing_head.with_preprocessing(
+            network, input_channels=plan["input_channels"], channels=int(pre["channels"]),
+            normalization=plan["normalization"])
 
     # Test tensors: a real tile, cut at model scale to a size the package accepts.
     image = mio.read_image(test_image, channels=shape["channels"])
     x_pkg = package_input(image, cfg, plan)
-    x_pkg = center_crop(x_pkg, args.test_size, step, shape["min"])
+    x_pkg = center_crop(x_pkg, max(args.test_size, shape["min"]), step, shape["min"])
     test_in = x_pkg[None].astype(np.float32)
     x_net = network_input(x_pkg, plan)
     test_out = np.asarray(model.predict_on_batch(x_net[None]), np.float32)
@@ -693,25 +834,22 @@ def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dic
 
     # Weights: the checkpoint re-saved without its training configuration, so a consumer's
     # plain keras.models.load_model needs none of this pipeline's custom losses or metrics.
-    root = logging.getLogger()
-    placeholder = logging.NullHandler()
-    # Keras' HDF5 writer logs through the root logger, whose first use installs a stderr
-    # handler (logging.basicConfig) and every later line would print twice: give it one.
-    root.addHandler(placeholder)
-    try:
-        models.save_model(model, out / "weights.hdf5")
-    finally:
-        root.removeHandler(placeholder)
+    # Keras' HDF5 writer, the SavedModel and ONNX exports and the client test log through
+    # the root logger, whose first use installs a stderr handler (logging.basicConfig) and
+    # every later line would print twice: give it one until main() returns.
+    logging.getLogger().addHandler(_ROOT_PLACEHOLDER)
+    models.save_model(model, out / "weights.hdf5")
     weights = {"keras_hdf5": {
         "source": "weights.hdf5", "sha256": _sha256(out / "weights.hdf5"),
         "tensorflow_version": tf.__version__,
         "comment": f"saved by Keras {keras.__version__}, TensorFlow {tf.__version__}",
     }}
     weight_files = [("weights.hdf5", f"Keras HDF5 (Keras {keras.__version__}): "
-                     "keras.models.load_model(path), no custom objects needed")]
+                     "keras.models.load_model(path), no custom objects needed (Keras 3)")]
     saved_note = None if not args.no_saved_model else "skipped with --no_saved_model"
     if not args.no_saved_model:
-        saved_note = export_saved_model(model, out / "weights_savedmodel.zip")
+        saved_note = export_saved_model(model, out / "weights_savedmodel.zip",
+                                        channels=shape["channels"])
     if saved_note is None:
         weights["tensorflow_saved_model_bundle"] = {
             "source": "weights_savedmodel.zip",
@@ -719,9 +857,23 @@ def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dic
             "tensorflow_version": tf.__version__, "parent": "keras_hdf5",
         }
         weight_files.append(("weights_savedmodel.zip", f"TensorFlow {tf.__version__} "
-                             "SavedModel, signature serving_default (deepImageJ)"))
+                             "SavedModel, signature serving_default / endpoint serve, input "
+                             "'input', output {'probability': ...} (deepImageJ, QuPath)"))
     else:
         log.warning("no TensorFlow SavedModel in the package: %s", saved_note)
+    onnx_note = None if not args.no_onnx else "skipped with --no_onnx"
+    if not args.no_onnx:
+        onnx_note = export_onnx_weights(model, out / "weights.onnx",
+                                        channels=shape["channels"])
+    if onnx_note is None:
+        import onnx_engine
+
+        weights["onnx"] = {"source": "weights.onnx", "sha256": _sha256(out / "weights.onnx"),
+                           "opset_version": onnx_engine.OPSET, "parent": "keras_hdf5"}
+        weight_files.append(("weights.onnx", f"ONNX, opset {onnx_engine.OPSET} (ONNX "
+                             "Runtime: deepImageJ, QuPath with the OnnxRuntime engine)"))
+    else:
+        log.warning("no ONNX weights in the package: %s", onnx_note)
 
     # Attachments: the run's config and scores; cover; documentation.
     shutil.copyfile(cfg_path, out / "config.json")
@@ -731,8 +883,7 @@ def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dic
         shutil.copyfile(summary, out / "training_summary.csv")
         attachments.append("training_summary.csv")
     thr = float(post["threshold"])
-    display = x_pkg if plan["mode"] != "raw" else network_input(x_pkg, plan)
-    mio.write_image(out / "cover.png", cover_image(display, test_out[0, ..., 0], thr))
+    mio.write_image(out / "cover.png", cover_image(x_pkg, test_out[0, ..., 0], thr))
     row = read_training_row(model_path)
     name = args.name or f"Microbead {arch} segmentation"
     doc = documentation(name=name, arch=arch, cfg=cfg, plan=plan, row=row, shape=shape,
@@ -770,6 +921,18 @@ def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dic
             log.error("bioimageio.spec validation failed for %s", out / "rdf.yaml")
             return 1
         log.info("bioimageio.spec validation: %s", status)
+    tested = None if args.no_client_test else client_test(out / "rdf.yaml", list(weights))
+    if tested is None:
+        log.info("bioimageio.core test_model not run (%s)", "--no_client_test"
+                 if args.no_client_test else "pip install -r requirements-dev.txt")
+    else:
+        for wf, (status, failed) in tested.items():
+            log.info("bioimageio.core test_model %s: %s", wf, status)
+            for f in failed:
+                log.error("bioimageio.core test_model %s: %s", wf, f)
+        if any(status != "passed" for status, _ in tested.values()):
+            log.error("bioimageio.core test_model failed for %s", out / "rdf.yaml")
+            return 1
     log.info("done: %s", out)
     return 0
 

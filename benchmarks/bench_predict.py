@@ -43,7 +43,7 @@ def peak_rss_mb() -> float:
 
 def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int, batch_size: int,
           figures: bool, repeats: int, modes=("pipelined", "sequential"),
-          workers: int | None = None) -> dict:
+          workers: int | None = None, engine: str = "keras") -> dict:
     import numpy as np
 
     import microbead_io as mio
@@ -55,7 +55,13 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int, bat
     pre = cfg["preprocessing"]
     pad = int(pre.get("pad_multiple", 16))
     model = models.load_model(model_path)
-    predict_fn = pm.make_keras_predict_fn(model)
+    if engine == "onnxruntime":  # the network converted to ONNX, run by ONNX Runtime
+        import onnx_engine
+
+        predict_fn = onnx_engine.make_onnxruntime_predict_fn(
+            onnx_engine.keras_to_onnx_session(model, channels=int(pre["channels"])))
+    else:
+        predict_fn = pm.make_keras_predict_fn(model)
     truth = {}
     counts_csv = frames_dir / "counts.csv"
     if counts_csv.is_file():
@@ -83,7 +89,7 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int, bat
             # A new shape's first calls are slow (tracing / compilation, allocator and
             # kernel caches): 3 untimed calls of each, the whole frame and the tiles.
             for _ in range(3):
-                model.predict_on_batch(whole)
+                predict_fn(whole)
                 pm.predict_frame(image, predict_fn, cfg, tile_size=tile_size,
                                  overlap=overlap, batch_size=batch_size)
             warm_shapes.add(whole.shape)
@@ -94,7 +100,7 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int, bat
     def sample_forward():
         for whole in wholes:
             t = time.perf_counter()
-            np.asarray(model.predict_on_batch(whole))
+            np.asarray(predict_fn(whole))
             forward.append(time.perf_counter() - t)
 
     # One untimed pass of each mode over the first two frames: first-use costs (lazy
@@ -148,7 +154,7 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int, bat
     errors = [r["rel_count_error"] for r in rows_out if r["rel_count_error"] is not None]
     return {
         "model": str(model_path), "model_note": note,
-        "keras_backend": __import__("keras").backend.backend(),
+        "keras_backend": __import__("keras").backend.backend(), "engine": engine,
         "tile_size": tile_size, "overlap": overlap, "batch_size": batch_size,
         "figures": figures, "repeats": repeats, "n_frames": len(files),
         "workers": workers or pm.default_workers(),
@@ -209,13 +215,16 @@ def main(argv=None) -> int:
                    help="comma-separated: pipelined (the CLI default) and/or sequential")
     p.add_argument("--workers", type=int, default=None,
                    help="pipeline threads per stage (default: predict_microscope's)")
+    p.add_argument("--engine", choices=("keras", "onnxruntime"), default="keras",
+                   help="run the network with Keras or, converted to ONNX, ONNX Runtime")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_predict.json"))
     args = p.parse_args(argv)
     if args.frames:
         frames = Path(args.frames)
         result = bench(args.model, frames, tile_size=args.tile_size, overlap=args.overlap,
                        batch_size=args.batch_size, figures=args.figures, repeats=args.repeats,
-                       modes=tuple(args.modes.split(",")), workers=args.workers)
+                       modes=tuple(args.modes.split(",")), workers=args.workers,
+                       engine=args.engine)
     else:
         import make_synthetic_dataset
 
@@ -224,11 +233,13 @@ def main(argv=None) -> int:
             result = bench(args.model, Path(tmp) / "d" / "large", tile_size=args.tile_size,
                            overlap=args.overlap, batch_size=args.batch_size,
                            figures=args.figures, repeats=args.repeats,
-                           modes=tuple(args.modes.split(",")), workers=args.workers)
+                           modes=tuple(args.modes.split(",")), workers=args.workers,
+                       engine=args.engine)
     result["machine"] = machine()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"Keras backend {result['keras_backend']}; {result['n_frames']} frame(s), "
+    print(f"engine {result['engine']}, Keras backend {result['keras_backend']}; "
+          f"{result['n_frames']} frame(s), "
           f"{result['workers']} worker(s) per stage, figures {'on' if args.figures else 'off'}; "
           "one pure "
           f"forward pass over a whole frame: {result['forward_s']:.3f} s (median)")
