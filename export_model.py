@@ -641,24 +641,37 @@ def main(argv=None) -> int:
     import predict_microscope
 
     handlers = [mio.add_log_handler()]
+    # TensorFlow's SavedModel export logs through the root logger, whose first use installs
+    # a stderr handler (logging.basicConfig): every later line then printed twice. A root
+    # handler that prints nothing keeps basicConfig from installing one.
+    root, placeholder = logging.getLogger(), logging.NullHandler()
+    root.addHandler(placeholder)
     try:
         try:  # every check before anything is written
-            cli.check_output_dir(out, overwrite=args.overwrite, log_name=LOG_NAME)
+            cli.check_output_dir(out, overwrite=args.overwrite, log_name=LOG_NAME,
+                                 inputs=[args.model])
             model_path, cfg_path, note = predict_microscope.resolve_model(args.model)
             cfg = predict_microscope.read_run_config(cfg_path)
             plan = input_plan(cfg, input_normalized=args.input_normalized)
             test_image = Path(args.test_image) if args.test_image else \
                 find_test_image(cfg, model_path)
-            cli.prepare_output_dir(out, PACKAGE_FILES, overwrite=args.overwrite,
-                                   log_name=LOG_NAME)
+            claim = cli.claim_output_dir(out, PACKAGE_FILES, script="export_model",
+                                         overwrite=args.overwrite, log_name=LOG_NAME,
+                                         inputs=[args.model, cfg_path, test_image])
         except (SystemExit, ExportError, cli.OutputDirError) as exc:
             return cli.fatal(log, "%s", str(exc).removeprefix("error: "))
-        handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
-        try:
-            return _run(args, out, model_path, cfg_path, cfg, plan, test_image, note)
-        except (ExportError, mio.ImageReadError) as exc:
-            return cli.fatal(log, "%s", exc)
+        with claim:
+            handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
+            claim.report(log)
+            try:
+                return _run(args, out, model_path, cfg_path, cfg, plan, test_image, note)
+            except (ExportError, mio.ImageReadError) as exc:
+                return cli.fatal(log, "%s", exc)
+    except KeyboardInterrupt:
+        log.error("interrupted; the package in %s is incomplete", out)
+        return 130
     finally:
+        root.removeHandler(placeholder)
         mio.remove_log_handlers(handlers)
 
 
@@ -677,7 +690,11 @@ def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dic
     halo = max(0, int(args.halo))
     shape = {"channels": int(pre["channels"]), "step": step, "halo": halo,
              "min": step * (2 * halo // step + 1)}
-    model = models.load_model(model_path)
+    try:
+        model = models.load_model(model_path)
+    except (OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return cli.fatal(log, "%s", msg if str(model_path) in msg else f"{model_path}: {msg}")
 
     # Test tensors: a real tile, cut at model scale to a size the package accepts.
     image = mio.read_image(test_image, channels=shape["channels"])
@@ -693,15 +710,8 @@ def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dic
 
     # Weights: the checkpoint re-saved without its training configuration, so a consumer's
     # plain keras.models.load_model needs none of this pipeline's custom losses or metrics.
-    root = logging.getLogger()
-    placeholder = logging.NullHandler()
-    # Keras' HDF5 writer logs through the root logger, whose first use installs a stderr
-    # handler (logging.basicConfig) and every later line would print twice: give it one.
-    root.addHandler(placeholder)
-    try:
-        models.save_model(model, out / "weights.hdf5")
-    finally:
-        root.removeHandler(placeholder)
+    # (Keras' HDF5 writer logs through the root logger too: see the placeholder in main.)
+    models.save_model(model, out / "weights.hdf5")
     weights = {"keras_hdf5": {
         "source": "weights.hdf5", "sha256": _sha256(out / "weights.hdf5"),
         "tensorflow_version": tf.__version__,
