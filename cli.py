@@ -285,6 +285,13 @@ def lock_holder(out: str | os.PathLike) -> dict | None:
     return rec if pid_alive(pid) else None
 
 
+def check_not_locked(out: str | os.PathLike) -> None:
+    """Raise :class:`OutputDirError` naming the holder when a live run holds ``out``."""
+    holder = lock_holder(out) if Path(out).is_dir() else None
+    if holder is not None:
+        raise OutputDirError(_holder_text(Path(out), holder))
+
+
 def _holder_text(out: Path, rec: dict) -> str:
     return (f"{out}: in use by another run: {rec.get('script', '?')}, PID {rec.get('pid')} "
             f"on {rec.get('host', '?')}, started {rec.get('started', '?')} "
@@ -305,7 +312,8 @@ class OutputClaim:
     """An output folder held by this run: its lock and its manifest.
 
     Made by :func:`claim_output_dir`. :meth:`release` (also on leaving a ``with`` block)
-    writes :data:`MANIFEST_NAME`, listing the files of ``own`` that are now in the folder,
+    writes :data:`MANIFEST_NAME`, listing the files of ``own`` that are now in the folder
+    (none when the run wrote nothing but its log: the folder then holds the log alone),
     and removes the lock. Attributes: ``out``, ``removed`` (files of the previous run
     removed by ``--overwrite``), ``notes`` (warnings for the run's log: a stale lock taken
     over, temporary files removed).
@@ -343,8 +351,10 @@ class OutputClaim:
             return
         self._held = False
         try:
-            if self.out.is_dir():
+            if self.out.is_dir() and any(f != self.log_name for f in self.files()):
                 self.write_manifest(complete=True)
+            else:  # a failed run left its log alone: the folder still counts as empty
+                (self.out / MANIFEST_NAME).unlink(missing_ok=True)
         finally:
             rec = _read_json(self.out / LOCK_NAME)
             if rec is not None and rec.get("pid") == os.getpid() \
@@ -474,9 +484,7 @@ def claim_output_dir(
     Release the claim with :meth:`OutputClaim.release` (or use it in a ``with`` block).
     """
     out = Path(out)
-    holder = lock_holder(out) if out.is_dir() else None
-    if holder is not None:
-        raise OutputDirError(_holder_text(out, holder))
+    check_not_locked(out)
     check_output_dir(out, overwrite=overwrite, protected=protected, log_name=log_name,
                      inputs=inputs)
     previous = _previous_files(out, script, own) if out.is_dir() else []
