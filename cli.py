@@ -139,12 +139,13 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def own_files(out: str | os.PathLike, patterns: Iterable[str]) -> list[Path]:
-    """Files (not folders) under ``out`` matching any of the relative glob ``patterns``."""
+    """Files (not folders) under ``out`` matching any of the relative glob ``patterns``;
+    temporary files of ``microbead_io.atomic_write`` (:func:`is_temp_file`) are not."""
     out = Path(out)
     found: dict[Path, None] = {}
     for pattern in patterns:
         for p in sorted(out.glob(pattern)):
-            if p.is_file() or p.is_symlink():
+            if (p.is_file() or p.is_symlink()) and not is_temp_file(p):
                 found[p] = None
     return list(found)
 
@@ -159,6 +160,8 @@ def check_output_dir(
 ) -> None:
     """The refusals of :func:`prepare_output_dir`, without changing anything.
 
+    A folder another live run holds (:func:`lock_holder`) is refused first, naming its PID.
+
     For scripts that decide themselves which files are theirs (a manifest) before removing
     them. ``protected``: input folders ``out`` must not be, lie inside, or contain;
     ``inputs``: input files or folders ``out`` must not be or contain (a model's run folder
@@ -166,6 +169,7 @@ def check_output_dir(
     :class:`OutputDirError`.
     """
     out = Path(out)
+    check_not_locked(out)
     for folder in protected:
         if _inside(out, Path(folder)):
             raise OutputDirError(f"{out}: output folder is inside the input folder {folder}; "
@@ -484,7 +488,6 @@ def claim_output_dir(
     Release the claim with :meth:`OutputClaim.release` (or use it in a ``with`` block).
     """
     out = Path(out)
-    check_not_locked(out)
     check_output_dir(out, overwrite=overwrite, protected=protected, log_name=log_name,
                      inputs=inputs)
     previous = _previous_files(out, script, own) if out.is_dir() else []

@@ -1165,11 +1165,7 @@ def generate_dataset(
     if not (radius > 0 and beads_at_160x > 0):
         raise ValueError(f"radius and beads_at_160x must be > 0, got {radius}, {beads_at_160x}")
     out = Path(out_dir)
-    try:  # another run writing here is refused before anything is removed
-        cli.check_not_locked(out)
-    except cli.OutputDirError as exc:
-        raise FileExistsError(str(exc)) from None
-    prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite)  # refuses a folder another live run holds
     out.mkdir(parents=True, exist_ok=True)
     try:
         notes = cli.lock_output_dir(out, GENERATOR)
