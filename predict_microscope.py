@@ -54,9 +54,10 @@ import tiling
 log = logging.getLogger("microbead.predict")
 
 LOG_NAME = "prediction.log"
-#: Every file predict writes in --output_dir (globs). --overwrite removes these first, and
-#: nothing else: a stale mask of a frame no longer in --input_dir would otherwise be paired
-#: by evaluate_predictions.py as if it were a fresh prediction.
+#: Every file predict writes in --output_dir (globs). The run's output_manifest.json lists
+#: those it wrote, and --overwrite removes those first, nothing else: a stale mask of a frame
+#: no longer in --input_dir would otherwise be paired by evaluate_predictions.py as if it
+#: were a fresh prediction. A file matching these that no manifest lists is refused.
 OUTPUT_FILES = (
     "masks/*_mask.png", "labels/*_labels.tif", "overlays/*_overlay.png",
     "comparisons/*_comparison.png", "prob/*_prob.tif", "beads/*_beads.csv",
