@@ -1575,7 +1575,9 @@ def _main(argv=None) -> int:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
-        if not resume_dir and rc != cli.EXIT_OK:
+        # A folder announced through --run_dir_file is kept: the job script that asked for
+        # it writes its own log there (pbs_microbead_optimized.sh).
+        if not resume_dir and rc != cli.EXIT_OK and not args.run_dir_file:
             _remove_if_unused(run_dir, out if made_out else None)
 
 
