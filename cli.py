@@ -6,9 +6,15 @@ One place for what every script's ``parse_args``/``main`` does the same way:
   ``--data-dir``) and any old spellings, all stored under ``dest=name``.
 * :class:`HelpFormatter` shows each option's real default in ``--help`` (never
   ``(default: None)``: an option without a default says in its help what happens instead).
-* :func:`prepare_output_dir` is the one output-folder policy: a missing or empty folder is
+* :func:`ranged` is an argparse ``type=`` with a range check: bad values are usage errors
+  at parse time (exit 2), before anything is created.
+* :func:`claim_output_dir` is the one output-folder policy: a missing or empty folder is
   created; an existing non-empty one is refused unless ``overwrite``, which removes only the
-  files the script itself writes (given as glob patterns) and leaves everything else alone.
+  files the previous run's manifest (:data:`MANIFEST_NAME`) lists and leaves everything else
+  alone. Refused as well: a folder that holds an input, files named like the script's
+  outputs that no manifest of it lists, and a folder another live run holds (its lock,
+  :data:`LOCK_NAME`, names the PID; a dead run's lock is taken over and its temporary files
+  removed). :func:`prepare_output_dir` is the same policy without lock and manifest.
 * :func:`fatal` logs the message (to stderr and, once a script has attached it, to the run's
   log file) and returns :data:`EXIT_FATAL`.
 
@@ -224,10 +230,7 @@ def prepare_output_dir(
     removed = own_files(out, own) if out.is_dir() else []
     for p in removed:
         p.unlink()
-    for d in sorted({p.parent for p in removed}, key=lambda q: len(q.parts), reverse=True):
-        while d != out and out in d.parents and d.is_dir() and not any(d.iterdir()):
-            d.rmdir()
-            d = d.parent
+    _prune_empty(out, removed)
     out.mkdir(parents=True, exist_ok=True)
     return removed
 
