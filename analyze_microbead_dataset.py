@@ -1985,13 +1985,15 @@ def _radius(summary: dict) -> float:
         "nan")
 
 
-def check_output_dir(output_dir: Path, data_dir: Path, *, overwrite: bool = False) -> None:
-    """Apply the output-folder policy (``cli.prepare_output_dir``); create the folder.
+def check_output_dir(output_dir: Path, data_dir: Path, *,
+                     overwrite: bool = False) -> cli.OutputClaim:
+    """Apply the output-folder policy (``cli.claim_output_dir``); create and lock the folder.
 
     Refused: a folder inside the data folder; an existing non-empty folder without
     ``overwrite``; and, even with ``overwrite``, one holding files named like this script's
     outputs but no manifest of this script (they are someone else's results). ``overwrite``
-    removes this script's files only; anything else in the folder is left alone.
+    removes this script's files only; anything else in the folder is left alone. Returns
+    the claim (release it when the run ends).
 
     Raises
     ------
@@ -2006,8 +2008,9 @@ def check_output_dir(output_dir: Path, data_dir: Path, *, overwrite: bool = Fals
                 f"{output_dir}: holds {', '.join(clashes)} not written by {SCRIPT_NAME} (no "
                 f"{MANIFEST}); choose another --output_dir or remove them")
     try:
-        cli.prepare_output_dir(out, OUTPUT_FILES, overwrite=overwrite, protected=[data_dir],
-                               log_name=LOG_FILE)
+        return cli.claim_output_dir(out, OUTPUT_FILES, script=SCRIPT_NAME,
+                                    overwrite=overwrite, protected=[data_dir],
+                                    log_name=LOG_FILE)
     except cli.OutputDirError as exc:
         raise OutputDirError(str(exc)) from None
 
@@ -2105,6 +2108,7 @@ def main(argv=None) -> int:
     cv_level = _quiet_opencv()
     handlers = [mio.add_log_handler()]
     command = "python " + " ".join([SCRIPT_NAME, *(sys.argv[1:] if argv is None else argv)])
+    claim = None
     try:
         if not args.data_dir.is_dir():  # a typo creates no output folder
             return cli.fatal(log, "%s: data folder not found", args.data_dir)
@@ -2113,10 +2117,11 @@ def main(argv=None) -> int:
             if reason:
                 return cli.fatal(log, "%s", reason)
         try:
-            check_output_dir(args.output_dir, args.data_dir, overwrite=args.overwrite)
+            claim = check_output_dir(args.output_dir, args.data_dir, overwrite=args.overwrite)
         except OutputDirError as exc:
             return cli.fatal(log, "%s", exc)
         handlers.append(mio.add_log_handler(args.output_dir / LOG_FILE, mode="w"))
+        claim.report(log)
         log.info("analysing %s at %d px -> %s", args.data_dir, args.image_size, args.output_dir)
         try:
             analysis = analyze_dataset(args.data_dir, image_size=args.image_size,
@@ -2143,6 +2148,8 @@ def main(argv=None) -> int:
             return 1
         return 0
     finally:
+        if claim is not None:  # the manifest of what was written; the lock goes
+            claim.release()
         mio.remove_log_handlers(handlers)
         if cv_level is not None:
             from cv2.utils import logging as cvlog

@@ -261,14 +261,15 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     out = Path(args.output_dir)
     try:
-        cli.prepare_output_dir(out, OUTPUT_FILES, overwrite=args.overwrite,
-                               log_name="demo.log")
+        claim = cli.claim_output_dir(out, OUTPUT_FILES, script="demo",
+                                     overwrite=args.overwrite, log_name="demo.log")
     except cli.OutputDirError as exc:
         return cli.fatal(log, "%s", exc)
     import microbead_io as mio
 
     # Every step logs under "microbead": the demo's log holds the whole chain.
     handlers = [mio.add_log_handler(out / "demo.log", mode="w")]
+    claim.report(log)
     t0 = time.perf_counter()
     try:
         results = run_demo(args)
@@ -277,6 +278,7 @@ def main(argv=None) -> int:
             return exc.code
         return cli.fatal(log, "%s", exc)
     finally:
+        claim.release()
         mio.remove_log_handlers(handlers)
     print(format_table(results))
     print(f"\nTotal: {time.perf_counter() - t0:.0f} s. Everything is under {out}/")

@@ -840,12 +840,15 @@ def main(argv=None) -> int:
     try:
         try:  # input folders first: a typo creates no output folder
             inputs = _resolve_inputs(args)
-            cli.prepare_output_dir(out, OUTPUT_FILES, overwrite=args.overwrite,
-                                   protected=_protected_inputs(args, inputs), log_name=LOG_NAME)
+            claim = cli.claim_output_dir(out, OUTPUT_FILES, script="evaluate_predictions",
+                                         overwrite=args.overwrite, log_name=LOG_NAME,
+                                         protected=_protected_inputs(args, inputs))
         except (FileNotFoundError, cli.OutputDirError) as exc:
             return cli.fatal(log, "%s", exc)
-        handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
-        return _run(args, out, inputs)
+        with claim:
+            handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
+            claim.report(log)
+            return _run(args, out, inputs)
     finally:
         mio.remove_log_handlers(handlers)
 

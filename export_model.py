@@ -78,10 +78,6 @@ UNET_CITATION = {
 }
 
 
-#: Stands in for a root-logger handler while exporting (see _run).
-_ROOT_PLACEHOLDER = logging.NullHandler()
-
-
 class ExportError(Exception):
     """The run cannot be packaged as asked; ``str(err)`` says why and what to do."""
 
@@ -768,27 +764,39 @@ def main(argv=None) -> int:
     import predict_microscope
 
     handlers = [mio.add_log_handler()]
+    # TensorFlow's SavedModel export logs through the root logger, whose first use installs
+    # a stderr handler (logging.basicConfig): every later line then printed twice. A root
+    # handler that prints nothing keeps basicConfig from installing one.
+    root, placeholder = logging.getLogger(), logging.NullHandler()
+    root.addHandler(placeholder)
     try:
         try:  # every check before anything is written
-            cli.check_output_dir(out, overwrite=args.overwrite, log_name=LOG_NAME)
+            cli.check_output_dir(out, overwrite=args.overwrite, log_name=LOG_NAME,
+                                 inputs=[args.model])
             model_path, cfg_path, note = predict_microscope.resolve_model(args.model)
             cfg = predict_microscope.read_run_config(cfg_path)
             test_image = Path(args.test_image) if args.test_image else \
                 find_test_image(cfg, model_path)
             plan = input_plan(cfg, input_normalized=args.input_normalized,
                               rgb_input=is_colour(mio.read_image(test_image, channels=3)))
-            cli.prepare_output_dir(out, PACKAGE_FILES, overwrite=args.overwrite,
-                                   log_name=LOG_NAME)
+            claim = cli.claim_output_dir(out, PACKAGE_FILES, script="export_model",
+                                         overwrite=args.overwrite, log_name=LOG_NAME,
+                                         inputs=[args.model, cfg_path, test_image])
         except (SystemExit, ExportError, cli.OutputDirError, mio.ImageReadError) as exc:
             return cli.fatal(log, "%s", str(exc).removeprefix("error: "))
-        handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
-        try:
-            return _run(args, out, model_path, cfg_path, cfg, plan, test_image, note)
-        except (ExportError, mio.ImageReadError) as exc:
-            return cli.fatal(log, "%s", exc)
+        with claim:
+            handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
+            claim.report(log)
+            try:
+                return _run(args, out, model_path, cfg_path, cfg, plan, test_image, note)
+            except (ExportError, mio.ImageReadError) as exc:
+                return cli.fatal(log, "%s", exc)
+    except KeyboardInterrupt:
+        log.error("interrupted; the package in %s is incomplete", out)
+        return 130
     finally:
+        root.removeHandler(placeholder)
         mio.remove_log_handlers(handlers)
-        logging.getLogger().removeHandler(_ROOT_PLACEHOLDER)
 
 
 def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dict,
@@ -813,7 +821,11 @@ def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dic
                    preprocessing_head.min_input_size(plan["normalization"]))
     shape = {"channels": int(plan["input_channels"]), "step": step, "halo": halo,
              "min": -(-min_size // step) * step}
-    network = models.load_model(model_path)
+    try:
+        network = models.load_model(model_path)
+    except (OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return cli.fatal(log, "%s", msg if str(model_path) in msg else f"{model_path}: {msg}")
     model = network
     if plan["mode"] == "in_graph":
         model = preprocessing_head.with_preprocessing(
@@ -834,10 +846,8 @@ def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dic
 
     # Weights: the checkpoint re-saved without its training configuration, so a consumer's
     # plain keras.models.load_model needs none of this pipeline's custom losses or metrics.
-    # Keras' HDF5 writer, the SavedModel and ONNX exports and the client test log through
-    # the root logger, whose first use installs a stderr handler (logging.basicConfig) and
-    # every later line would print twice: give it one until main() returns.
-    logging.getLogger().addHandler(_ROOT_PLACEHOLDER)
+    # (Keras' HDF5 writer, the SavedModel and ONNX exports and the client test log through
+    # the root logger too: see the placeholder in main.)
     models.save_model(model, out / "weights.hdf5")
     weights = {"keras_hdf5": {
         "source": "weights.hdf5", "sha256": _sha256(out / "weights.hdf5"),

@@ -466,9 +466,15 @@ def main(argv=None) -> int:
 def _merge(args) -> int:
     out = Path(args.output_dir)
     try:
-        cli.prepare_output_dir(out, MERGE_FILES, overwrite=args.overwrite)
+        claim = cli.claim_output_dir(out, MERGE_FILES, script="hpc_tools merge-summaries",
+                                     overwrite=args.overwrite, inputs=args.run_dirs)
     except cli.OutputDirError as exc:
         return cli.fatal(log, "%s", exc)
+    with claim:
+        return _merge_into(args, out)
+
+
+def _merge_into(args, out: Path) -> int:
     rows, problems = merge_summaries(args.run_dirs)
     n_ok = len(args.run_dirs) - len(problems)
     for msg in problems:

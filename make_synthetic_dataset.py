@@ -1275,9 +1275,15 @@ def generate_dataset(
     if not (radius > 0 and beads_at_160x > 0):
         raise ValueError(f"radius and beads_at_160x must be > 0, got {radius}, {beads_at_160x}")
     out = Path(out_dir)
-    prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite)  # refuses a folder another live run holds
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        notes = cli.lock_output_dir(out, GENERATOR)
+    except cli.OutputDirError as exc:
+        raise FileExistsError(str(exc)) from None
     handler = mio.add_log_handler(out / LOG_NAME, mode="w") if log_file else None
+    for note in notes:
+        log.warning("%s", note)
     try:
         return _generate(out, n=n, size=size, seed=int(seed), large=large, large_wh=(lw, lh),
                          radius=float(radius), beads_at_160x=float(beads_at_160x),
@@ -1287,6 +1293,7 @@ def generate_dataset(
         log.error("%s: writing the dataset failed: %s", out, exc)  # into its log file too
         raise GenerationError(str(exc)) from exc
     finally:
+        cli.unlock_output_dir(out)
         mio.remove_log_handlers([handler])
 
 

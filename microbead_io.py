@@ -23,6 +23,7 @@ Example
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -140,6 +141,9 @@ def is_image_file(path: str | os.PathLike) -> bool:
 def list_images(directory: str | os.PathLike) -> list[Path]:
     """Sorted image files directly inside ``directory`` (not recursive).
 
+    Entries named like images that are not readable files (a folder ``x.png``, a dangling or
+    looping symbolic link) are left out with a warning naming each (:func:`unusable_entry`).
+
     Raises
     ------
     FileNotFoundError
@@ -148,7 +152,29 @@ def list_images(directory: str | os.PathLike) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: folder not found")
-    return sorted(p for p in d.iterdir() if is_image_file(p))
+    files = []
+    for p in sorted(d.iterdir()):
+        if is_image_file(p):
+            files.append(p)
+        elif not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS:
+            log.warning("%s: skipped: %s", p, unusable_entry(p))
+    return files
+
+
+def unusable_entry(path: str | os.PathLike) -> str:
+    """Why an entry named like an image is not one: a folder, a symbolic link whose target
+    is missing or that loops, or another kind of file (a socket, a device)."""
+    p = Path(path)
+    if p.is_symlink():
+        try:
+            os.stat(p)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "symbolic link loop"
+            return f"broken symbolic link (target {os.readlink(p)} not found)"
+    if p.is_dir():
+        return "a folder, not an image file"
+    return "not a regular file"
 
 
 def skipped_entries(directory: str | os.PathLike) -> list[Path]:
@@ -190,12 +216,16 @@ class Pairing:
         Files with no partner; never silently dropped.
     duplicates : list of str
         Keys that matched more than one file in one folder (e.g. ``a.png`` and ``a.tif``).
+    ignored : list of (Path, Path)
+        ``(ignored file, file used)`` for each duplicate: the first file (sorted) of a key
+        is paired, the others are not used.
     """
 
     pairs: list[tuple[Path, Path]] = field(default_factory=list)
     unpaired_images: list[Path] = field(default_factory=list)
     unpaired_masks: list[Path] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    ignored: list[tuple[Path, Path]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -205,17 +235,25 @@ class Pairing:
         """One human-readable line per problem, naming the file."""
         out = [f"{p}: image has no mask" for p in self.unpaired_images]
         out += [f"{p}: mask has no image" for p in self.unpaired_masks]
-        out += [f"{k}: more than one file with this stem in one folder" for k in self.duplicates]
+        used = {}
+        for ignored, first in self.ignored:
+            used.setdefault(stem_key(first), (first, []))[1].append(ignored.name)
+        out += [f"{k}: more than one file with this stem in one folder"
+                + (f" ({used[k][0].name} used; {', '.join(used[k][1])} ignored)"
+                   if k in used else "") for k in self.duplicates]
         return out
 
 
-def _index_by_key(files: list[Path]) -> tuple[dict[str, Path], list[str]]:
+def _index_by_key(files: list[Path], ignored: list | None = None
+                  ) -> tuple[dict[str, Path], list[str]]:
     index: dict[str, Path] = {}
     dups: list[str] = []
     for f in files:
         k = stem_key(f)
         if k in index:
             dups.append(k)
+            if ignored is not None:
+                ignored.append((f, index[k]))
         else:
             index[k] = f
     return index, dups
@@ -235,9 +273,11 @@ def pair_files(
         Otherwise unpaired files are returned (and logged) so the caller skips them
         explicitly; pairs are never shifted.
     """
-    images, dup_i = _index_by_key(list_images(image_dir))
-    masks, dup_m = _index_by_key(list_images(mask_dir))
+    ignored: list[tuple[Path, Path]] = []
+    images, dup_i = _index_by_key(list_images(image_dir), ignored)
+    masks, dup_m = _index_by_key(list_images(mask_dir), ignored)
     result = Pairing(
+        ignored=ignored,
         pairs=[(images[k], masks[k]) for k in sorted(images.keys() & masks.keys())],
         unpaired_images=[images[k] for k in sorted(images.keys() - masks.keys())],
         unpaired_masks=[masks[k] for k in sorted(masks.keys() - images.keys())],

@@ -737,6 +737,36 @@ def _model_extension(path: str) -> str:
     return ext
 
 
+def _check_model_container(path: str, ext: str) -> None:
+    """Raise ValueError naming ``path`` when it is not the container its extension says.
+
+    Keras reports a truncated or foreign ``.keras`` file as "File not found" and a broken
+    HDF5 file with an h5py traceback; this names the file and what is wrong with it.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{path}: corrupt model file: empty (0 bytes)")
+    if ext == ".keras":
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: corrupt model file: not a .keras (zip) archive "
+                             f"({size} bytes; truncated copy or another format?)")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+                names = set(archive.namelist())
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise ValueError(f"{path}: corrupt model file: {exc}") from None
+        if bad is not None or "config.json" not in names:
+            what = f"damaged member {bad}" if bad else "no config.json inside"
+            raise ValueError(f"{path}: corrupt model file: .keras archive with {what}")
+        return
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"{path}: corrupt model file: not an HDF5 file ({size} bytes; "
+                         "truncated copy or another format?)")
+
+
 class _DropHdf5Deprecation(logging.Filter):
     # HDF5 is saved on purpose (users' best_unet_model.hdf5); Keras' "legacy format" warning
     # would otherwise be logged at every checkpoint.
@@ -831,9 +861,10 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> keras.Model:
         If the extension is not supported, or the file cannot be loaded (message names it).
     """
     path = os.fspath(path)
-    _model_extension(path)
+    ext = _model_extension(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: model file not found")
+    _check_model_container(path, ext)
     try:
         return keras.saving.load_model(path, custom_objects=CUSTOM_OBJECTS, compile=compile)
     except Exception as err:

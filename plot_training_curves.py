@@ -1136,14 +1136,24 @@ def main(argv=None) -> int:
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.run_dirs)
     try:
         try:
-            cli.prepare_output_dir(out, OUTPUT_FILES, overwrite=args.overwrite,
-                                   log_name=LOG_FILE)
+            claim = cli.claim_output_dir(out, OUTPUT_FILES, script="plot_training_curves",
+                                         overwrite=args.overwrite, log_name=LOG_FILE,
+                                         inputs=args.run_dirs)
         except cli.OutputDirError as exc:
             return cli.fatal(log, "%s", exc)
         except OSError as err:
             return cli.fatal(log, "%s: cannot create output folder (%s)", out,
                              err.strerror or err)
         handlers.append(mio.add_log_handler(out / LOG_FILE, mode="w"))
+        claim.report(log)
+        return _plot(args, out, claim)
+    finally:
+        mio.remove_log_handlers(handlers)
+
+
+def _plot(args, out: Path, claim: cli.OutputClaim) -> int:
+    """Everything after the output folder is claimed (released on return)."""
+    with claim:
         histories, errors = load_histories(args.run_dirs)
         for msg in errors:
             log.error(msg)
@@ -1183,8 +1193,6 @@ def main(argv=None) -> int:
             log.warning("%d input(s) skipped:\n  %s", len(errors), "\n  ".join(errors))
             return cli.EXIT_PARTIAL
         return cli.EXIT_OK
-    finally:
-        mio.remove_log_handlers(handlers)
 
 
 if __name__ == "__main__":

@@ -55,9 +55,10 @@ import tiling
 log = logging.getLogger("microbead.predict")
 
 LOG_NAME = "prediction.log"
-#: Every file predict writes in --output_dir (globs). --overwrite removes these first, and
-#: nothing else: a stale mask of a frame no longer in --input_dir would otherwise be paired
-#: by evaluate_predictions.py as if it were a fresh prediction.
+#: Every file predict writes in --output_dir (globs). The run's output_manifest.json lists
+#: those it wrote, and --overwrite removes those first, nothing else: a stale mask of a frame
+#: no longer in --input_dir would otherwise be paired by evaluate_predictions.py as if it
+#: were a fresh prediction. A file matching these that no manifest lists is refused.
 OUTPUT_FILES = (
     "masks/*_mask.png", "labels/*_labels.tif", "overlays/*_overlay.png",
     "comparisons/*_comparison.png", "prob/*_prob.tif", "beads/*_beads.csv",
@@ -75,6 +76,11 @@ SUMMARY_COLUMNS = (
 # training beads is probably at another pixel scale: counts are then unreliable.
 SCALE_RATIO_RANGE = (0.6, 1.6)
 MIN_BEADS_FOR_SCALE = 5
+#: Smallest --tile_size accepted at parse time (model px); it must also be a multiple of
+#: the run's pad multiple, checked once config.json is read.
+MIN_TILE = 16
+#: Exit status after Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
 
 
 # ----------------------------------------------------------------------------- config / model
@@ -452,6 +458,26 @@ def check_usable(image: np.ndarray, path) -> None:
                                  "nothing to segment")
 
 
+def min_frame_side(pre: dict) -> int:
+    """Smallest frame edge (native px) worth predicting: one pad multiple at model scale.
+
+    A smaller frame (a 3x3 thumbnail) holds less than one network step: its row would read
+    ``ok, 0 beads``, a count that is not a measurement.
+    """
+    pad = int(pre.get("pad_multiple", 16))
+    return max(1, math.ceil(pad / float(pre["scale"]) - 1e-9))
+
+
+def check_size(image: np.ndarray, path, pre: dict) -> None:
+    """Raise :class:`UnusableImageError` for a frame below :func:`min_frame_side`."""
+    h, w = np.asarray(image).shape[:2]
+    n = min_frame_side(pre)
+    if min(h, w) < n:
+        raise UnusableImageError(
+            f"{path}: too small to analyse: {w}x{h} px, each side needs at least {n} px "
+            f"({int(pre.get('pad_multiple', 16))} px at model scale {float(pre['scale']):g})")
+
+
 #: Errors that fail one image (reported by name, the rest still processed).
 FRAME_ERRORS = (mio.ImageReadError, OSError, ValueError, MemoryError)
 #: Nice value added to the pipeline's worker threads (reading, bead splitting, writing).
@@ -552,6 +578,7 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
     def load(path):
         t = time.perf_counter()
         image = mio.read_image(path, channels=channels)
+        check_size(image, path, pre)
         check_usable(image, path)
         return image, preprocess_frame(image, pre), time.perf_counter() - t
 
@@ -656,22 +683,26 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
             loads.append(loader.submit(load, files[n_read]))
             n_read += 1
 
-    for i, path in enumerate(files):
-        read_up_to(i + ahead)  # the next frames are read while this one is in the network
-        fut = loads.pop(0)
-        seconds = 0.0
-        try:
-            image, x, seconds = fut.result()
-            t = time.perf_counter()
-            prob_small = forward(image, x)
-            seconds += time.perf_counter() - t
-        except FRAME_ERRORS as exc:
-            drain(0)  # keep rows and log lines in input order
-            done(i, _error_row(path, exc, seconds))
-            continue
-        del x
-        drain(ahead)
-        finishing.append((i, finisher.submit(finish, path, image, prob_small, seconds)))
+    try:
+        for i, path in enumerate(files):
+            read_up_to(i + ahead)  # the next frames are read while this one is in the network
+            fut = loads.pop(0)
+            seconds = 0.0
+            try:
+                image, x, seconds = fut.result()
+                t = time.perf_counter()
+                prob_small = forward(image, x)
+                seconds += time.perf_counter() - t
+            except FRAME_ERRORS as exc:
+                drain(0)  # keep rows and log lines in input order
+                done(i, _error_row(path, exc, seconds))
+                continue
+            del x
+            drain(ahead)
+            finishing.append((i, finisher.submit(finish, path, image, prob_small, seconds)))
+    except KeyboardInterrupt:
+        drain(0)  # frames already past the network are finished and reported (Ctrl-C)
+        raise
     drain(0)
 
 
@@ -768,6 +799,7 @@ def write_summaries(out_dir: Path, rows: list[dict], meta: dict, fit: dict | Non
         f"threshold:  {meta['threshold']}",
         f"scale:      {meta['scale']:.4g} model px per frame px; tile {meta['tile_size']} px, "
         f"overlap {meta['overlap']} px, TTA {'on' if meta['tta'] else 'off'}",
+        *([f"INTERRUPTED: {meta['interrupted']}"] if meta.get("interrupted") else []),
         f"images:     {len(ok)} ok, {len(rows) - len(ok)} failed"
         + (f"; {meta['wall_s']:.1f} s wall ({meta['wall_s'] / max(1, len(rows)):.2f} s/image; "
            "per-image times below overlap)" if "wall_s" in meta else ""),
@@ -799,14 +831,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("model", required=True, help="model file (.hdf5/.keras) or run folder")
     add("input_dir", required=True, help="folder of images to predict")
     add("output_dir", required=True, help="folder for the outputs (created)")
-    add("threshold", type=float, default=None, help="default: the run's config.json")
-    add("tile_size", type=int, default=2048,
-        help="max tile edge in model pixels (a 3840x2160 frame at the usual 0.5 scale is "
+    add("threshold", type=cli.ranged(float, 0, 1, lo_open=True, hi_open=True), default=None,
+        help="probability cut, 0 < t < 1 (default: the run's config.json)")
+    add("tile_size", type=cli.ranged(int, MIN_TILE), default=2048,
+        help="max tile edge in model pixels, a multiple of the network's pad multiple "
+             "(config.json, 16 at depth 4) (a 3840x2160 frame at the usual 0.5 scale is "
              "one tile; lower it if the GPU runs out of memory)")
-    add("overlap", type=int, default=None,
+    add("overlap", type=cli.ranged(int, 0), default=None,
         help="minimum tile overlap in model pixels (default: the network's receptive field, "
              "208 px at depth 4, so tiled equals whole-frame prediction; tiling.default_overlap)")
-    add("batch_size", type=int, default=1, help="tiles per forward pass (bounds memory)")
+    add("batch_size", type=cli.ranged(int, 1), default=1,
+        help="tiles per forward pass (bounds memory)")
     add("tta", action="store_true", help="flip/rotation test-time augmentation (8x slower)")
     add("save_prob", action="store_true", help="also write prob/<stem>_prob.tif (float32)")
     add("no_figures", action="store_true", help="skip overlays and comparison images")
@@ -818,7 +853,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("ome_tiff", action="store_true",
         help="also write ome/<stem>.ome.tif: the frame and its bead labels as two channels")
     cli.add_overwrite(p)
-    add("workers", type=int, default=None,
+    add("workers", type=cli.ranged(int, 1), default=None,
         help="threads reading and as many writing frames (default: CPUs/2, 1 to 8)")
     add("auto_scale", action="store_true",
         help="when a frame's beads are not the training beads' size (scale_warning), "
@@ -833,8 +868,21 @@ def main(argv=None) -> int:
     handlers = [mio.add_log_handler()]
     try:
         return _checked_run(args, handlers)
+    except KeyboardInterrupt:  # before the frames started (their loop reports its own)
+        log.error("interrupted before any frame was predicted")
+        return EXIT_INTERRUPTED
     finally:
         mio.remove_log_handlers(handlers)
+
+
+def stem_clashes(files) -> list[str]:
+    """One line per output stem that two or more inputs share (``a.png`` and ``a.tif``):
+    their outputs (``masks/a_mask.png`` ...) would overwrite each other."""
+    by_stem: dict[str, list[Path]] = {}
+    for f in files:
+        by_stem.setdefault(Path(f).stem, []).append(Path(f))
+    return [f"{', '.join(str(p) for p in group)}: one stem {stem!r}, one set of output files; "
+            "rename all but one" for stem, group in sorted(by_stem.items()) if len(group) > 1]
 
 
 def _checked_run(args, handlers: list) -> int:
@@ -847,8 +895,11 @@ def _checked_run(args, handlers: list) -> int:
         except ImportError as exc:
             return cli.fatal(log, "%s", exc)
     out_dir = Path(args.output_dir)
-    try:  # the cheap refusal first; prepare_output_dir below repeats it, then cleans
-        cli.check_output_dir(out_dir, overwrite=args.overwrite, log_name=LOG_NAME)
+    # Frames are read from --input_dir, never written there; the run folder of --model may
+    # hold a predictions folder, but the output folder must not hold the model.
+    where = {"protected": [args.input_dir], "inputs": [args.model]}
+    try:  # the cheap refusal first; claim_output_dir below repeats it, then cleans
+        cli.check_output_dir(out_dir, overwrite=args.overwrite, log_name=LOG_NAME, **where)
     except cli.OutputDirError as exc:
         return cli.fatal(log, "%s", exc)
     try:
@@ -858,21 +909,33 @@ def _checked_run(args, handlers: list) -> int:
     if not files:
         return cli.fatal(log, "%s: no images found (%s)", args.input_dir,
                          ", ".join(mio.IMAGE_EXTENSIONS))
+    clashes = stem_clashes(files)
+    if clashes:  # before any work: one frame's outputs would silently replace the other's
+        log.error("%d input name clash(es), nothing predicted:\n  %s", len(clashes),
+                  "\n  ".join(clashes))
+        return cli.EXIT_PARTIAL
     try:
         model_path, cfg_path, note = resolve_model(args.model)
         cfg = read_run_config(cfg_path)
     except SystemExit as exc:
         return cli.fatal(log, "%s", str(exc).removeprefix("error: "))
+    pad = int(cfg["preprocessing"].get("pad_multiple", 16))
+    if args.tile_size % pad or args.tile_size < pad:
+        return cli.fatal(log, "--tile_size %d: must be a multiple of %d, the network's pad "
+                         "multiple (%s); e.g. %d", args.tile_size, pad, cfg_path,
+                         max(pad, args.tile_size // pad * pad))
     try:
-        removed = cli.prepare_output_dir(out_dir, OUTPUT_FILES, overwrite=args.overwrite,
-                                         log_name=LOG_NAME)
+        claim = cli.claim_output_dir(out_dir, OUTPUT_FILES, script="predict_microscope",
+                                     overwrite=args.overwrite, log_name=LOG_NAME, **where)
     except cli.OutputDirError as exc:
         return cli.fatal(log, "%s", exc)
-    handlers.append(mio.add_log_handler(out_dir / LOG_NAME))
-    if removed:
-        log.info("--overwrite: removed %d file(s) of the previous prediction in %s",
-                 len(removed), out_dir)
-    return _run(args, files, model_path, cfg, note, out_dir)
+    with claim:
+        handlers.append(mio.add_log_handler(out_dir / LOG_NAME))
+        claim.report(log)
+        if claim.removed:
+            log.info("--overwrite: removed %d file(s) of the previous prediction in %s",
+                     len(claim.removed), out_dir)
+        return _run(args, files, model_path, cfg, note, out_dir)
 
 
 def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
@@ -883,7 +946,7 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
     cfg = mcfg.for_model(cfg, mcfg.model_name_of(model_path))
     pre, post = cfg["preprocessing"], cfg["postprocessing"]
     pad = int(pre.get("pad_multiple", 16))
-    tile = max(pad, args.tile_size // pad * pad)
+    tile = args.tile_size  # a multiple of pad (checked in _checked_run)
     threshold = float(post["threshold"] if args.threshold is None else args.threshold)
     log.info("model: %s", note)
     log.info("preprocessing from config: scale %.4g (pixel_scale %.4g), %d channel(s), %s; "
@@ -894,7 +957,11 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
     if post.get("predicted_bead_area_px"):
         log.info("scale check against the model's own beads on its validation tiles: %.1f px "
                  "(model scale)", post["predicted_bead_area_px"])
-    model = models.load_model(model_path)
+    try:
+        model = models.load_model(model_path)
+    except (OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return cli.fatal(log, "%s", msg if str(model_path) in msg else f"{model_path}: {msg}")
     predict_fn = tta_predict_fn(make_keras_predict_fn(model), args.tta)
     depth = network_depth(model, pad)
     overlap, overlap_source = resolve_overlap(args.overlap, depth)
@@ -915,8 +982,10 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
         (out_dir / sub).mkdir(exist_ok=True)
 
     bar = tqdm(total=len(files), desc="predicting", unit="img")
+    finished: list[dict] = []
 
     def on_row(row):
+        finished.append(row)
         bar.update(1)
         if row["status"] == "ok":
             bar.set_postfix(beads=row["beads"])
@@ -931,6 +1000,15 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
                              exports=frozenset(k for k in ("roi", "geojson", "ome_tiff")
                                                if getattr(args, k)),
                              auto_scale=args.auto_scale)
+    except KeyboardInterrupt:
+        bar.close()
+        # What finished is kept and summarised; the frames not reached are named as such.
+        meta["wall_s"] = time.perf_counter() - t0
+        meta["n_images"] = len(finished)
+        meta["interrupted"] = f"interrupted after {len(finished)} of {len(files)} frames"
+        log.error("%s; the summary lists the finished frames only", meta["interrupted"])
+        write_summaries(out_dir, finished, meta, write_dilution_outputs(out_dir, finished))
+        return EXIT_INTERRUPTED
     finally:
         bar.close()
     wall = time.perf_counter() - t0

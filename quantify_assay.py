@@ -294,8 +294,8 @@ def read_sample_sheet(path: str | Path) -> list[dict]:
     ------
     AssayError
         Unreadable sheet, missing ``file``/``concentration`` column, a non-numeric or negative
-        concentration, a blank with a non-zero concentration; the message names the file
-        and line.
+        concentration, a blank with a non-zero concentration, one file listed on two lines
+        with different concentrations; the message names the file and line(s).
     """
     path = Path(path)
     header, raw = _read_table(path, "sample sheet")
@@ -328,7 +328,45 @@ def read_sample_sheet(path: str | Path) -> list[dict]:
                     "line": i})
     if not out:
         raise AssayError(f"{path}: sample sheet has no rows")
+    check_sheet_conflicts(out, path)
     return out
+
+
+def check_sheet_conflicts(sheet: Sequence[dict], path: str | Path = "") -> None:
+    """Raise :class:`AssayError` when one file (a plain name; ``a.tif`` and ``a.png`` are one
+    stem) is listed on two lines with a different concentration, unit or blank flag: which
+    one is meant cannot be told, and keeping the first would be a silent guess."""
+    seen: dict[str, dict] = {}
+    for row in sheet:
+        pat = row["pattern"]
+        if _GLOB_CHARS & set(pat):
+            continue
+        key = Path(pat).stem
+        first = seen.setdefault(key, row)
+        if first is not row and ((first["concentration"], first["unit"], first["blank"])
+                                 != (row["concentration"], row["unit"], row["blank"])):
+            raise AssayError(
+                f"{path}: {pat!r} is listed twice with different concentrations: line "
+                f"{first['line']} ({_fmt(first['concentration'])} {first['unit']}) and line "
+                f"{row['line']} ({_fmt(row['concentration'])} {row['unit']}); keep one")
+
+
+def unused_sheet_rows(sheet: Sequence[dict], files: Sequence[str]) -> list[dict]:
+    """Sheet rows that match none of ``files``: a plain name absent from the predictions
+    (by name or stem) or a glob that matches nothing. Each is a sample the user expects in
+    the calibration and that is not there."""
+    names = [(f, Path(f).stem) for f in files]
+    unused = []
+    for row in sheet:
+        pat = row["pattern"]
+        if _GLOB_CHARS & set(pat):
+            hit = any(fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(s, pat)
+                      for n, s in names)
+        else:
+            hit = any(pat in (n, s) or Path(pat).stem == s for n, s in names)
+        if not hit:
+            unused.append(row)
+    return unused
 
 
 def match_sample(name: str, sheet: Sequence[dict]) -> tuple[dict | None, int]:
@@ -1323,7 +1361,8 @@ def build_report(res: dict, figures: Sequence[str]) -> str:
     if figures:
         L += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     problems = [f"{f}: excluded, {why}" for f, why in res["excluded"]] + \
-        [f"{f}: no concentration ({res['unmatched_reason']})" for f in res["unmatched"]]
+        [f"{f}: no concentration ({res['unmatched_reason']})" for f in res["unmatched"]] + \
+        list(res.get("missing_samples") or [])
     if problems:
         L += ["", "## Problems", ""] + [f"- {p}" for p in problems]
     L += ["", "## Concentration of each file", "", "<details><summary>"
@@ -1520,16 +1559,20 @@ def _run(args: argparse.Namespace, handlers: list) -> int:
     except AssayError as exc:
         return cli.fatal(log, "%s", exc)
     out = Path(args.output_dir)
+    inputs = [summary_path, *(Path(v) for v in (args.samples, args.truth, args.model) if v)]
     try:
-        cli.prepare_output_dir(out, OUTPUT_FILES, overwrite=args.overwrite,
-                               log_name=LOG_NAME)
+        claim = cli.claim_output_dir(out, OUTPUT_FILES, script="quantify_assay",
+                                     overwrite=args.overwrite, log_name=LOG_NAME,
+                                     inputs=inputs)
     except cli.OutputDirError as exc:
         return cli.fatal(log, "%s", exc)
-    handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
-    try:
-        return _quantify(args, summary_path, out)
-    except AssayError as exc:
-        return cli.fatal(log, "%s", exc)
+    with claim:
+        handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
+        claim.report(log)
+        try:
+            return _quantify(args, summary_path, out)
+        except AssayError as exc:
+            return cli.fatal(log, "%s", exc)
 
 
 def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
@@ -1545,6 +1588,13 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
         summary_path=summary_path)
     for f in unmatched:
         log.warning("%s: no concentration (%s); left out", f, why_unmatched)
+    missing = [f"{args.samples}: line {r['line']}: {r['pattern']!r} "
+               + ("matches no file" if _GLOB_CHARS & set(r["pattern"]) else "not found")
+               + f" in {summary_path}"
+               for r in unused_sheet_rows(sheet or [], [r["file"] for r in rows]
+                                          + [f for f, _ in excluded])]
+    for line in missing:
+        log.warning("%s", line)
     unit = check_units(assigned)
     rows = [r for r in rows if r["file"] in assigned]
     named = f"{summary_path}" + (f" with {args.samples}" if args.samples else "")
@@ -1670,6 +1720,7 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
         "excluded": [list(e) for e in excluded],
         "unmatched": unmatched,
         "unmatched_reason": why_unmatched,
+        "missing_samples": missing,
         "rules": [[r["file"], r["concentration"], r["concentration_rule"]] for r in images],
         "settings": {"summary": str(summary_path), "samples": args.samples,
                      "concentration_source": source, "um_per_px": args.um_per_px,
@@ -1697,8 +1748,10 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
     n_bad = len(excluded) + len(unmatched)
     if n_bad:
         log.warning("%d image(s) not used (listed in %s)", n_bad, REPORT_NAME)
-        return 1
-    return 0
+    if missing:
+        log.warning("%d sample sheet row(s) match no predicted image (listed in %s)",
+                    len(missing), REPORT_NAME)
+    return 1 if n_bad or missing else 0
 
 
 if __name__ == "__main__":

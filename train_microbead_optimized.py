@@ -511,8 +511,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     # A patch size from the defaults, a preset or a --config file adapts to small tiles
     # (fit_patch_size); one typed on the command line is checked as given.
     args._patch_size_explicit = "patch_size" in explicit_options(argv)
+    check_ranges(args, parser.error)
     check_sizes(args, parser.error)
     return args
+
+
+#: Allowed range of each numeric option: (low, high, low open, high open); None = no bound.
+#: Checked on the resolved values (flag, --config or preset alike), before any folder exists.
+OPTION_RANGES = {
+    "epochs": (1, None, False, False), "batch_size": (1, None, False, False),
+    "lr": (0, None, True, False), "dropout": (0, 1, False, True),
+    "filters": (1, None, False, False), "depth": (1, None, False, False),
+    "image_size": (0, None, False, False), "patch_size": (0, None, False, False),
+    "val_fraction": (0, 1, True, True), "patience": (0, None, False, False),
+    "steps_per_epoch": (0, None, False, False), "kfold": (0, None, False, False),
+    "bn_momentum": (0, 1, False, True), "pixel_scale": (0, None, True, False),
+    "threshold": (0, 1, True, True), "rotation": (0, 180, False, False),
+    "max_minutes": (0, None, False, False), "logical_cpus": (0, None, False, False),
+}
+
+
+def check_ranges(args, error) -> None:
+    """Call ``error(message)`` naming the first option out of :data:`OPTION_RANGES`
+    (``--epochs 0``, ``--lr -0.001``: a run of zero epochs or a negative step is no run)."""
+    for name, (lo, hi, lo_open, hi_open) in OPTION_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, bool):
+            continue
+        bad = (value != value or (lo is not None and (value <= lo if lo_open else value < lo))
+               or (hi is not None and (value >= hi if hi_open else value > hi)))
+        if bad:
+            low = f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else ""
+            high = f"{'<' if hi_open else '<='} {hi:g}" if hi is not None else ""
+            error(f"--{name} {value:g}: must be {' and '.join(x for x in (low, high) if x)}")
 
 
 def fit_patch_size(patch_size: int, image_size: int, depth: int) -> int:
@@ -607,7 +638,17 @@ def _dataset_dirs(data_dir) -> tuple[Path, Path]:
 
 
 def _image_names(data_dir) -> list[str]:
-    return [p.name for p in mio.list_images(_dataset_dirs(data_dir)[0])]
+    images_dir = _dataset_dirs(data_dir)[0]
+    names = [p.name for p in mio.list_images(images_dir)]
+    if not names:
+        _fatal(f"no images in {images_dir} ({', '.join(mio.IMAGE_EXTENSIONS)})")
+    return names
+
+
+def check_data(args) -> None:
+    """The checks that need no run folder: the dataset's folders, at least one image in
+    images/, and a pixel scale. Raises SystemExit naming what is wrong."""
+    resolve_pixel_scale(args.data_dir, args.pixel_scale, _image_names(args.data_dir))
 
 
 def load_training_data(args) -> dict:
@@ -620,7 +661,10 @@ def load_training_data(args) -> dict:
     data_dir = Path(args.data_dir)
     images_dir, masks_dir = _dataset_dirs(data_dir)
     pairing = mio.pair_files(images_dir, masks_dir)
-    for line in pairing.problems():
+    skipped = ([f"{p}: image has no mask" for p in pairing.unpaired_images]
+               + [f"{p}: mask has no image" for p in pairing.unpaired_masks]
+               + [f"{p}: same stem as {used}, which is used" for p, used in pairing.ignored])
+    for line in skipped:
         log.warning("skipped: %s", line)
     if not pairing.pairs:
         raise SystemExit(f"error: {data_dir}: no image/mask pairs found")
@@ -673,7 +717,7 @@ def load_training_data(args) -> dict:
         "files": loaded.files,
         "counts": np.array([microbead_metrics.count_components(m) for m in loaded.masks]),
         "stored_size": stored,
-        "skipped": pairing.problems() + loaded.failures,
+        "skipped": skipped + loaded.failures,
     }
 
 
@@ -1828,21 +1872,44 @@ def _main(argv=None) -> int:
             raise SystemExit(f"error: {exc}; cannot resume") from None
         resume_notes = resume_options(args, argv, saved, cfg_path)
         run_dir = resume_dir
-    else:
+    check_data(args)  # a typo'd or empty dataset creates no run folder
+    if not resume_dir:
         out = Path(args.output_dir)
+        made_out = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         run_dir = mio.unique_path(out / run_folder_name())
         run_dir.mkdir(parents=True)
     handler = setup_logging(run_dir)
+    rc = cli.EXIT_FATAL
     try:
         for note in resume_notes if resume_dir else ():
             log.info("%s", note)
-        return _run(args, run_dir, resuming=resume_dir is not None)
+        rc = _run(args, run_dir, resuming=resume_dir is not None)
+        return rc
     except SystemExit as exc:  # into training_console.log too
         return _fatal_exit(exc)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+        # A folder announced through --run_dir_file is kept: the job script that asked for
+        # it writes its own log there (pbs_microbead_optimized.sh).
+        if not resume_dir and rc != cli.EXIT_OK and not args.run_dir_file:
+            _remove_if_unused(run_dir, out if made_out else None)
+
+
+def _remove_if_unused(run_dir: Path, made_out: Path | None) -> None:
+    """Remove a failed run's folder when it holds nothing but its console log (no model,
+    no config: nothing to resume or inspect; the messages went to stderr as well), and the
+    output folder this run created if that leaves it empty."""
+    extra = [p for p in run_dir.iterdir() if p.name != "training_console.log"] \
+        if run_dir.is_dir() else [None]
+    if extra:
+        return
+    (run_dir / "training_console.log").unlink(missing_ok=True)
+    run_dir.rmdir()
+    log.error("%s: removed: the run failed before writing anything but its log", run_dir)
+    if made_out is not None and made_out.is_dir() and not any(made_out.iterdir()):
+        made_out.rmdir()
 
 
 def _run(args, run_dir: Path, resuming: bool) -> int:

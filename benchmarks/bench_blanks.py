@@ -73,11 +73,10 @@ def bench(model_arg: str, frames: Path, *, tile_size: int, overlap: int | None,
     """False beads of the model in ``model_arg`` on every image under ``frames``."""
     import numpy as np
 
+    import microbead_config as mcfg
     import microbead_io as mio
     import models
     import predict_microscope as pm
-
-    import microbead_config as mcfg
 
     model_path, cfg_path, note = pm.resolve_model(model_arg)
     # The model's own calibration (object filter, bead size), as predict_microscope uses it.

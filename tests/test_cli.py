@@ -151,9 +151,9 @@ def test_plot_overwrite_keeps_a_foreign_file(tmp_path):
     (run / "unet_history.csv").write_text(
         "epoch,loss,jacard_coef,val_loss,val_jacard_coef\n1,0.9,0.1,0.9,0.1\n2,0.8,0.2,0.8,0.3\n")
     out = tmp_path / "curves"
-    out.mkdir()
+    assert ptc.main([str(run), "--output_dir", str(out), "--dpi", "30"]) == 0
     (out / "notes.txt").write_text("keep")
-    (out / ptc.REPORT).write_text("stale")
+    (out / ptc.REPORT).write_text("stale")  # the previous run's file, edited since
     assert ptc.main([str(run), "--output_dir", str(out), "--dpi", "30"]) == 2
     assert ptc.main([str(run), "--output-dir", str(out), "--dpi", "30", "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "keep"

@@ -99,21 +99,27 @@ def test_every_stage_consumed_the_previous_one(demo_out):
 def test_rerunning_the_demo_needs_overwrite_and_keeps_foreign_files(tmp_path, monkeypatch,
                                                                     caplog):
     out = tmp_path / "demo"
-    (out / "evaluation").mkdir(parents=True)
-    (out / "evaluation" / "summary.json").write_text("stale")
-    (out / "runs" / "old_run").mkdir(parents=True)
-    (out / "runs" / "old_run" / "unet_history.csv").write_text("stale")
-    (out / "notes.txt").write_text("keep")
     ran = []
-    monkeypatch.setattr(demo, "run_demo", lambda args: ran.append(args) or
-                        {"models": {}, "figures": {}, "times_s": {}})
+
+    def fake_demo(args):  # the first run writes these (listed in its manifest), later ones none
+        if not ran:
+            (out / "evaluation").mkdir(parents=True)
+            (out / "evaluation" / "summary.json").write_text("stale")
+            (out / "runs" / "old_run").mkdir(parents=True)
+            (out / "runs" / "old_run" / "unet_history.csv").write_text("stale")
+        ran.append(args)
+        return {"models": {}, "figures": {}, "times_s": {}}
+
+    monkeypatch.setattr(demo, "run_demo", fake_demo)
+    assert demo.main(["--out", str(out)]) == 0
+    (out / "notes.txt").write_text("keep")
     # Refused without --overwrite (exit 2, the folder named), nothing touched.
     assert demo.main(["--out", str(out)]) == 2
     assert f"{out}: output folder exists and is not empty" in caplog.text
-    assert not ran and (out / "evaluation" / "summary.json").read_text() == "stale"
+    assert len(ran) == 1 and (out / "evaluation" / "summary.json").read_text() == "stale"
     # --overwrite removes only what a demo wrote; a foreign file stays.
     assert demo.main(["--output-dir", str(out), "--overwrite"]) == 0
-    assert len(ran) == 1 and ran[0].output_dir == str(out)
+    assert len(ran) == 2 and ran[1].output_dir == str(out)
     assert (out / "notes.txt").read_text() == "keep"
     assert not (out / "evaluation").exists() and not (out / "runs").exists()
 

@@ -158,13 +158,15 @@ def test_input_normalized_packages_the_bare_network(tmp_path):
     out = tmp_path / "pkg"
     out.mkdir()  # --overwrite replaces the package's files only
     (out / "notes.txt").write_text("user file")
-    (out / "rdf.yaml").write_text("stale")
-    rc = em.main(["--model", str(run / "best_unet_model.hdf5"), "--output_dir", str(out),
-                  "--halo", "8", "--input_normalized", "--no_saved_model", "--no_onnx",
-                  "--no_client_test", "--overwrite"])
-    assert rc == 0
+    (out / "rdf.yaml").write_text("someone else's")  # no manifest of export_model lists it
+    argv = ["--model", str(run / "best_unet_model.hdf5"), "--output_dir", str(out),
+            "--halo", "8", "--input_normalized", "--no_saved_model", "--no_onnx",
+            "--no_client_test", "--overwrite"]
+    assert em.main(argv) == 2
+    assert (out / "rdf.yaml").read_text() == "someone else's"
+    (out / "rdf.yaml").unlink()
+    assert em.main(argv) == 0
     assert (out / "notes.txt").read_text() == "user file"
-    assert (out / "rdf.yaml").read_text() != "stale"
     test_in, test_out = np.load(out / "test_input.npy"), np.load(out / "test_output.npy")
     cfg = json.loads((out / "config.json").read_text())
     expected = pm.preprocess_frame(mio.read_image(tile), cfg["preprocessing"])

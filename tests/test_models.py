@@ -414,7 +414,7 @@ def test_load_rebuilds_model_saved_by_newer_keras(ext, tmp_path, caplog):
 def test_load_unreadable_file_names_it(tmp_path):
     path = tmp_path / "broken.hdf5"
     path.write_bytes(b"not an hdf5 file")
-    with pytest.raises(ValueError, match="broken.hdf5: cannot load model"):
+    with pytest.raises(ValueError, match="broken.hdf5: corrupt model file: not an HDF5 file"):
         models.load_model(path)
 
 

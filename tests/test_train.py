@@ -442,9 +442,8 @@ def test_explicit_options():
 def test_missing_data_folder_names_it(tmp_path, caplog):
     assert tmo.main(["--data_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path)]) == 2
     assert str(tmp_path / "nope" / "images") in caplog.text
-    # The fatal message also lands in the run's log file.
-    (run,) = [p for p in tmp_path.iterdir() if p.name.startswith("microbead_training_")]
-    assert str(tmp_path / "nope" / "images") in (run / "training_console.log").read_text()
+    # A typo'd dataset is refused before any run folder exists (issue 24): none is left.
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("microbead_training_")]
 
 
 # --------------------------------------------------------------------------- end to end
@@ -549,17 +548,21 @@ def test_short_run_inference_agrees_with_batch_statistics(main_run):
     assert infer > 0.3 and batch > 0.2
 
 
-def test_second_run_same_second_gets_new_folder(main_run, monkeypatch, tmp_path):
+def test_second_run_same_second_gets_new_folder(main_run, dataset, monkeypatch):
     run = main_run["run_dir"]
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     monkeypatch.setattr(tmo, "run_folder_name", lambda now=None: run.name)
-    # Missing data: main stops after creating its folder, which must not be the old one.
-    assert tmo.main(["--data_dir", str(tmp_path / "missing"), "--output_dir",
-                     str(main_run["out"])]) == 2
+    used = []
+
+    def fake_run(args, run_dir, resuming):  # the folder main made, not the training
+        used.append(run_dir)
+        return 2  # failed before writing anything: the new folder goes again
+
+    monkeypatch.setattr(tmo, "_run", fake_run)
+    assert tmo.main(["--data_dir", str(dataset), "--output_dir", str(main_run["out"])]) == 2
     twin = run.with_name(run.name + "_2")
-    assert twin.is_dir() and (twin / "training_console.log").is_file()
+    assert used == [twin] and not twin.exists()
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
-    shutil.rmtree(twin)
 
 
 def test_resume_continues_after_last_epoch(main_run, tmp_path):
