@@ -11,6 +11,8 @@ columns are contiguous, that stitched row. Per frame it reports
 * false beads per megapixel (predicted beads with no labelled centre within reach);
 * the same for a classical baseline a user might pick instead: luminance, minus a Gaussian
   background (sigma 15 px), smoothed at sigma 1, Otsu, one opening, distance watershed;
+* ``pred_in_shared_label``: predicted beads beyond the first inside one label component (the
+  users' masks merge touching beads), and the count error without them;
 * false beads on the held-out tiles with every bead inpainted away (labelled beads and what
   the classical detector finds, grown 5 px), as found and with the right side darkened to
   45 % plus 1.5 grey levels of noise (the dark corners of the users' frames), per 3840x2160
@@ -76,12 +78,22 @@ def score(truth_mask: np.ndarray, pred_labels: np.ndarray, max_dist: float = MAT
     marked; it merges touching beads, so on crowded frames one component can cover two
     beads and a prediction that splits them scores one unmatched bead).
     """
-    t = centres(_components(truth_mask))
+    comp = _components(truth_mask)
+    t = centres(comp)
     p = centres(pred_labels)
     tm, pm = bead_filter.match_centres(t, p, max_dist)
+    # Predicted beads beyond the first inside one label component: where the labels merged
+    # touching beads (or the prediction split one), counted from the label side.
+    if len(p):
+        rc = np.clip(np.round(p).astype(int), 0, np.array(comp.shape) - 1)
+        inside = comp[rc[:, 0], rc[:, 1]]
+        _, per = np.unique(inside[inside > 0], return_counts=True)
+        extra = int((per - 1).sum())
+    else:
+        extra = 0
     return {"n_true": int(len(t)), "n_pred": int(len(p)), "tp_true": int(tm.sum()),
             "tp_pred": int(pm.sum()), "fp": int((~pm).sum()), "fn": int((~tm).sum()),
-            "area_mpx": truth_mask.size / 1e6}
+            "area_mpx": truth_mask.size / 1e6, "pred_in_shared_label": extra}
 
 
 def _components(mask: np.ndarray) -> np.ndarray:
@@ -94,12 +106,17 @@ def _components(mask: np.ndarray) -> np.ndarray:
 def summarise(rows: list[dict]) -> dict:
     """Pooled scores of several images' :func:`score` rows."""
     s = {k: sum(r[k] for r in rows) for k in ("n_true", "n_pred", "tp_true", "tp_pred", "fp",
-                                                "fn", "area_mpx")}
+                                                "fn", "area_mpx", "pred_in_shared_label")}
     s["recall"] = s["tp_true"] / s["n_true"] if s["n_true"] else float("nan")
     s["precision"] = s["tp_pred"] / s["n_pred"] if s["n_pred"] else float("nan")
     s["count_error_pct"] = (100.0 * (s["n_pred"] - s["n_true"]) / s["n_true"]
                             if s["n_true"] else float("nan"))
     s["false_per_mpx"] = s["fp"] / s["area_mpx"] if s["area_mpx"] else float("nan")
+    # The count error left when a label component holding several predicted beads counts
+    # them all (merged labels): what the error would be if the labels had split them.
+    s["count_error_merged_labels_pct"] = (
+        100.0 * (s["n_pred"] - s["pred_in_shared_label"] - s["n_true"]) / s["n_true"]
+        if s["n_true"] else float("nan"))
     return s
 
 
