@@ -852,6 +852,7 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
              pre["pixel_scale"], pre["channels"], pre["normalization"], threshold,
              post["median_bead_area_px"])
     model = models.load_model(model_path)
+    log.info("%s", models.device_line())
     predict_fn = tta_predict_fn(make_keras_predict_fn(model), args.tta)
     depth = network_depth(model, pad)
     overlap, overlap_source = resolve_overlap(args.overlap, depth)
@@ -908,5 +909,5 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hides cuInit E0000 without a GPU
     sys.exit(main())
