@@ -26,7 +26,8 @@ Inputs
   ``RUN_DIR/training_summary.csv``. A missing file is reported and the uncertainty is then
   Poisson only.
 ``--truth`` (optional): a CSV with ``file`` and ``n_true`` (or ``n_beads``, as the synthetic
-  generator's ``large/counts.csv``): the true curve is fitted and drawn beside the measured one.
+  generator's ``large/counts.csv``, or ``true_count``: ``evaluate_predictions.py``'s
+  ``per_image_metrics.csv`` as it is): the true curve is fitted and drawn beside the measured one.
 
 Uncertainty of one image
 ------------------------
@@ -425,7 +426,12 @@ def n_concentrations(predictions: str | Path, samples: str | Path | None = None)
 
 
 def read_truth(path: str | Path) -> dict[str, int]:
-    """``stem -> true bead count`` from a CSV with ``file`` and ``n_true`` (or ``n_beads``).
+    """``stem -> true bead count`` from a CSV with ``file`` and ``n_true`` (or ``n_beads``,
+    as the synthetic generator writes, or ``true_count``, as ``evaluate_predictions.py``'s
+    ``per_image_metrics.csv`` has it: that table is given as it is).
+
+    Files are matched by stem without a mask suffix (``a_mask.png`` and ``a.tif`` are both
+    ``a``), so the evaluation's prediction-mask names find their frames.
 
     Raises
     ------
@@ -434,17 +440,21 @@ def read_truth(path: str | Path) -> dict[str, int]:
     """
     path = Path(path)
     header, rows = _read_table(path, "truth table")
-    col = "n_true" if "n_true" in header else "n_beads" if "n_beads" in header else None
+    col = next((c for c in TRUTH_COUNT_COLUMNS if c in header), None)
     if "file" not in header or col is None:
-        raise AssayError(f"{path}: a truth table needs columns file and n_true (or n_beads); "
-                         f"has {', '.join(header)}")
+        raise AssayError(f"{path}: a truth table needs columns file and one of "
+                         f"{', '.join(TRUTH_COUNT_COLUMNS)}; has {', '.join(header)}")
     out = {}
     for i, r in enumerate(rows, start=2):
         try:
-            out[Path(r["file"]).stem] = int(float(r[col]))
+            out[mio.stem_key(r["file"])] = int(float(r[col]))
         except ValueError:
             raise AssayError(f"{path}: line {i}: {col} {r[col]!r} is not a number") from None
     return out
+
+
+#: Count columns a truth table may use, in order of preference.
+TRUTH_COUNT_COLUMNS = ("n_true", "n_beads", "true_count")
 
 
 # --------------------------------------------------------------------------- counting error
@@ -1475,7 +1485,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="pixel size in µm: densities per mm² (default: beads per megapixel)")
     add("model", default=None,
         help="training run folder: validation_counts.csv gives the model's counting error")
-    add("truth", default=None, help="CSV of true counts (file, n_true or n_beads)")
+    add("truth", default=None, help="CSV of true counts (file, and n_true, n_beads or true_count: "
+             "evaluate_predictions.py's per_image_metrics.csv works as it is)")
     add("fit", choices=("auto",) + FIT_KINDS, default="auto",
         help="calibration model (auto: lowest AIC)")
     add("low_range", type=int, default=3,
@@ -1586,7 +1597,7 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
         bias, spread, extra = err_model.at(n, area_px) if err_model else (0.0, 0.0, False)
         n_extrapolated += extra
         sd_n = float(count_sd(n, spread))
-        n_true = truth.get(Path(r["file"]).stem) if truth is not None else None
+        n_true = truth.get(mio.stem_key(r["file"])) if truth is not None else None
         images.append({
             "file": r["file"], "concentration": c.value, "unit": unit, "blank": c.blank,
             "replicate": c.replicate, "concentration_rule": c.rule,

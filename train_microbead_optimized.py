@@ -1264,7 +1264,7 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
     best_i = [int(r["epoch"]) for r in hist].index(best_epoch)
     best = load_best(out_dir, name)
     models.save_model(best, out_dir / f"best_{name}_model.keras")
-    prob = best.predict(x_val, batch_size=args.batch_size, verbose=0)
+    prob = predict_in_batches(best, x_val, args.batch_size)
     reloaded = float(np.mean(per_image_jaccard(prob, y_val, args.threshold)))
     batchstat = batchstat_jaccard(best, x_val, y_val, args.threshold, args.batch_size)
     if abs(reloaded - vj[best_i]) > 1e-3:
@@ -1361,6 +1361,22 @@ def load_best(out_dir: Path, name: str):
     import models
 
     return models.load_model(out_dir / f"best_{name}_model.hdf5")
+
+
+def predict_in_batches(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Inference-mode probabilities ``(N, H, W, 1)`` float32, by direct calls on chunks.
+
+    Not ``model.predict``: each reloaded best model gets its own traced predict function,
+    and a last batch of another size traces it again, so three models end the log with
+    TensorFlow's "triggered tf.function retracing" warning. Direct calls trace nothing.
+    """
+    import keras
+
+    if len(x) == 0:
+        return np.zeros((0, *x.shape[1:3], 1), np.float32)
+    chunks = np.array_split(np.arange(len(x)), int(math.ceil(len(x) / max(1, int(batch_size)))))
+    return np.concatenate([keras.ops.convert_to_numpy(model(x[i], training=False))
+                           for i in chunks]).astype(np.float32)
 
 
 def batchstat_jaccard(model, x_val, y_val, threshold: float, batch_size: int = 32) -> float:

@@ -330,3 +330,36 @@ def test_hyphenated_aliases_and_argument_checks():
     assert (a.output_dir, a.um_per_px, a.n_boot, a.low_range) == ("o", 0.345, 10, 4)
     with pytest.raises(SystemExit):
         qa.parse_args(["--predictions", "p", "--output_dir", "o", "--um_per_px", "0"])
+
+
+def test_evaluation_table_is_the_assay_truth_without_renaming(tmp_path):
+    """evaluate_predictions.py's per_image_metrics.csv (``file`` = the prediction mask,
+    ``true_count``) is given to --truth as it is, and every frame finds its true count."""
+    import evaluate_predictions as ev
+    import microbead_io as mio
+
+    size = 48
+    yy, xx = np.mgrid[:size, :size]
+    frames = {"640x_a": 4, "1280x_a": 2, "2560x_a": 1}
+    (tmp_path / "gt").mkdir()
+    pred = tmp_path / "pred"
+    (pred / "masks").mkdir(parents=True)
+    for name, n in frames.items():
+        truth = np.zeros((size, size), np.uint8)
+        for k in range(n):
+            truth |= ((yy - 8 - 10 * k) ** 2 + (xx - 24) ** 2 <= 9).astype(np.uint8)
+        mio.write_mask(tmp_path / "gt" / f"{name}.png", truth)
+        mio.write_mask(pred / "masks" / f"{name}_mask.png", truth)
+    write_summary(pred, [(f"{name}.png", n) for name, n in frames.items()])
+    evaluation = tmp_path / "evaluation"
+    assert ev.main(["--pred_dir", str(pred), "--gt_dir", str(tmp_path / "gt"),
+                    "--output_dir", str(evaluation), "--no_progress"]) == 0
+    out = tmp_path / "assay"
+    assert qa.main(["--predictions", str(pred), "--truth",
+                    str(evaluation / "per_image_metrics.csv"), "--output_dir", str(out),
+                    "--n_boot", "20"]) == 0
+    res = json.loads((out / qa.RESULTS_NAME).read_text())
+    assert res["truth"]["n_images"] == 3
+    with open(out / "per_image.csv", newline="") as fh:
+        got = {r["file"]: int(r["n_true"]) for r in csv.DictReader(fh)}
+    assert got == {f"{name}.png": n for name, n in frames.items()}
