@@ -242,6 +242,9 @@ def test_main_end_to_end_writes_every_output(tmp_path):
     assert blank["mean_density"] == pytest.approx(np.mean([n for f, n in items[:3]]))
     report = (out / qa.REPORT_NAME).read_text()
     assert "CLSI EP17" in report and "ICH Q2" in report and "3.3·σ/slope" in report
+    assert "## Warnings" in report and isinstance(res["warnings"], list)
+    for w in res["warnings"]:
+        assert f"- {w}" in report
 
 
 def test_dilution_names_one_image_each_like_the_demo(tmp_path, caplog):
@@ -363,3 +366,49 @@ def test_evaluation_table_is_the_assay_truth_without_renaming(tmp_path):
     with open(out / "per_image.csv", newline="") as fh:
         got = {r["file"]: int(r["n_true"]) for r in csv.DictReader(fh)}
     assert got == {f"{name}.png": n for name, n in frames.items()}
+
+
+def test_count_error_bin_without_spread_is_never_used_silently():
+    # The dense bin's 5 tiles were all counted exactly: its own spread is 0.
+    t = np.array([10] * 5 + [100] * 5)
+    p = np.array([11, 9, 10, 12, 8] + [100] * 5)
+    m = qa.fit_count_error(t, p, np.full(10, 512 * 512), min_per_bin=5)
+    pooled = np.std((p - t) / t, ddof=1)
+    assert m.spread[1] == pytest.approx(pooled) and m.pooled_spread_bins == (1,)
+    (msg,) = m.warnings()
+    assert "1 density bin(s)" in msg and "instead of 0" in msg
+    assert m.bins()[1]["spread_note"].startswith("pooled")
+    # Every tile exact: no spread anywhere, said so.
+    exact = qa.fit_count_error(t, t, np.full(10, 512 * 512), min_per_bin=5)
+    assert any("no spread" in w and "equals the Poisson CV" in w for w in exact.warnings())
+    assert "no model error is known there" in qa.extrapolation_warning(5, m)
+
+
+def _images(rows):
+    """``(concentration, beads)`` -> image rows of 1 MP each for build_replicates."""
+    return [{"concentration": c, "blank": c == 0, "replicate": "", "file": f"f{i}.png",
+             "beads": n, "area": 1.0, "count_spread_rel": 0.0}
+            for i, (c, n) in enumerate(rows)]
+
+
+def test_lod_above_the_lowest_counted_concentration_is_called_out():
+    reps = qa.build_replicates(_images([(1 / 10240, 25), (1 / 5120, 60), (1 / 320, 1000)]))
+    assert qa.lowest_counted_concentration(reps) == pytest.approx(1 / 10240)
+    msg = qa.lod_warning(0.000215, reps, "1/dilution")
+    assert msg.startswith("LoD 0.000215 1/dilution is above 9.766e-05 1/dilution")
+    assert qa.lod_warning(1 / 20000, reps, "1/dilution") is None
+    # A level with 3 beads per image is not "reliably counted".
+    sparse = qa.build_replicates(_images([(1e-4, 3), (1e-3, 40)]))
+    assert qa.lowest_counted_concentration(sparse) == pytest.approx(1e-3)
+
+
+def test_residuals_beyond_two_sd_are_flagged():
+    conc = np.array([1.0, 2.0, 4.0, 8.0])
+    reps = qa.build_replicates(_images([(c, 100 * c) for c in conc]))
+    good = qa.fit_calibration("linear", reps.x, reps.y, reps.area)
+    assert qa.residual_flags(reps, good) == []  # exact line: no residual at all
+    scattered = qa.build_replicates(_images([(1.0, 100), (2.0, 400), (4.0, 200), (8.0, 900)]))
+    fit = qa.fit_calibration("linear", scattered.x, scattered.y, scattered.area)
+    flags = qa.residual_flags(scattered, fit)
+    assert flags and flags[0].startswith("residual: ")
+    assert all("SD from the linear curve" in f for f in flags[1:])
