@@ -640,6 +640,8 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
 def fit_dilution_series(dilutions, counts) -> dict:
     """Least-squares fit of log10(count) = a + b log10(dilution) over images with count > 0.
 
+    ``counts`` may be densities (beads per megapixel), as ``write_dilution_outputs`` gives.
+
     A perfect dilution series has slope b = -1 (half the beads per doubling). Returns
     ``slope``, ``intercept``, ``r2``, ``n`` (images used) and ``skipped``: "" when fitted,
     else why no line was fitted (fewer than two images with beads, or one dilution only:
@@ -676,26 +678,31 @@ def dilution_fit_text(fit: dict) -> str:
 
 
 def write_dilution_outputs(out_dir: Path, rows: list[dict]) -> dict | None:
-    """``dilution_counts.csv`` and a log-log plot with the fitted slope, if names carry one."""
-    pts = [(r["dilution"], r["beads"], r["file"]) for r in rows
-           if r["status"] == "ok" and r.get("dilution")]
+    """``dilution_counts.csv`` and a log-log plot of bead density (beads per megapixel of
+    frame, as ``quantify_assay.py`` without ``--um_per_px``) with the fitted slope, if names
+    carry a dilution. Density, not beads per image: frames of one series may differ in size.
+    """
+    pts = [(r["dilution"], r["beads"] / (r["width"] * r["height"] / 1e6), r["beads"],
+            r["width"] * r["height"] / 1e6, r["file"]) for r in rows
+           if r["status"] == "ok" and r.get("dilution") and r["width"] * r["height"] > 0]
     if not pts:
         return None
     fit = fit_dilution_series([p[0] for p in pts], [p[1] for p in pts])
     with open(out_dir / "dilution_counts.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["file", "dilution", "beads"])
-        for d, c, f in sorted(pts):
-            w.writerow([f, d, c])
+        w.writerow(["file", "dilution", "beads", "area_mp", "beads_per_mp"])
+        for d, dens, c, mp, f in sorted(pts):
+            w.writerow([f, d, c, f"{mp:.6g}", f"{dens:.6g}"])
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
     d = np.array([p[0] for p in pts], float)
-    c = np.array([p[1] for p in pts], float)
-    ax.scatter(d, np.maximum(c, 0.8), color="tab:blue", zorder=3, label="images")
+    y = np.array([p[1] for p in pts], float)
+    floor = 0.5 / max(p[3] for p in pts)  # an image without beads, drawn at half a bead
+    ax.scatter(d, np.maximum(y, floor), color="tab:blue", zorder=3, label="frames")
     if math.isfinite(fit["slope"]):
         xs = np.geomspace(d.min(), d.max(), 50)
         ax.plot(xs, 10 ** (fit["intercept"] + fit["slope"] * np.log10(xs)), color="tab:red",
@@ -705,8 +712,8 @@ def write_dilution_outputs(out_dir: Path, rows: list[dict]) -> dict | None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("dilution (x)")
-    ax.set_ylabel("beads per image")
-    ax.set_title("Bead count across the dilution series"
+    ax.set_ylabel("bead density (beads per megapixel)")
+    ax.set_title("Bead density across the dilution series"
                  + ("\n(no line fitted: see prediction_summary.txt)" if fit["skipped"]
                     else ""), fontsize=10)
     ax.legend(fontsize=8)
