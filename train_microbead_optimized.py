@@ -512,12 +512,7 @@ def flatfield_spec(masks: np.ndarray, images: np.ndarray) -> dict:
     are pooled percentiles of the background ratio over all tiles (one scale for the whole
     dataset, never per image, so tiles and frames normalise alike).
     """
-    area = float(microbead_metrics.estimate_bead_area(list(masks)))
-    diameter = 2.0 * math.sqrt(area / math.pi) if area > 0 else 5.0
-    window = mio.flatfield_window(diameter)
-    low, high = mio.flatfield_levels(images, window)
-    return {"method": "flatfield", "window": int(window), "low": round(low, 6),
-            "high": round(high, 6)}
+    return mio.flatfield_spec(images, float(microbead_metrics.estimate_bead_area(list(masks))))
 
 
 def _fatal(message: str):
