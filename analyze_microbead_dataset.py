@@ -63,6 +63,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections import Counter
@@ -1494,8 +1495,8 @@ def plot_label_quality(analysis: Analysis, path: Path) -> None:
     lab = analysis.labels or {"rows": {}, "pairs": [], "summary": {}}
     rows = [r for r in lab["rows"].values() if r.get("assessed")]
     s = lab["summary"]
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
-    a1, a2, a3, a4 = axes
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    a1, a2, a3, a4 = axes.ravel()
     if rows:
         dx = np.array([r["offset_dx"] for r in rows], float)
         dy = np.array([r["offset_dy"] for r in rows], float)
@@ -1504,12 +1505,23 @@ def plot_label_quality(analysis: Analysis, path: Path) -> None:
         jit = np.random.default_rng(0).uniform(-0.15, 0.15, (2, len(rows)))
         a1.scatter((dx + jit[0])[~bad], (dy + jit[1])[~bad], s=14,
                    c=np.where(flag, "tab:red", "tab:blue")[~bad])
+        a1.scatter([], [], s=14, color="tab:blue", label="mask on its beads")
+        a1.scatter([], [], s=14, color="tab:red", label="offset mask (numbered)")
         if bad.any():
             a1.scatter(dx[bad], dy[bad], marker="x", color="grey", label="mismatched mask")
-            a1.legend(fontsize=7)
-        for r in rows:
-            if r["mask_offset"]:
-                a1.annotate(r["file"][-22:], (r["offset_dx"], r["offset_dy"]), fontsize=6)
+        a1.legend(fontsize=8, loc="lower left")
+        # Numbered points, names in a list beside: names keep their dilution and never
+        # overlap, however many masks share an offset.
+        listed = [r for r in rows if r["mask_offset"]]
+        for k, r in enumerate(listed, start=1):
+            a1.annotate(str(k), (r["offset_dx"], r["offset_dy"]), xytext=(4, 4 + 7 * (k % 2)),
+                        textcoords="offset points", fontsize=9, color="tab:red")
+        if listed:
+            a1.text(1.02, 1.0, "offset masks\n" + "\n".join(
+                f"{k}  {short_tile_name(r['file'])}  "
+                f"{_offset_text(r['offset_dy'], r['offset_dx'])}"
+                for k, r in enumerate(listed, start=1)), transform=a1.transAxes, va="top",
+                fontsize=9, family="monospace")
         m = lq.MIN_OFFSET_PX - 0.5
         a1.add_patch(plt.Rectangle((-m, -m), 2 * m, 2 * m, fill=False, ls=":", color="grey"))
         lim = s.get("max_shift_px", lq.MAX_SHIFT) + 0.5
@@ -1517,6 +1529,9 @@ def plot_label_quality(analysis: Analysis, path: Path) -> None:
         ev = sorted((r["evidence"], r["file"], r["mismatch"]) for r in rows)
         a2.bar(range(len(ev)), [e[0] for e in ev],
                color=["tab:red" if e[2] else "tab:green" for e in ev])
+        a2.bar([0], [0], color="tab:green", label="mask")
+        if any(e[2] for e in ev):
+            a2.bar([0], [0], color="tab:red", label="mismatched mask")
         if s.get("evidence_median") is not None and math.isfinite(s["evidence_median"]):
             a2.axhline(s["evidence_median"], color="k", ls="--", lw=1, label="median")
         if s.get("mismatch_threshold") is not None and math.isfinite(s["mismatch_threshold"]):
@@ -1554,13 +1569,24 @@ def plot_label_quality(analysis: Analysis, path: Path) -> None:
             edge = mm_ & ~ndi.binary_erosion(mm_, structure=np.ones((3, 3), bool))
             rgb[edge] = colour
         a4.imshow(rgb, interpolation="nearest")
-        a4.set_title(f"{r['file'][-34:]}\noffset {_offset_text(r['offset_dy'], r['offset_dx'])}"
-                     " (red: stored, green: shifted back)", fontsize=8)
+        a4.set_title(f"{short_tile_name(r['file'])}: offset "
+                     f"{_offset_text(r['offset_dy'], r['offset_dx'])}\nmask as stored red, "
+                     "shifted back green", fontsize=10)
     else:
         a4.text(0.5, 0.5, "no offset mask", ha="center", va="center", transform=a4.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def short_tile_name(name: str) -> str:
+    """``"640x r1 c1"`` for ``640x_2025-05-16_00-59-00_002_grid_r1_c1.png``: the dilution
+    and grid position a figure label needs; other names: the stem, cut to 28 characters."""
+    stem = Path(name).stem
+    m = re.match(r"^(?:(\d+(?:\.\d+)?x)_)?.*?_grid_r(\d+)_c(\d+)$", stem)
+    if m:
+        return " ".join(x for x in (m.group(1), f"r{m.group(2)}", f"c{m.group(3)}") if x)
+    return stem if len(stem) <= 28 else stem[:13] + "..." + stem[-12:]
 
 
 def fixed_dir_problem(fixed: Path, data_dir: Path, output_dir: Path) -> str | None:

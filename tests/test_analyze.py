@@ -562,3 +562,9 @@ def test_mask_with_half_its_beads_erased_is_a_partial_suspect(synthetic, tmp_pat
     report = (out / am.REPORT).read_text()
     for r in victims:
         assert r["file"] in report
+
+
+def test_figure_labels_keep_the_dilution_and_grid_position():
+    assert am.short_tile_name("640x_2025-05-16_00-59-00_002_grid_r1_c1.png") == "640x r1 c1"
+    assert am.short_tile_name("-0-59-00_grid_r3_c2.png") == "r3 c2"
+    assert len(am.short_tile_name("x" * 60 + ".tif")) <= 28
