@@ -672,7 +672,8 @@ def residual_flags(reps: Replicates, fit: Fit, limit: float = RESIDUAL_FLAG_SD) 
         return []
     z = (reps.y - fit.predict(reps.x)) / reps.sd()
     bad = np.flatnonzero(np.isfinite(z) & (np.abs(z) > limit))
-    out = [f"residual: replicate {reps.ids[i] if i < len(reps.ids) else i} at "
+    names = [str(x).removeprefix("image:") for x in reps.ids] or [str(i) for i in range(len(reps))]
+    out = [f"residual: replicate {names[i]} at "
            f"concentration {reps.x[i]:.4g} is {z[i]:+.1f} SD from the {fit.kind} curve"
            for i in bad]
     finite = int(np.isfinite(z).sum())
@@ -1471,6 +1472,15 @@ def _log_x_axis(ax, reps: Replicates, unit: str) -> None:
     ax.set_xlabel(f"concentration ({unit or 'no unit'}), log axis")
 
 
+#: Colour, line style and legend note of each fit that is not the chosen one (the chosen one
+#: is solid red). A straight line only looks straight on the axes it was fitted on.
+FIT_STYLES = {
+    "linear": ("tab:orange", "--", " (straight on linear axes; curved on this log x axis)"),
+    "loglog": ("tab:cyan", "-.", " (straight on log-log axes, right panel)"),
+    "4pl": ("tab:brown", (0, (1, 1.5)), " (4-parameter logistic)"),
+}
+
+
 def plot_calibration(path: Path, reps: Replicates, fits: dict[str, Fit], chosen: str,
                      limits: dict, *, unit: str, density_label: str, title: str = "",
                      true_fit: Fit | None = None, dpi: int = 110) -> None:
@@ -1487,7 +1497,7 @@ def plot_calibration(path: Path, reps: Replicates, fits: dict[str, Fit], chosen:
     grid = np.geomspace(pos.min() / 1.5, pos.max() * 1.5, 200)
     fit = fits[chosen]
     lo, hi = fit.band(grid)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5))
     for ax, logy in zip(axes, (False, True)):
         ax.scatter(xp, reps.y, s=14, alpha=0.5, color="tab:blue", label="replicates")
         for i, idx in enumerate(reps.levels()):
@@ -1500,7 +1510,9 @@ def plot_calibration(path: Path, reps: Replicates, fits: dict[str, Fit], chosen:
         ax.plot(grid, fit.predict(grid), color="tab:red", lw=2, label=f"{chosen} fit")
         for k, f in fits.items():
             if k != chosen and f.converged:
-                ax.plot(grid, f.predict(grid), lw=1, ls=":", color="grey", label=f"{k} fit")
+                color, ls, note = FIT_STYLES.get(k, ("grey", ":", ""))
+                ax.plot(grid, f.predict(grid), lw=1.3, ls=ls, color=color,
+                        label=f"{k} fit{note}")
         if true_fit is not None and true_fit.converged:
             ax.plot(grid, true_fit.predict(grid), lw=1.5, ls="--", color="tab:green",
                     label="true curve")
@@ -1522,9 +1534,10 @@ def plot_calibration(path: Path, reps: Replicates, fits: dict[str, Fit], chosen:
         ax.set_ylabel(density_label)
         ax.set_title(f"{chosen} fit, R² {fit.r2:.3f}" + (", log y" if logy else ""))
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    # Below the panels: the fits' notes are long and would cover the right panel.
+    fig.legend(handles, labels, loc="lower center", fontsize=9, ncols=3, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.03 + 0.045 * math.ceil(len(labels) / 3), 1, 1))
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
