@@ -645,6 +645,25 @@ def overlay_rgb(pred: np.ndarray, truth: np.ndarray, max_side: int = GALLERY_MAX
     return rgb
 
 
+def headline_lines(summary: dict, iou_threshold: float) -> list[str]:
+    """The evaluation's result in three terminal lines: pixels, objects, counts."""
+    px, obj, cnt = summary["pixel"], summary["objects"], summary["counts"]
+    ceiling = summary.get("label_consistency_ceiling")
+    c = ceiling.get("pooled_jaccard") if isinstance(ceiling, dict) else None
+    total = (100.0 * (cnt["pred_total"] - cnt["true_total"]) / cnt["true_total"]
+             if cnt["true_total"] else float("nan"))
+    return [
+        f"{cnt['n_images']} image(s): mean IoU {px['mean_per_image']['jaccard']:.3f}, pooled "
+        f"IoU {px['pooled']['jaccard']:.3f}"
+        + (f" (the truth masks agree with themselves at {c:.3f})" if c is not None else ""),
+        f"beads matched at IoU >= {iou_threshold:.2f}: F1 {obj['f1']:.3f} (precision "
+        f"{obj['precision']:.3f}, recall {obj['recall']:.3f})",
+        f"bead counts: {cnt['pred_total']} predicted vs {cnt['true_total']} true "
+        f"({total:+.1f} % in total; per image median |error| "
+        f"{100 * cnt['median_rel_error']:.1f} %, MAE {cnt['mae']:.1f} beads)",
+    ]
+
+
 #: Colours of the worst-images gallery, and what a mixed colour means (downscaling averages
 #: neighbouring pixels): every colour the figure can show is in its legend.
 GALLERY_LEGEND = (((0, 200, 0), "TP: bead in both"), ((230, 30, 30), "FP: predicted only"),
@@ -1073,13 +1092,11 @@ def _run(args: argparse.Namespace, out: Path, inputs: dict) -> int:
                                            "pred_count", "obj_f1")} for r in worst]
     _write_results(args, out, rows, summary, worst, paths)
 
-    px, obj, cnt = summary["pixel"], summary["objects"], summary["counts"]
     if rows:
-        log.info("%d image(s): mean IoU %.4f, pooled IoU %.4f, object F1@%.2f %.4f, count MAE "
-                 "%.2f, R2(y=x) %s", len(rows), px["mean_per_image"]["jaccard"],
-                 px["pooled"]["jaccard"], args.iou_threshold, obj["f1"], cnt["mae"],
-                 _fmt(cnt["r2_identity"]))
-    log.info("wrote %s", out)
+        for line in headline_lines(summary, float(args.iou_threshold)):
+            log.info("%s", line)
+    log.info("wrote %s (report: %s; per image: per_image_metrics.csv, which "
+             "quantify_assay.py --truth takes as it is)", out, REPORT_NAME)
     n_unpaired = len(pairing.unpaired_images) + len(pairing.unpaired_masks)
     if failures:
         log.error("%d pair(s) failed:\n  %s", len(failures), "\n  ".join(failures))
