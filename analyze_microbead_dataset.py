@@ -1034,6 +1034,12 @@ def analyze_dataset(data_dir, *, image_size: int = 0, progress: bool = True,
         rec.stats, rec.candidates = image_statistics(
             img, rec.mask, median_area=median_area, bead_radius=radius
         )
+        # The inverted-contrast check is a property of the stored image, with a margin set
+        # in per-image percentile units: a mask of another tile's beads sits at polarity ~0
+        # and must be left to the mismatch check, not cross the margin by a change of scale.
+        rec.stats["polarity"] = mask_polarity(
+            _analysis_image(rec.image_path, image_size, None), rec.mask,
+            max(2, int(round(0.5 * radius))) if math.isfinite(radius) else 2)
     inverted = flag_inverted_contrast(records, root, problems)
     calib = flag_partial_masks(records, inverted)
     labels = label_checks(records, root, problems, skip=inverted, image_size=image_size,
@@ -1879,7 +1885,8 @@ def _report_integrity(analysis: Analysis) -> list[str]:
         f"masks with more than {NEARLY_FULL_RATIO:.0%} foreground; inverted contrast (below); "
         "constant (blank) images.\n")
     add(f"*Inverted contrast.* Beads are darker than their background, so for each image "
-        f"the polarity = mean normalised intensity in a ring around the mask (hole-filled mask "
+        f"the polarity = mean intensity (percentile-normalised per image for this check) in a "
+        f"ring around the mask (hole-filled mask "
         f"dilated by half a bead radius, minus the mask) - mean intensity inside the mask is "
         f"positive. The expected sign is the dataset median's when at least "
         f"{POLARITY_CONSENSUS_MIN} images have beads (else the dark-bead prior); an image is "

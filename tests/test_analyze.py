@@ -299,7 +299,7 @@ def test_default_is_the_stored_size_and_the_trainers_flatfield(tmp_path, no_figu
     report = (out / "MICROBEAD_ANALYSIS_RESULTS.md").read_text()
     assert "flat-field normalised like the trainer" in report
     assert "at 64 px (the stored tile size" in report
-    assert "percentile-normalised" not in report and "dark rims" not in report
+    assert "image percentile-normalised and resized" not in report and "dark rims" not in report
 
 
 def test_no_faster_smaller_input_is_offered_when_beads_are_already_small():
