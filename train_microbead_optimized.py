@@ -146,10 +146,11 @@ def cpu_notice(estimate_s: float, preset_s: float | None) -> str:
 
     ``preset_s`` None: the run already is ``--preset cpu`` (nothing faster to suggest).
     """
-    line = f"no GPU found; this configuration needs about {format_duration(estimate_s)} here"
     if preset_s is None:
-        return line + " (--preset cpu)"
-    return line + f"; `--preset cpu` takes about {format_duration(preset_s)}"
+        return (f"no GPU found; this configuration (--preset cpu) needs about "
+                f"{format_duration(estimate_s)} here")
+    return (f"no GPU found; this configuration needs about {format_duration(estimate_s)} "
+            f"here; `--preset cpu` takes about {format_duration(preset_s)}")
 
 
 def config_overrides(preset: dict, config: dict, explicit) -> list[str]:

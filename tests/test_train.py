@@ -434,7 +434,8 @@ def test_cpu_estimate_from_a_measured_step():
     assert tmo.format_duration(26.4 * 3600) == "26.4 h"
     assert tmo.cpu_notice(26.4 * 3600, 720) == ("no GPU found; this configuration needs about "
                                                 "26.4 h here; `--preset cpu` takes about 12 min")
-    assert tmo.cpu_notice(720, None).endswith("about 12 min here (--preset cpu)")
+    assert tmo.cpu_notice(720, None) == ("no GPU found; this configuration (--preset cpu) "
+                                         "needs about 12 min here")
 
 
 def test_config_values_that_replace_preset_values_are_named():
