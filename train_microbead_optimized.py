@@ -79,8 +79,9 @@ RESUME_PATH_OPTIONS = frozenset({"data_dir", "output_dir", "config"})
 # ----------------------------------------------------------------------------- pure helpers
 
 #: Cost of a training step (and of a validation image) relative to the U-Net at the same
-#: settings, measured with ``--preset cpu`` on the 2-core development machine (2026-12).
-MODEL_COST = {"unet": 1.0, "attention_unet": 1.3, "attention_resunet": 1.6}
+#: settings, on the 2-core development machine: 8-filter runs took 1.1-1.2x (Attention U-Net)
+#: and 1.1-1.9x (Attention ResUNet) the U-Net's time (README "Measured", 2026-11/12).
+MODEL_COST = {"unet": 1.0, "attention_unet": 1.2, "attention_resunet": 1.5}
 #: ``--preset cpu`` on one core of that machine: one training step (16 crops of 128 px, 8
 #: filters, depth 3, U-Net) and one megapixel of validation forward pass, in core-seconds.
 PRESET_CPU_STEP_CORE_S = 1.7
