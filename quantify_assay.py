@@ -1560,13 +1560,21 @@ def plot_residuals(path: Path, reps: Replicates, fits: dict[str, Fit], chosen: s
         r = (reps.y - fits[k].predict(reps.x)) / sd
         good = np.isfinite(r)
         ax.scatter(xp[good], r[good], s=14, color="tab:red" if k == chosen else "tab:blue")
-        for v, ls in ((0, "-"), (2, ":"), (-2, ":")):
+        far = good & (np.abs(np.where(good, r, 0)) > RESIDUAL_FLAG_SD)
+        if far.any():
+            ax.scatter(xp[far], r[far], s=70, facecolors="none", edgecolors="k", lw=1,
+                       label=f"beyond ±{RESIDUAL_FLAG_SD:g} SD" + (" (listed in the report)"
+                                                                 if k == chosen else ""))
+            ax.legend(fontsize=8, loc="best")
+        for v, ls in ((0, "-"), (RESIDUAL_FLAG_SD, ":"), (-RESIDUAL_FLAG_SD, ":")):
             ax.axhline(v, color="k", lw=0.8, ls=ls)
         _log_x_axis(ax, reps, unit)
         ax.set(ylabel="(y - fit) / SD",
                title=f"{k}{' (chosen)' if k == chosen else ''}: R² {fits[k].r2:.3f}")
     if not ok:
         axes[0][0].text(0.5, 0.5, "no fit converged", ha="center")
+    fig.suptitle("Standardised residuals (y - fit) / SD, SD = Poisson + model counting error; "
+                 f"dotted: ±{RESIDUAL_FLAG_SD:g} SD", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
