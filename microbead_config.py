@@ -617,7 +617,8 @@ def comparison_lines(rows: list[dict], reference: dict | None = None,
 
 
 def fit_warnings(model: str, val_jaccard: float, train_jaccard: float | None = None,
-                 ceiling: float | None = None, n_val: int | None = None) -> list[str]:
+                 ceiling: float | None = None, n_val: int | None = None,
+                 val_frames=()) -> list[str]:
     """Warnings a user needs beside a best val Jaccard (empty list: nothing unusual).
 
     Parameters
@@ -626,9 +627,11 @@ def fit_warnings(model: str, val_jaccard: float, train_jaccard: float | None = N
     train_jaccard : training Jaccard of the same epoch (augmented crops, dropout on), or None.
     ceiling : label-consistency ceiling (pooled Jaccard of grid neighbours' masks), or None.
     n_val : number of validation images (named in the message), or None.
+    val_frames : source frames of the validation images (named in the message).
     """
     out = []
     val_n = f" on {n_val} validation image(s)" if n_val else ""
+    frames = (f" (validation frame(s): {', '.join(val_frames)})" if val_frames else "")
     if (train_jaccard is not None and math.isfinite(train_jaccard)
             and val_jaccard - train_jaccard > VAL_ABOVE_TRAIN_MARGIN):
         out.append(
@@ -636,16 +639,17 @@ def fit_warnings(model: str, val_jaccard: float, train_jaccard: float | None = N
             f"{val_jaccard - train_jaccard:.2f} above training ({train_jaccard:.3f}). Training "
             "is scored on augmented crops with dropout on, but a gap this large usually "
             "means the few validation frames are easier (sparser, cleaner masks) than the "
-            "training frames: treat the validation score as a rough figure and check bead "
-            "counts (k-fold: --kfold 3).")
+            f"training frames{frames}: treat the validation score as a rough figure and check "
+            "bead counts (k-fold: --kfold 3).")
     if (ceiling is not None and math.isfinite(ceiling)
             and val_jaccard > ceiling + ABOVE_CEILING_MARGIN):
         out.append(
             f"{model}: validation Jaccard {val_jaccard:.3f} is above the label-consistency "
             f"ceiling {ceiling:.3f} (how well neighbouring tiles' masks agree on their shared "
             "pixels, over all tiles). The validation frames' masks agree with the model better "
-            "than the labels agree with themselves on average: they are likely easier than "
-            "the average tile, so this score overstates accuracy on the whole dataset.")
+            f"than the labels agree with themselves on average: they are likely easier than "
+            f"the average tile{frames}, so this score overstates accuracy on the whole "
+            "dataset.")
     return out
 
 

@@ -1004,6 +1004,16 @@ def best_per_model(histories: list[History]) -> dict[str, float]:
     return out
 
 
+def _val_frames(folder: Path) -> list[str]:
+    """Source frames of the validation side, from the run's ``split.json`` (or none)."""
+    import json
+
+    try:
+        return list(json.loads((folder / "split.json").read_text())["val_groups"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def fit_warning_lines(per_run: pd.DataFrame, histories: list[History]) -> list[str]:
     """``microbead_config.fit_warnings`` for every (run, model): validation far above
     training (at the best epoch), or above the data's label-consistency ceiling."""
@@ -1016,7 +1026,8 @@ def fit_warning_lines(per_run: pd.DataFrame, histories: list[History]) -> list[s
         i = f["val_jacard_coef"].idxmax()
         name = f"{h.run} · {h.model}" if len({x.run for x in histories}) > 1 else h.model
         out += mcfg.fit_warnings(name, float(f.loc[i, "val_jacard_coef"]),
-                                 float(f.loc[i, "jacard_coef"]), ceilings.get(h.run))
+                                 float(f.loc[i, "jacard_coef"]), ceilings.get(h.run),
+                                 val_frames=_val_frames(h.path.parent))
     return out
 
 

@@ -1289,6 +1289,7 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
         "_bn_momentum": bn_m,
         "_train_jacard": float(hist[best_i].get("jacard_coef", np.nan)),
         "_n_val": len(val_idx),
+        "_val_frames": sorted({data["groups"][i] for i in val_idx}),
     }
 
 
@@ -1754,7 +1755,7 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
         ceiling = r.get("label_ceiling")
         for line in fit_warnings(r["model"], float(r["best_val_jacard"]), r.get("_train_jacard"),
                                  float(ceiling) if ceiling not in (None, "") else None,
-                                 r.get("_n_val")):
+                                 r.get("_n_val"), r.get("_val_frames", ())):
             log.warning("%s", line)
     for r in all_rows:
         infer, batch = float(r["best_val_jacard_reloaded"]), float(r["val_jacard_batchstats"])

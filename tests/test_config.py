@@ -240,8 +240,9 @@ def test_fit_warnings_val_above_training_or_above_the_label_ceiling():
     assert mcfg.fit_warnings("unet", 0.80, 0.75, 0.78) == []
     (msg,) = mcfg.fit_warnings("unet", 0.82, 0.61, None, n_val=7)
     assert "0.21 above training (0.610)" in msg and "7 validation" in msg
-    (msg,) = mcfg.fit_warnings("unet", 0.82, None, 0.478)
+    (msg,) = mcfg.fit_warnings("unet", 0.82, None, 0.478, val_frames=["10240x_a"])
     assert "above the label-consistency ceiling 0.478" in msg
+    assert "validation frame(s): 10240x_a" in msg
 
 
 def test_config_module_imports_nothing_heavy():
