@@ -344,13 +344,36 @@ def overlay_image(gray01: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return cv2.copyTo(solid, edge.view(np.uint8), rgb)
 
 
-def comparison_image(gray01, prob, overlay, max_width: int = 2400) -> np.ndarray:
-    """Side by side: image | probability (inferno) | overlay, downscaled for viewing."""
+#: Panel titles of ``comparisons/*.png``.
+COMPARISON_TITLES = ("image", "bead probability (black 0 - yellow 1)",
+                     "beads found (tinted green, each outlined in yellow)")
+
+
+def comparison_layout(h: int, w: int, max_side: int = 2400) -> tuple[bool, float]:
+    """``(stacked, scale)`` for three ``h x w`` panels within ``max_side`` px each way:
+    side by side or one above the other, whichever shows the frame larger (a 3362x512 row
+    strip is stacked, a square tile side by side). Never enlarged."""
+    side = min(1.0, max_side / (3 * w), max_side / h)
+    stacked = min(1.0, max_side / w, max_side / (3 * h))
+    return stacked > side, max(side, stacked)
+
+
+def _titled(panel: np.ndarray, title: str) -> np.ndarray:
+    """``panel`` under a white banner with ``title`` in black (readable at 100 %)."""
+    import cv2
+
+    bar = np.full((30, panel.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, title, (6, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, panel], axis=0)
+
+
+def comparison_image(gray01, prob, overlay, max_side: int = 2400) -> np.ndarray:
+    """Image | probability (inferno) | overlay, each titled, downscaled for viewing: side by
+    side, or stacked when the frame is a wide strip (see :func:`comparison_layout`)."""
     import cv2
 
     h, w = gray01.shape[:2]
-    sep_w = max(2, w // 200)
-    f = min(1.0, max_width / (3 * w + 2 * sep_w))
+    stacked, f = comparison_layout(h, w, max_side)
     size = (max(1, int(round(w * f))), max(1, int(round(h * f))))
 
     def small(a):  # each panel shrunk first: 9x fewer pixels to move than the full row
@@ -360,8 +383,13 @@ def comparison_image(gray01, prob, overlay, max_width: int = 2400) -> np.ndarray
     heat = cv2.applyColorMap(mio.to_uint8(np.clip(small(np.asarray(prob, np.float32)), 0, 1)),
                              cv2.COLORMAP_INFERNO)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    panels = [cv2.cvtColor(g, cv2.COLOR_GRAY2RGB), heat, small(overlay)]
-    sep = np.full((size[1], max(1, int(round(sep_w * f))), 3), 255, np.uint8)
+    panels = [_titled(p, t) for p, t in zip(
+        (cv2.cvtColor(g, cv2.COLOR_GRAY2RGB), heat, small(overlay)), COMPARISON_TITLES)]
+    gap = 8
+    if stacked:
+        sep = np.full((gap, panels[0].shape[1], 3), 255, np.uint8)
+        return np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=0)
+    sep = np.full((panels[0].shape[0], gap, 3), 255, np.uint8)
     return np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=1)
 
 

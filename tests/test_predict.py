@@ -416,3 +416,16 @@ def test_overwrite_removes_the_previous_predictions_files_only(tmp_path, tiny_un
     used = json.loads((out / "prediction_config.json").read_text())
     assert used["overlap"] == tiling.default_overlap(2) and used["network_depth"] == 2
     assert "receptive field" in used["overlap_source"]
+
+
+def test_comparison_of_a_wide_strip_is_stacked_titled_and_readable():
+    # A grid-row strip of 7 tiles (3362x512): side by side it was 2399x121 px.
+    stacked, f = pm.comparison_layout(512, 3362)
+    assert stacked and f == pytest.approx(2400 / 3362)
+    assert pm.comparison_layout(512, 512) == (False, 1.0)  # a tile: side by side, full size
+    gray = np.random.default_rng(0).random((64, 420)).astype(np.float32)
+    out = pm.comparison_image(gray, gray, np.zeros((64, 420, 3), np.uint8), max_side=300)
+    stacked, f = pm.comparison_layout(64, 420, 300)
+    assert stacked and out.shape[1] == round(420 * f)
+    assert out.shape[0] == 3 * (round(64 * f) + 30) + 2 * 8  # three titled panels
+    assert (out[:30] < 128).any()  # the title's black text
