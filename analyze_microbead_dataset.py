@@ -8,8 +8,9 @@ What it does, in order:
    images whose contrast looks inverted relative to their mask, blank images. One row per
    problem in ``integrity_problems.csv`` and a table in the report.
 2. **Statistics** per image and overall, on the masks *as training sees them*: each mask is
-   binarized and resized to ``--image_size`` with ``microbead_io.resize_mask`` and each image
-   normalised then resized exactly as ``microbead_io.load_pair`` does. Objects per image
+   binarized and resized to ``--image_size`` (default: the stored tile size, as training) with
+   ``microbead_io.resize_mask`` and each image resized, then flat-field normalised with the
+   spec the trainer computes for the same tiles (``microbead_io.flatfield_spec``). Objects per image
    (8-connected components) and a touching-bead-aware bead count
    (``microbead_metrics.count_beads``), positive-pixel ratio, object areas and equivalent
    diameters, brightness, contrast, focus, partial-mask suspects, per-dilution groups.
@@ -62,6 +63,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections import Counter
@@ -631,6 +633,18 @@ def _recommend_image_size(stats: dict) -> tuple[dict, dict]:
     return config, evidence
 
 
+def smaller_input_note(smallest, size: int) -> str:
+    """The sentence on a faster, smaller input size: offered only when there is one."""
+    if smallest is None:
+        return ""
+    if smallest < size:
+        return (f"Smallest input size still giving {MIN_BEAD_DIAMETER_PX:g} px beads: "
+                f"{smallest} (a faster, lower-resolution option).")
+    return (f"No smaller input size keeps beads at {MIN_BEAD_DIAMETER_PX:g} px or more "
+            f"(it would take {smallest} px, above the {size} px recommended), so there is "
+            "no faster, lower-resolution option.")
+
+
 def _recommend_loss(stats: dict) -> tuple[dict, dict]:
     """``loss``: plain Dice only for extreme imbalance without empty masks."""
     f = stats.get("mean_positive_ratio")
@@ -763,11 +777,26 @@ def inspect_pair(image_path: Path, mask_path: Path, image_size: int, root: Path
     return rec, problems
 
 
-def _analysis_image(path: Path, image_size: int) -> np.ndarray:
-    """The image exactly as ``microbead_io.load_pair`` prepares it, ``(S, S)`` float32."""
-    img = mio.read_image(path, 1)
-    img = mio.apply_normalization(img, None)
-    return mio.resize_image(img, image_size)[..., 0]
+def stored_size(pairs) -> int:
+    """Stored size (the smaller side) of the first readable image of ``pairs``: the size
+    training uses when ``--image_size`` is left at 0; 256 when none is readable."""
+    for image_path, _ in pairs:
+        try:
+            return int(min(mio.read_image(image_path, 1).shape[:2]))
+        except (OSError, ValueError):  # unreadable: the integrity check names it
+            continue
+    return 256
+
+
+def _analysis_image(path: Path, image_size: int, norm: dict | None) -> np.ndarray:
+    """The image as the trainer prepares it, ``(S, S)`` float32: read raw, resized to the
+    input size, then normalised with ``norm`` (the trainer's flat-field spec; ``RAW`` keeps
+    the stored values, ``None`` is per-image percentiles)."""
+    img = mio.resize_image(mio.apply_normalization(mio.read_image(path, 1), mio.RAW),
+                           image_size)
+    if img.ndim == 2:
+        img = img[..., None]
+    return mio.apply_normalization(img, norm)[..., 0]
 
 
 def image_statistics(image01: np.ndarray, mask: np.ndarray, *, median_area: float,
@@ -829,6 +858,8 @@ class Analysis:
     n_images: int = 0
     n_masks: int = 0
     labels: dict = field(default_factory=dict)  # label_checks(); "fixed" after --write_fixed
+    #: The normalisation the statistics used: the trainer's flat-field spec for this data.
+    normalization: dict | None = None
 
 
 def _pixel_scale(data_dir: Path) -> float | None:
@@ -956,7 +987,7 @@ def attach_problems(records: list[ImageRecord], problems: list[Problem]) -> None
                                   + problem_by_file.get(rec.mask_path.stem, [])))
 
 
-def analyze_dataset(data_dir, *, image_size: int = 256, progress: bool = True,
+def analyze_dataset(data_dir, *, image_size: int = 0, progress: bool = True,
                     val_fraction: float = DEFAULT_VAL_FRACTION) -> Analysis:
     """Integrity check, statistics and recommendation for ``data_dir/{images,masks}``.
 
@@ -966,7 +997,8 @@ def analyze_dataset(data_dir, *, image_size: int = 256, progress: bool = True,
         Folder with ``images/`` and ``masks/``.
     image_size : int
         Analysis size (pixels); masks/images are resized to ``(image_size, image_size)``
-        the way training resizes them.
+        the way training resizes them. 0 (default): the stored size of the first tile, which
+        is what training uses by default.
     progress : bool
         tqdm bars over the images.
 
@@ -986,16 +1018,28 @@ def analyze_dataset(data_dir, *, image_size: int = 256, progress: bool = True,
     n_images, n_masks = len(mio.list_images(image_dir)), len(mio.list_images(mask_dir))
     pairing = mio.pair_files(image_dir, mask_dir)
     problems = pairing_problems(pairing, root) + skipped_problems(root, (image_dir, mask_dir))
+    if not image_size:
+        image_size = stored_size(pairing.pairs)
     records = inspect_pairs(pairing.pairs, image_size, root, problems, progress)
     median_area = float(mm.estimate_bead_area(r.mask for r in records)) if records else 0.0
     radius = math.sqrt(median_area / math.pi) if median_area > 0 else float("nan")
+    # The trainer's normalisation (flat-field: background division, one dataset-level
+    # scale), computed the same way from the same tiles at the same size.
+    norm = mio.flatfield_spec([_analysis_image(r.image_path, image_size, mio.RAW)[..., None]
+                               for r in records], median_area) if records else None
 
     # Pass 2: statistics on the training-preprocessed image and mask.
     for rec in tqdm(records, desc="statistics", unit="img", disable=not progress):
-        img = _analysis_image(rec.image_path, image_size)
+        img = _analysis_image(rec.image_path, image_size, norm)
         rec.stats, rec.candidates = image_statistics(
             img, rec.mask, median_area=median_area, bead_radius=radius
         )
+        # The inverted-contrast check is a property of the stored image, with a margin set
+        # in per-image percentile units: a mask of another tile's beads sits at polarity ~0
+        # and must be left to the mismatch check, not cross the margin by a change of scale.
+        rec.stats["polarity"] = mask_polarity(
+            _analysis_image(rec.image_path, image_size, None), rec.mask,
+            max(2, int(round(0.5 * radius))) if math.isfinite(radius) else 2)
     inverted = flag_inverted_contrast(records, root, problems)
     calib = flag_partial_masks(records, inverted)
     labels = label_checks(records, root, problems, skip=inverted, image_size=image_size,
@@ -1014,7 +1058,7 @@ def analyze_dataset(data_dir, *, image_size: int = 256, progress: bool = True,
     else:
         config, evidence = {}, {}
     return Analysis(root, image_size, records, problems, summary, config, evidence, calib,
-                    n_images, n_masks, labels=labels)
+                    n_images, n_masks, labels=labels, normalization=norm)
 
 
 def build_summary(records: list[ImageRecord], problems: list[Problem], *, image_size: int,
@@ -1459,8 +1503,8 @@ def plot_label_quality(analysis: Analysis, path: Path) -> None:
     lab = analysis.labels or {"rows": {}, "pairs": [], "summary": {}}
     rows = [r for r in lab["rows"].values() if r.get("assessed")]
     s = lab["summary"]
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
-    a1, a2, a3, a4 = axes
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    a1, a2, a3, a4 = axes.ravel()
     if rows:
         dx = np.array([r["offset_dx"] for r in rows], float)
         dy = np.array([r["offset_dy"] for r in rows], float)
@@ -1469,12 +1513,23 @@ def plot_label_quality(analysis: Analysis, path: Path) -> None:
         jit = np.random.default_rng(0).uniform(-0.15, 0.15, (2, len(rows)))
         a1.scatter((dx + jit[0])[~bad], (dy + jit[1])[~bad], s=14,
                    c=np.where(flag, "tab:red", "tab:blue")[~bad])
+        a1.scatter([], [], s=14, color="tab:blue", label="mask on its beads")
+        a1.scatter([], [], s=14, color="tab:red", label="offset mask (numbered)")
         if bad.any():
             a1.scatter(dx[bad], dy[bad], marker="x", color="grey", label="mismatched mask")
-            a1.legend(fontsize=7)
-        for r in rows:
-            if r["mask_offset"]:
-                a1.annotate(r["file"][-22:], (r["offset_dx"], r["offset_dy"]), fontsize=6)
+        a1.legend(fontsize=8, loc="lower left")
+        # Numbered points, names in a list beside: names keep their dilution and never
+        # overlap, however many masks share an offset.
+        listed = [r for r in rows if r["mask_offset"]]
+        for k, r in enumerate(listed, start=1):
+            a1.annotate(str(k), (r["offset_dx"], r["offset_dy"]), xytext=(4, 4 + 7 * (k % 2)),
+                        textcoords="offset points", fontsize=9, color="tab:red")
+        if listed:
+            a1.text(1.02, 1.0, "offset masks\n" + "\n".join(
+                f"{k}  {short_tile_name(r['file'])}  "
+                f"{_offset_text(r['offset_dy'], r['offset_dx'])}"
+                for k, r in enumerate(listed, start=1)), transform=a1.transAxes, va="top",
+                fontsize=9, family="monospace")
         m = lq.MIN_OFFSET_PX - 0.5
         a1.add_patch(plt.Rectangle((-m, -m), 2 * m, 2 * m, fill=False, ls=":", color="grey"))
         lim = s.get("max_shift_px", lq.MAX_SHIFT) + 0.5
@@ -1482,6 +1537,9 @@ def plot_label_quality(analysis: Analysis, path: Path) -> None:
         ev = sorted((r["evidence"], r["file"], r["mismatch"]) for r in rows)
         a2.bar(range(len(ev)), [e[0] for e in ev],
                color=["tab:red" if e[2] else "tab:green" for e in ev])
+        a2.bar([0], [0], color="tab:green", label="mask")
+        if any(e[2] for e in ev):
+            a2.bar([0], [0], color="tab:red", label="mismatched mask")
         if s.get("evidence_median") is not None and math.isfinite(s["evidence_median"]):
             a2.axhline(s["evidence_median"], color="k", ls="--", lw=1, label="median")
         if s.get("mismatch_threshold") is not None and math.isfinite(s["mismatch_threshold"]):
@@ -1519,13 +1577,24 @@ def plot_label_quality(analysis: Analysis, path: Path) -> None:
             edge = mm_ & ~ndi.binary_erosion(mm_, structure=np.ones((3, 3), bool))
             rgb[edge] = colour
         a4.imshow(rgb, interpolation="nearest")
-        a4.set_title(f"{r['file'][-34:]}\noffset {_offset_text(r['offset_dy'], r['offset_dx'])}"
-                     " (red: stored, green: shifted back)", fontsize=8)
+        a4.set_title(f"{short_tile_name(r['file'])}: offset "
+                     f"{_offset_text(r['offset_dy'], r['offset_dx'])}\nmask as stored red, "
+                     "shifted back green", fontsize=10)
     else:
         a4.text(0.5, 0.5, "no offset mask", ha="center", va="center", transform=a4.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def short_tile_name(name: str) -> str:
+    """``"640x r1 c1"`` for ``640x_2025-05-16_00-59-00_002_grid_r1_c1.png``: the dilution
+    and grid position a figure label needs; other names: the stem, cut to 28 characters."""
+    stem = Path(name).stem
+    m = re.match(r"^(?:(\d+(?:\.\d+)?x)_)?.*?_grid_r(\d+)_c(\d+)$", stem)
+    if m:
+        return " ".join(x for x in (m.group(1), f"r{m.group(2)}", f"c{m.group(3)}") if x)
+    return stem if len(stem) <= 28 else stem[:13] + "..." + stem[-12:]
 
 
 def fixed_dir_problem(fixed: Path, data_dir: Path, output_dir: Path) -> str | None:
@@ -1626,7 +1695,8 @@ def plot_samples(analysis: Analysis, path: Path, k: int = 8) -> list[str]:
     for ax in axes.ravel():
         ax.axis("off")
     for ax, rec in zip(axes.ravel(), chosen):
-        img = _analysis_image(rec.image_path, analysis.image_size)
+        img = np.clip(_analysis_image(rec.image_path, analysis.image_size,
+                                      analysis.normalization), 0.0, 1.0)
         m = rec.mask.astype(bool)
         edge = m & ~ndi.binary_erosion(m, structure=np.ones((3, 3), bool))
         rgb = np.repeat(img[..., None], 3, axis=-1)
@@ -1777,10 +1847,18 @@ def _report_header(analysis: Analysis, *, runtime_s: float, command: str) -> lis
     add(f"Dataset `{analysis.data_dir}`: {s['n_image_files']} image files, "
         f"{s['n_mask_files']} mask files, {s['n_pairs']} pairs, **{n} pairs analysed**. "
         f"Generated by `{command}` in {runtime_s:.1f} s.\n")
+    norm = analysis.normalization or {}
+    how = (f"flat-field normalised like the trainer's default (divided by its local background, "
+           f"a grey closing over {norm['window']} px, i.e. 8 bead diameters; the ratio mapped "
+           f"{_fmt(norm['low'])} -> 0 and {_fmt(norm['high'])} -> 1 with one scale for the whole "
+           "dataset)" if norm.get("method") == "flatfield" else "percentile-normalised")
     add(f"All statistics are computed on the data **as training sees it**: each mask binarized "
         f"and resized to {analysis.image_size}x{analysis.image_size} with "
-        f"`microbead_io.resize_mask` (nearest neighbour, re-binarized), each image percentile-"
-        f"normalised and resized with `microbead_io` exactly like `load_pair`. Native sizes: "
+        f"`microbead_io.resize_mask` (nearest neighbour, re-binarized), each image resized "
+        f"and {how}. Sizes in px are at {analysis.image_size} px"
+        + (" (the stored tile size, which training uses by default)"
+           if analysis.image_size in {int(k.split("x")[0]) for k in s["native_sizes"]} else "")
+        + ". Native sizes: "
         + ", ".join(f"{k} ({v} images)" for k, v in s["native_sizes"].items())
         + (f"; pixel scale from dataset.json: {_fmt(s['pixel_scale'])}" if s["pixel_scale"]
            else "") + ".\n")
@@ -1808,11 +1886,12 @@ def _report_integrity(analysis: Analysis) -> list[str]:
         "and mask sizes equal; duplicate images by SHA-1 of the decoded pixels; empty masks and "
         f"masks with more than {NEARLY_FULL_RATIO:.0%} foreground; inverted contrast (below); "
         "constant (blank) images.\n")
-    add(f"*Inverted contrast.* Beads are dark rims on a brighter background, so for each image "
-        f"the polarity = mean normalised intensity in a ring around the mask (hole-filled mask "
+    add(f"*Inverted contrast.* Beads are darker than their background, so for each image "
+        f"the polarity = mean intensity (percentile-normalised per image for this check) in a "
+        f"ring around the mask (hole-filled mask "
         f"dilated by half a bead radius, minus the mask) - mean intensity inside the mask is "
         f"positive. The expected sign is the dataset median's when at least "
-        f"{POLARITY_CONSENSUS_MIN} images have beads (else the dark-rim prior); an image is "
+        f"{POLARITY_CONSENSUS_MIN} images have beads (else the dark-bead prior); an image is "
         f"reported when its polarity has the opposite sign by more than {POLARITY_MARGIN} "
         f"(normalised units). Median polarity: "
         f"{_fmt(_median([r.stats['polarity'] for r in analysis.records]))}.\n")
@@ -1896,21 +1975,30 @@ def _report_partial_masks(analysis: Analysis) -> list[str]:
     out: list[str] = []
     add = out.append
     add("## 3. Partial-mask suspects\n")
+    ring = math.isfinite(cal.get("ring_threshold", math.nan))
     add(f"Method: at the median bead radius r = {_fmt(_radius(s))} px, a difference of "
         "Gaussians (sigma 0.7 r and 2 r) of the darkness (1 - normalised image) peaks at the "
-        "centre of each dark ring; local maxima at least r from the border are candidates. A "
-        "ring score (mean darkness on the annulus 0.6-1.2 r minus the central disc <= 0.4 r) "
-        "separates rings from filled debris. Both thresholds are calibrated on the labelled "
-        f"beads themselves: {CANDIDATE_RESPONSE_FRACTION:g} x the median response and "
-        f"{CANDIDATE_RING_FRACTION:g} x the median ring score at the centroids of "
-        f"{cal['n_calibration_beads']} labelled single beads (thresholds "
-        f"{_fmt(cal['response_threshold'])} and {_fmt(cal['ring_threshold'])}). A candidate "
+        "centre of each dark bead; local maxima at least r from the border are candidates. "
+        + (("A ring score (mean darkness on the annulus 0.6-1.2 r minus the central disc "
+            "<= 0.4 r) separates ring beads from filled debris. Both thresholds are calibrated "
+            f"on the labelled beads themselves: {CANDIDATE_RESPONSE_FRACTION:g} x the median "
+            f"response and {CANDIDATE_RING_FRACTION:g} x the median ring score at the centroids "
+            f"of {cal['n_calibration_beads']} labelled single beads (thresholds "
+            f"{_fmt(cal['response_threshold'])} and {_fmt(cal['ring_threshold'])}). ")
+           if ring else
+           ("The labelled beads are solid (their median ring score is not positive), so no "
+            "ring criterion applies. The response threshold is calibrated on the labelled "
+            f"beads themselves: {CANDIDATE_RESPONSE_FRACTION:g} x the median response at the "
+            f"centroids of {cal['n_calibration_beads']} labelled single beads "
+            f"({_fmt(cal['response_threshold'])}). "))
+        + "A candidate "
         "whose centre is outside the hole-filled mask dilated by r/2 is *unlabelled*; an image "
         f"is a suspect when it has >= {PARTIAL_MIN_UNLABELLED} unlabelled candidates making "
         f">= {PARTIAL_MIN_FRACTION:.0%} of all its candidates (candidates against candidates, "
         "so the detector's lower recall in dense, touching clusters cancels out). Inverted "
-        "images are not assessed. The check finds missing ring-like beads; it cannot see "
-        "beads the detector misses, and debris that looks like a ring would count.\n")
+        "images are not assessed. The check finds missing beads; it cannot see beads the "
+        "detector misses, and " + ("debris that looks like a ring" if ring else
+                                   "dark debris of bead size") + " would count.\n")
     sus = [r for r in analysis.records if r.stats.get("partial_mask_suspect")]
     if sus:
         add(_table(["file", "beads in mask", "candidates", "unlabelled candidates", "fraction"],
@@ -1938,14 +2026,13 @@ def _report_recommendation(analysis: Analysis) -> list[str]:
             f"`models.py` with depth {e['assumed_depth']} (two 3x3 convolutions per level, 2x2 "
             f"pooling) have a theoretical receptive field of {e['receptive_field_px']} px; the "
             "effective one is much smaller (Luo et al. 2016). A bead should span >= "
-            f"{MIN_BEAD_DIAMETER_PX:g} px so its rim survives the first pooling steps, and at "
+            f"{MIN_BEAD_DIAMETER_PX:g} px so it survives the first pooling steps, and at "
             f"most RF/4 = {e['receptive_field_px'] / 4:g} px so a bead plus its surroundings fit "
             f"in the field. Measured median bead diameter: "
             f"{_fmt(e['median_bead_diameter_native_px'])} px at the native tile size "
             f"{e['native_tile_size']}, {_fmt(e['median_bead_diameter_at_recommended_size_px'])} "
-            f"px at the recommended size ({e['decision']}). Smallest input size still giving "
-            f"{MIN_BEAD_DIAMETER_PX:g} px beads: {_fmt(e['smallest_size_keeping_min_diameter'])}"
-            " (a faster, lower-resolution option).")
+            f"px at the recommended size ({e['decision']}). "
+            + smaller_input_note(e['smallest_size_keeping_min_diameter'], cfg['image_size']))
         e = ev["loss"]["evidence"]
         add(f"- **loss = {cfg['loss']}.** Rule: {ev['loss']['rule']}. Measured foreground ratio "
             f"{_fmt(e['mean_positive_ratio'])}, empty masks {_fmt(e['empty_mask_fraction'])}. "
@@ -2068,8 +2155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dataset folder with images/ and masks/")
     cli.add_option(p, "output_dir", default="dataset_analysis", type=Path,
                    help="results folder, never inside --data_dir")
-    cli.add_option(p, "image_size", default=256, type=int,
-                   help="size masks/images are resized to, as in training")
+    cli.add_option(p, "image_size", default=0, type=int,
+                   help="size masks/images are resized to, as in training; 0 = the stored "
+                        "tile size (what training uses by default)")
     cli.add_option(p, "val_fraction", default=DEFAULT_VAL_FRACTION, type=float,
                    help="validation fraction the batch-size recommendation assumes")
     cli.add_option(p, "strict", action="store_true",
@@ -2081,8 +2169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "unchanged (default: off)")
     cli.add_overwrite(p)
     args = p.parse_args(argv)
-    if args.image_size < 16:
-        p.error(f"--image_size must be >= 16, got {args.image_size}")
+    if args.image_size and args.image_size < 16:
+        p.error(f"--image_size must be 0 (stored size) or >= 16, got {args.image_size}")
     if not 0.0 <= args.val_fraction < 1.0:
         p.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     return args
@@ -2122,7 +2210,9 @@ def main(argv=None) -> int:
             return cli.fatal(log, "%s", exc)
         handlers.append(mio.add_log_handler(args.output_dir / LOG_FILE, mode="w"))
         claim.report(log)
-        log.info("analysing %s at %d px -> %s", args.data_dir, args.image_size, args.output_dir)
+        log.info("analysing %s at %s -> %s", args.data_dir,
+                 f"{args.image_size} px" if args.image_size else "the stored tile size",
+                 args.output_dir)
         try:
             analysis = analyze_dataset(args.data_dir, image_size=args.image_size,
                                        progress=not args.no_progress,

@@ -645,6 +645,63 @@ def overlay_rgb(pred: np.ndarray, truth: np.ndarray, max_side: int = GALLERY_MAX
     return rgb
 
 
+def headline_lines(summary: dict, iou_threshold: float) -> list[str]:
+    """The evaluation's result in three terminal lines: pixels, objects, counts."""
+    px, obj, cnt = summary["pixel"], summary["objects"], summary["counts"]
+    ceiling = summary.get("label_consistency_ceiling")
+    c = ceiling.get("pooled_jaccard") if isinstance(ceiling, dict) else None
+    total = (100.0 * (cnt["pred_total"] - cnt["true_total"]) / cnt["true_total"]
+             if cnt["true_total"] else float("nan"))
+    return [
+        f"{cnt['n_images']} image(s): mean IoU {px['mean_per_image']['jaccard']:.3f}, pooled "
+        f"IoU {px['pooled']['jaccard']:.3f}"
+        + (f" (the truth masks agree with themselves at {c:.3f})" if c is not None else ""),
+        f"beads matched at IoU >= {iou_threshold:.2f}: F1 {obj['f1']:.3f} (precision "
+        f"{obj['precision']:.3f}, recall {obj['recall']:.3f})",
+        f"bead counts: {cnt['pred_total']} predicted vs {cnt['true_total']} true "
+        f"({total:+.1f} % in total; per image median |error| "
+        f"{100 * cnt['median_rel_error']:.1f} %, MAE {cnt['mae']:.1f} beads)",
+    ]
+
+
+#: Colours of the worst-images gallery, and what a mixed colour means (downscaling averages
+#: neighbouring pixels): every colour the figure can show is in its legend.
+GALLERY_LEGEND = (((0, 200, 0), "TP: bead in both"), ((230, 30, 30), "FP: predicted only"),
+                  ((40, 90, 255), "FN: truth only"),
+                  ((135, 60, 142), "magenta: FP beside FN (a shifted bead)"),
+                  ((115, 115, 15), "olive: TP beside FP (prediction larger)"))
+#: Longest side of a wide frame's panel in the gallery (one per row).
+WIDE_GALLERY_MAX_SIDE = 1400
+
+
+def worst_gallery(panels):
+    """Figure of ``(row, rgb)`` panels with titles and a colour legend, little white space:
+    wide frames (more than 2:1) one per row at full figure width, tiles in a grid of 4."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    wide = any(rgb.shape[1] > 2 * rgb.shape[0] for _, rgb in panels)
+    ncols = 1 if wide else max(1, min(len(panels), 4))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    width = 13.0 if wide else 3.6 * ncols
+    # A squarer frame among wide ones is drawn at most 4.5 in tall, not at full width.
+    heights = ([min(4.5, width * rgb.shape[0] / rgb.shape[1]) + 0.5 for _, rgb in panels]
+               if wide else [3.9] * nrows) or [1.0]
+    fig = plt.figure(figsize=(width, sum(heights) + 0.9), layout="constrained")
+    grid = fig.add_gridspec(nrows, ncols, height_ratios=heights)
+    for i, (r, rgb) in enumerate(panels):
+        ax = fig.add_subplot(grid[i // ncols, i % ncols])
+        ax.imshow(rgb, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(f"{r['file']}: IoU {r['jaccard']:.3f}, beads {r['true_count']} true / "
+                     f"{r['pred_count']} predicted", fontsize=9)
+    handles = [Patch(color=np.array(c) / 255.0, label=t) for c, t in GALLERY_LEGEND]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9,
+               frameon=False)
+    fig.suptitle("Worst images by IoU (prediction against truth)", fontsize=11)
+    return fig
+
+
 def plot_figures(out: Path, rows: list[dict], summary: dict, worst: list[dict],
                  load: Callable[[dict], tuple[np.ndarray, np.ndarray]], dpi: int = 110,
                  ) -> list[str]:
@@ -711,23 +768,17 @@ def plot_figures(out: Path, rows: list[dict], summary: dict, worst: list[dict],
     written.append(FIG_F1)
 
     if worst:
-        n = len(worst)
-        ncols = min(n, 4)
-        nrows = math.ceil(n / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 4.2 * nrows),
-                                 squeeze=False, layout="constrained")
-        for ax in axes.ravel():
-            ax.axis("off")
-        for ax, r in zip(axes.ravel(), worst):
+        panels = []
+        for r in worst:
             try:
                 pred, truth = load(r)
             except Exception as exc:  # a file changed since evaluation: keep the others
                 log.warning("%s: gallery panel skipped (%s)", r["file"], exc)
                 continue
-            ax.imshow(overlay_rgb(pred, truth), interpolation="nearest")
-            ax.set_title(f"{r['file']}\nIoU {r['jaccard']:.3f}, beads {r['true_count']} true / "
-                         f"{r['pred_count']} pred", fontsize=7)
-        fig.suptitle("Worst images: TP green, FP red, FN blue", fontsize=10)
+            panels.append((r, overlay_rgb(pred, truth, WIDE_GALLERY_MAX_SIDE
+                                          if pred.shape[1] > 2 * pred.shape[0] else
+                                          GALLERY_MAX_SIDE)))
+        fig = worst_gallery(panels)
         fig.savefig(out / FIG_WORST, dpi=dpi)
         plt.close(fig)
         written.append(FIG_WORST)
@@ -1044,13 +1095,11 @@ def _run(args: argparse.Namespace, out: Path, inputs: dict) -> int:
                                            "pred_count", "obj_f1")} for r in worst]
     _write_results(args, out, rows, summary, worst, paths)
 
-    px, obj, cnt = summary["pixel"], summary["objects"], summary["counts"]
     if rows:
-        log.info("%d image(s): mean IoU %.4f, pooled IoU %.4f, object F1@%.2f %.4f, count MAE "
-                 "%.2f, R2(y=x) %s", len(rows), px["mean_per_image"]["jaccard"],
-                 px["pooled"]["jaccard"], args.iou_threshold, obj["f1"], cnt["mae"],
-                 _fmt(cnt["r2_identity"]))
-    log.info("wrote %s", out)
+        for line in headline_lines(summary, float(args.iou_threshold)):
+            log.info("%s", line)
+    log.info("wrote %s (report: %s; per image: per_image_metrics.csv, which "
+             "quantify_assay.py --truth takes as it is)", out, REPORT_NAME)
     n_unpaired = len(pairing.unpaired_images) + len(pairing.unpaired_masks)
     if failures:
         log.error("%d pair(s) failed:\n  %s", len(failures), "\n  ".join(failures))

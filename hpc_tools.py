@@ -11,8 +11,8 @@ Purpose
                          missing ones and version mismatches (never installs anything) and
                          whether TensorFlow sees a GPU.
     ``run-status``       ``finished`` / ``unfinished`` / ``missing``: can a run folder resume?
-    ``summary``          table of a run's ``training_summary.csv`` + comparison with the
-                         previous best (0.1427).
+    ``summary``          table of a run's ``training_summary.csv`` + each model's best
+                         val Jaccard beside the label-consistency ceiling.
     ``merge-summaries``  one ``training_summary.csv`` from several run folders (job arrays).
 
 Inputs
@@ -325,10 +325,9 @@ def format_table(rows, columns) -> str:
 
 
 def summary_text(rows, extra_columns=()) -> str:
-    """Summary table plus the trainer's comparison with the previous best val Jaccard."""
+    """Summary table plus each model's best val Jaccard (and the label ceiling, if any)."""
     table = format_table(rows, tuple(extra_columns) + TABLE_COLUMNS)
-    head = ("Comparison with the previous best validation Jaccard "
-            f"{mcfg.PREVIOUS_BEST_VAL_JACCARD}:")
+    head = "Best validation Jaccard per model:"
     return "\n".join([table, "", head, *mcfg.comparison_lines(rows)])
 
 

@@ -582,6 +582,17 @@ def flatfield_levels(images, window: int, *, low_pct: float = 0.1, high_pct: flo
     return float(lo), float(hi)
 
 
+def flatfield_spec(images, bead_area_px: float) -> dict:
+    """A dataset's flat-field normalisation: window from the median single-bead area
+    (px at the images' scale), dataset-level levels pooled over all ``images`` (raw,
+    ``(H, W, C)``). The trainer stores it in ``config.json``; the analysis uses the same."""
+    diameter = 2.0 * math.sqrt(bead_area_px / math.pi) if bead_area_px > 0 else 5.0
+    window = flatfield_window(diameter)
+    low, high = flatfield_levels(images, window)
+    return {"method": "flatfield", "window": int(window), "low": round(low, 6),
+            "high": round(high, 6)}
+
+
 NORMALIZATION_KEYS = {"percentile": {"low", "high"}, "flatfield": {"window", "low", "high"},
                       "none": set()}
 # Read as stored (value range kept): for loaders that normalise later, at model scale.

@@ -41,15 +41,68 @@ import json
 import logging
 import math
 import os
+import re
+import sys
+import tempfile
 import uuid
 import zipfile
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
-import keras
-from keras import layers, ops
+# TensorFlow's C++ start-up log ("failed call to cuInit ... (303)" on every machine without
+# a GPU, oneDNN and CPU-feature notes) alarms users and says nothing they can act on. The
+# level must be in the environment before TensorFlow loads; a user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+#: Lines TensorFlow's native libraries print while loading, before any log level applies.
+_STARTUP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IW]\d{4} \d\d:\d\d:\d\d"  # absl INFO / WARNING lines (E and F lines are kept)
+    r"|To enable the following instructions:)")
+
+
+def filter_startup_noise(text: str) -> str:
+    """``text`` without TensorFlow's native start-up INFO/WARNING lines (errors are kept)."""
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if not _STARTUP_NOISE.match(line))
+
+
+@contextmanager
+def _native_stderr_filtered():
+    """Capture file descriptor 2 while TensorFlow's libraries load, then replay every line
+    that is not start-up noise: those lines are written by C++ static initialisers before
+    ``TF_CPP_MIN_LOG_LEVEL`` is read, so no setting hides them."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        tmp = tempfile.TemporaryFile(mode="w+b")
+        os.dup2(tmp.fileno(), 2)
+    except (OSError, AttributeError, ValueError):  # no real fd 2: nothing to filter
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)
+        os.close(saved)
+        tmp.seek(0)
+        kept = filter_startup_noise(tmp.read().decode("utf-8", "replace"))
+        tmp.close()
+        if kept:
+            sys.stderr.write(kept)
+
+
+with _native_stderr_filtered():
+    import keras
+from keras import layers, ops  # noqa: E402
 
 __all__ = [
     "CUSTOM_OBJECTS",
+    "device_line",
     "LOSSES",
     "MODELS",
     "BestModelCheckpoint",
@@ -987,3 +1040,29 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             save_model(self.model, p)
         logger.info("epoch %d: %s improved to %.5f, saved %s", epoch + 1, self.monitor, value,
                     ", ".join(self.paths))
+
+def device_line() -> str:
+    """One plain line for the log: ``"running on CPU (N cores)"`` or ``"running on GPU:
+    NAME"`` (several GPUs: their names, comma-separated), for the active Keras backend."""
+    names = []
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            for g in tf.config.list_physical_devices("GPU"):
+                details = tf.config.experimental.get_device_details(g)
+                names.append(details.get("device_name") or g.name)
+        elif backend == "jax":
+            import jax
+
+            names = [d.device_kind for d in jax.devices() if d.platform == "gpu"]
+        elif backend == "torch":
+            import torch
+
+            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except (ImportError, RuntimeError, ValueError):
+        names = []
+    if names:
+        return "running on GPU: " + ", ".join(names)
+    return f"running on CPU ({os.cpu_count() or 1} cores)"

@@ -6,7 +6,7 @@
 #PBS -S /bin/bash
 #
 # Train the microbead U-Nets on one GPU node inside the TensorFlow 2.16.1 Singularity image,
-# then analyse the run (curves, summary table, comparison with the previous best 0.1427).
+# then analyse the run (curves, summary table, best val Jaccard beside the label ceiling).
 # Everything lands in the ONE run folder the trainer creates and names; its path comes back
 # through --run_dir_file, never from "the newest folder".
 #

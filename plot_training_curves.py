@@ -78,10 +78,9 @@ import microbead_io as mio  # noqa: E402  (logging helpers only; no image I/O he
 
 log = logging.getLogger("microbead.plot_training_curves")
 
-# Reference lines on every Jaccard figure: the best val Jaccard of the previous (seed) run and
-# the project's target.
-PREVIOUS_BEST_VAL_JACCARD = mcfg.PREVIOUS_BEST_VAL_JACCARD
-TARGET_VAL_JACCARD = 0.50
+# Reference line on every Jaccard figure: the label-consistency ceiling the trainer measured
+# on the run's own data (training_summary.csv ``label_ceiling``), when there is one. Other
+# runs are compared only when the user names them (``--compare RUN``).
 
 STABILITY_WINDOW = 10
 COLLAPSE_FRACTION = 0.10
@@ -623,6 +622,7 @@ class _Styler:
         self.models = sorted({h.model for h in histories}, key=model_sort_key)
         self.colors = model_colors(self.models)
         self.multi = len(self.runs) > 1
+        self.ceilings = sorted(set(label_ceilings(histories).values()))
 
     def color(self, h: History) -> tuple:
         return _shade(self.colors[h.model], self.runs.index(h.run), len(self.runs))
@@ -640,21 +640,27 @@ def _log_if_positive(ax, values) -> None:
         ax.set_yscale("log")
 
 
-def _reference_lines(ax, labels: bool = True) -> None:
-    ax.axhline(
-        PREVIOUS_BEST_VAL_JACCARD,
-        color="0.35",
-        ls=":",
-        lw=1.2,
-        label=f"previous run {PREVIOUS_BEST_VAL_JACCARD:.4f}" if labels else None,
-    )
-    ax.axhline(
-        TARGET_VAL_JACCARD,
-        color="crimson",
-        ls="--",
-        lw=1.2,
-        label=f"target {TARGET_VAL_JACCARD:.2f}" if labels else None,
-    )
+def label_ceilings(histories: list[History]) -> dict[str, float]:
+    """Run label -> label-consistency ceiling from the folder's ``training_summary.csv``
+    (``label_ceiling``, written by the trainer when the tiles have grid neighbours); runs
+    without one are left out."""
+    out = {}
+    for h in histories:
+        for row in mcfg.read_summary(h.path.parent / TRAINER_SUMMARY):
+            try:
+                value = float(row.get("label_ceiling") or "nan")
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                out[h.run] = round(value, 3)
+    return out
+
+
+def _reference_lines(ax, sty: _Styler, labels: bool = True) -> None:
+    """The label-consistency ceiling(s) of the plotted runs' data (nothing without one)."""
+    for value in sty.ceilings:
+        ax.axhline(value, color="crimson", ls="--", lw=1.2,
+                   label=f"label-consistency ceiling {value:.3f}" if labels else None)
 
 
 def _marks(frame: pd.DataFrame) -> dict:
@@ -712,7 +718,7 @@ def plot_training_curves(histories: list[History], path: Path, dpi: int = 120) -
             losses.extend(f["loss"].tolist() + f["val_loss"].tolist())
             handles.append(Line2D([], [], color=c, lw=2.5, label=h.run if sty.multi else "run"))
         _log_if_positive(ax_loss, losses)
-        _reference_lines(ax_j)
+        _reference_lines(ax_j, sty)
         ax_j.set_ylim(0, 1.0)
         style = [
             Line2D([], [], color="k", lw=1.8, label="train"),
@@ -771,7 +777,7 @@ def _grouped_bars(ax, stats: pd.DataFrame, sty: _Styler, value_col: str, digits:
 
 def plot_performance_summary(stats: pd.DataFrame, histories: list[History], path: Path,
                              dpi: int = 120) -> None:
-    """Best val Jaccard per model (grouped by run) with the previous-run and target lines.
+    """Best val Jaccard per model (grouped by run) with the label-consistency ceiling.
 
     k-fold aggregate rows appear as an extra ``<name>/all_folds`` group with SD error bars.
     """
@@ -780,9 +786,9 @@ def plot_performance_summary(stats: pd.DataFrame, histories: list[History], path
     width = max(8.5, 3.5 + n_groups * (0.6 + 0.45 * len(sty.models)))
     fig, ax = plt.subplots(figsize=(min(width, 30.0), 5.5))
     _grouped_bars(ax, stats, sty, "best_val_jacard", 3, sd_col="best_val_jacard_sd")
-    _reference_lines(ax)
+    _reference_lines(ax, sty)
     top = float(pd.to_numeric(stats["best_val_jacard"], errors="coerce").max())
-    ax.set_ylim(0, min(1.05, max(TARGET_VAL_JACCARD, top) * 1.18))
+    ax.set_ylim(0, min(1.05, max([top, *sty.ceilings]) * 1.18))
     handles = [Line2D([], [], color=sty.colors[m], lw=8, label=model_label(m))
                for m in sty.models]
     ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=9,
@@ -839,7 +845,7 @@ def plot_detailed_analysis(stats: pd.DataFrame, histories: list[History], path: 
             ax.plot(h.frame["epoch"], h.frame["val_jacard_coef"], color=c, lw=1.6, ls="--",
                     label=f"{h.run} val" if sty.multi else "validation", **mk)
             _mark_best(ax, h, c)
-        _reference_lines(ax, labels=False)
+        _reference_lines(ax, sty, labels=False)
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
         _finish(ax, f"{model_label(model)}: Jaccard", ylabel="Jaccard")
@@ -848,7 +854,7 @@ def plot_detailed_analysis(stats: pd.DataFrame, histories: list[History], path: 
     for h in histories:
         ax.plot(h.frame["epoch"], h.frame["val_jacard_coef"], color=sty.color(h), lw=1.6,
                 label=sty.label(h), **_marks(h.frame))
-    _reference_lines(ax)
+    _reference_lines(ax, sty)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     _finish(ax, "Validation Jaccard, all models", ylabel="val Jaccard")
@@ -880,8 +886,9 @@ def plot_detailed_analysis(stats: pd.DataFrame, histories: list[History], path: 
     # Row 3: summary bars and learning rate.
     ax = axes[2, 0]
     _stat_bars(ax, stats, histories, sty, "best_val_jacard", 3)
-    _reference_lines(ax)
-    ax.legend(fontsize=7, loc="upper left")
+    _reference_lines(ax, sty)
+    if sty.ceilings:
+        ax.legend(fontsize=7, loc="upper left")
     _finish(ax, "Best validation Jaccard", xlabel="", ylabel="best val Jaccard")
     ax = axes[2, 1]
     _stat_bars(ax, stats, histories, sty, "best_epoch", 0)
@@ -944,7 +951,7 @@ def plot_run_comparison(histories: list[History], path: Path, dpi: int = 120) ->
             ax_l.plot(h.frame["epoch"], h.frame["val_loss"], color=c, lw=1.8,
                       label=model_label(h.model), **mk)
             _mark_best(ax_j, h, c)
-        _reference_lines(ax_j, labels=col == 0)
+        _reference_lines(ax_j, sty, labels=col == 0)
         ax_j.set_ylim(0, 1)
         ax_j.legend(fontsize=8)
         _finish(ax_j, run, ylabel="val Jaccard" if col == 0 else "")
@@ -974,24 +981,61 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
-def comparison_line(model_label_text: str, best: float, best_epoch) -> str:
-    """``"unet: 0.873 (epoch 12), 6.1x the previous 0.1427; target 0.50 reached"``."""
+def comparison_line(model_label_text: str, best: float, best_epoch,
+                    reference: float | None = None, reference_name: str = "") -> str:
+    """``"unet: 0.873 (epoch 12)"``, plus ``"; run_a: 0.850 (+0.023)"`` when the user named
+    a run to compare with (``--compare``)."""
     if not np.isfinite(best):
         return f"{model_label_text}: n/a"
-    ratio = best / PREVIOUS_BEST_VAL_JACCARD
-    if best >= TARGET_VAL_JACCARD:
-        target = f"target {TARGET_VAL_JACCARD:.2f} reached (+{best - TARGET_VAL_JACCARD:.3f})"
-    else:
-        target = f"target {TARGET_VAL_JACCARD:.2f} not reached ({TARGET_VAL_JACCARD - best:.3f}"
-        target += " short)"
     epoch = f" (epoch {_fmt(best_epoch, 0)})" if best_epoch is not None else ""
-    return (f"{model_label_text}: {best:.3f}{epoch}, {ratio:.1f}x the previous "
-            f"{PREVIOUS_BEST_VAL_JACCARD:.4f}; {target}")
+    line = f"{model_label_text}: {best:.3f}{epoch}"
+    if reference is not None and np.isfinite(reference):
+        line += f"; {reference_name}: {reference:.3f} ({best - reference:+.3f})"
+    return line
+
+
+def best_per_model(histories: list[History]) -> dict[str, float]:
+    """Model -> highest best val Jaccard over the given histories (a ``--compare`` run)."""
+    out: dict[str, float] = {}
+    for h in histories:
+        best = float(summarize_history(h.frame)["best_val_jacard"])
+        if np.isfinite(best):
+            out[h.model] = max(best, out.get(h.model, -np.inf))
+    return out
+
+
+def _val_frames(folder: Path) -> list[str]:
+    """Source frames of the validation side, from the run's ``split.json`` (or none)."""
+    import json
+
+    try:
+        return list(json.loads((folder / "split.json").read_text())["val_groups"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def fit_warning_lines(per_run: pd.DataFrame, histories: list[History]) -> list[str]:
+    """``microbead_config.fit_warnings`` for every (run, model): validation far above
+    training (at the best epoch), or above the data's label-consistency ceiling."""
+    ceilings = label_ceilings(histories)
+    out = []
+    for h in histories:
+        f = h.frame
+        if not len(f) or not f["val_jacard_coef"].notna().any():
+            continue
+        i = f["val_jacard_coef"].idxmax()
+        name = f"{h.run} · {h.model}" if len({x.run for x in histories}) > 1 else h.model
+        out += mcfg.fit_warnings(name, float(f.loc[i, "val_jacard_coef"]),
+                                 float(f.loc[i, "jacard_coef"]), ceilings.get(h.run),
+                                 val_frames=_val_frames(h.path.parent))
+    return out
 
 
 def build_report(stats: pd.DataFrame, histories: list[History], figures: list[str],
-                 problems: list[str], generated: str) -> str:
-    """Markdown report: runs, comparison with the previous best, statistics, figures.
+                 problems: list[str], generated: str, reference: dict | None = None,
+                 reference_name: str = "") -> str:
+    """Markdown report: runs, best val Jaccard (vs a ``--compare`` run the user named, if
+    any), warnings, statistics, figures.
 
     Every number is formatted from ``stats`` / ``histories``; NaN is written ``n/a``.
     """
@@ -1014,25 +1058,25 @@ def build_report(stats: pd.DataFrame, histories: list[History], figures: list[st
         models = ", ".join(h.model for h in hs)
         epochs = ", ".join(str(len(h.frame)) for h in hs)
         lines.append(f"| {run} | `{hs[0].path.parent}` | {models} | {epochs} |")
-    lines += [
-        "",
-        f"## Best validation Jaccard vs. the previous run ({PREVIOUS_BEST_VAL_JACCARD:.4f}) "
-        f"and the target ({TARGET_VAL_JACCARD:.2f})",
-        "",
-    ]
+    reference = reference or {}
+    lines += ["", "## Best validation Jaccard"
+              + (f" vs. {reference_name} (named with --compare)" if reference else ""), ""]
     for _, row in per_run.iterrows():
         name = f"{row['run']} · {row['model']}" if sty.multi else row["model"]
         lines.append("- " + comparison_line(name, float(row["best_val_jacard"]),
-                                            row["best_epoch"]))
+                                            row["best_epoch"], reference.get(row["model"]),
+                                            reference_name))
+    for run, value in label_ceilings(histories).items():
+        lines.append(f"- label-consistency ceiling of {run}'s data: {value:.3f} (how well "
+                     "neighbouring tiles' masks agree on their shared pixels; drawn as a "
+                     "dashed line on the Jaccard figures)")
     if len(agg):
         lines += ["", "## k-fold summary (best val Jaccard, mean ± SD across folds)", ""]
         for _, row in agg.iterrows():
             mean = float(row["best_val_jacard"])
-            ratio = _fmt(mean / PREVIOUS_BEST_VAL_JACCARD, 1)
             lines.append(
                 f"- {row['run']} · {row['model']}: {_fmt(mean)} ± "
-                f"{_fmt(row['best_val_jacard_sd'])} over {_fmt(row['n_folds'], 0)} folds, "
-                f"{ratio}x the previous {PREVIOUS_BEST_VAL_JACCARD:.4f}"
+                f"{_fmt(row['best_val_jacard_sd'])} over {_fmt(row['n_folds'], 0)} folds"
             )
     collapsed = per_run[per_run["collapsed"].astype(bool)]
     lines += ["", "## Warnings", ""]
@@ -1043,9 +1087,10 @@ def build_report(stats: pd.DataFrame, histories: list[History], figures: list[st
                 f"{COLLAPSE_FRACTION:.0%} of its best val Jaccard "
                 f"{_fmt(row['best_val_jacard'])} after epoch {_fmt(row['best_epoch'], 0)}."
             )
-    for msg in problems:
+    fit = fit_warning_lines(per_run, histories)
+    for msg in fit + list(problems):
         lines.append(f"- {msg}")
-    if not len(collapsed) and not problems:
+    if not len(collapsed) and not problems and not fit:
         lines.append("- none")
     lines += [
         "",
@@ -1123,6 +1168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_option(p, "output_dir", default=None,
                    help="default: RUN_DIR/training_analysis for one run, "
                         "./training_comparison_YYYYMMDD_HHMMSS for several")
+    cli.add_option(p, "compare", default=None, metavar="RUN",
+                   help="a training run folder to compare each model's best val Jaccard "
+                        "with (nothing is compared otherwise)")
     cli.add_option(p, "dpi", type=int, default=120, help="PNG resolution")
     cli.add_overwrite(p)
     return p.parse_args(argv)
@@ -1183,12 +1231,23 @@ def _plot(args, out: Path, claim: cli.OutputClaim) -> int:
             log.warning(msg)
         problems = [f"skipped: {e}" for e in errors] + mismatches
         generated = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-        report = build_report(stats, histories, figures, problems, generated)
+        reference, ref_name = {}, ""
+        if args.compare:
+            ref_histories, ref_errors = load_histories([args.compare])
+            if not ref_histories:
+                return cli.fatal(log, "--compare %s: no usable history (%s)", args.compare,
+                                 "; ".join(ref_errors) or "none found")
+            reference, ref_name = best_per_model(ref_histories), Path(args.compare).name
+        report = build_report(stats, histories, figures, problems, generated, reference,
+                              ref_name)
         (out / REPORT).write_text(report, encoding="utf-8")
         log.info("wrote %s", out / REPORT)
         for _, row in per_run.iterrows():
             log.info("%s", comparison_line(f"{row['run']} {row['model']}",
-                                           float(row["best_val_jacard"]), row["best_epoch"]))
+                                           float(row["best_val_jacard"]), row["best_epoch"],
+                                           reference.get(row["model"]), ref_name))
+        for msg in fit_warning_lines(per_run, histories):
+            log.warning("%s", msg)
         if errors:
             log.warning("%d input(s) skipped:\n  %s", len(errors), "\n  ".join(errors))
             return cli.EXIT_PARTIAL

@@ -385,13 +385,36 @@ def overlay_image(gray01: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return cv2.copyTo(solid, edge.view(np.uint8), rgb)
 
 
-def comparison_image(gray01, prob, overlay, max_width: int = 2400) -> np.ndarray:
-    """Side by side: image | probability (inferno) | overlay, downscaled for viewing."""
+#: Panel titles of ``comparisons/*.png``.
+COMPARISON_TITLES = ("image", "bead probability (black 0 - yellow 1)",
+                     "beads found (tinted green, each outlined in yellow)")
+
+
+def comparison_layout(h: int, w: int, max_side: int = 2400) -> tuple[bool, float]:
+    """``(stacked, scale)`` for three ``h x w`` panels within ``max_side`` px each way:
+    side by side or one above the other, whichever shows the frame larger (a 3362x512 row
+    strip is stacked, a square tile side by side). Never enlarged."""
+    side = min(1.0, max_side / (3 * w), max_side / h)
+    stacked = min(1.0, max_side / w, max_side / (3 * h))
+    return stacked > side, max(side, stacked)
+
+
+def _titled(panel: np.ndarray, title: str) -> np.ndarray:
+    """``panel`` under a white banner with ``title`` in black (readable at 100 %)."""
+    import cv2
+
+    bar = np.full((30, panel.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, title, (6, 21), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, panel], axis=0)
+
+
+def comparison_image(gray01, prob, overlay, max_side: int = 2400) -> np.ndarray:
+    """Image | probability (inferno) | overlay, each titled, downscaled for viewing: side by
+    side, or stacked when the frame is a wide strip (see :func:`comparison_layout`)."""
     import cv2
 
     h, w = gray01.shape[:2]
-    sep_w = max(2, w // 200)
-    f = min(1.0, max_width / (3 * w + 2 * sep_w))
+    stacked, f = comparison_layout(h, w, max_side)
     size = (max(1, int(round(w * f))), max(1, int(round(h * f))))
 
     def small(a):  # each panel shrunk first: 9x fewer pixels to move than the full row
@@ -401,8 +424,13 @@ def comparison_image(gray01, prob, overlay, max_width: int = 2400) -> np.ndarray
     heat = cv2.applyColorMap(mio.to_uint8(np.clip(small(np.asarray(prob, np.float32)), 0, 1)),
                              cv2.COLORMAP_INFERNO)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    panels = [cv2.cvtColor(g, cv2.COLOR_GRAY2RGB), heat, small(overlay)]
-    sep = np.full((size[1], max(1, int(round(sep_w * f))), 3), 255, np.uint8)
+    panels = [_titled(p, t) for p, t in zip(
+        (cv2.cvtColor(g, cv2.COLOR_GRAY2RGB), heat, small(overlay)), COMPARISON_TITLES)]
+    gap = 8
+    if stacked:
+        sep = np.full((gap, panels[0].shape[1], 3), 255, np.uint8)
+        return np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=0)
+    sep = np.full((panels[0].shape[0], gap, 3), 255, np.uint8)
     return np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=1)
 
 
@@ -709,6 +737,8 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
 def fit_dilution_series(dilutions, counts) -> dict:
     """Least-squares fit of log10(count) = a + b log10(dilution) over images with count > 0.
 
+    ``counts`` may be densities (beads per megapixel), as ``write_dilution_outputs`` gives.
+
     A perfect dilution series has slope b = -1 (half the beads per doubling). Returns
     ``slope``, ``intercept``, ``r2``, ``n`` (images used) and ``skipped``: "" when fitted,
     else why no line was fitted (fewer than two images with beads, or one dilution only:
@@ -745,26 +775,31 @@ def dilution_fit_text(fit: dict) -> str:
 
 
 def write_dilution_outputs(out_dir: Path, rows: list[dict]) -> dict | None:
-    """``dilution_counts.csv`` and a log-log plot with the fitted slope, if names carry one."""
-    pts = [(r["dilution"], r["beads"], r["file"]) for r in rows
-           if r["status"] == "ok" and r.get("dilution")]
+    """``dilution_counts.csv`` and a log-log plot of bead density (beads per megapixel of
+    frame, as ``quantify_assay.py`` without ``--um_per_px``) with the fitted slope, if names
+    carry a dilution. Density, not beads per image: frames of one series may differ in size.
+    """
+    pts = [(r["dilution"], r["beads"] / (r["width"] * r["height"] / 1e6), r["beads"],
+            r["width"] * r["height"] / 1e6, r["file"]) for r in rows
+           if r["status"] == "ok" and r.get("dilution") and r["width"] * r["height"] > 0]
     if not pts:
         return None
     fit = fit_dilution_series([p[0] for p in pts], [p[1] for p in pts])
     with open(out_dir / "dilution_counts.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["file", "dilution", "beads"])
-        for d, c, f in sorted(pts):
-            w.writerow([f, d, c])
+        w.writerow(["file", "dilution", "beads", "area_mp", "beads_per_mp"])
+        for d, dens, c, mp, f in sorted(pts):
+            w.writerow([f, d, c, f"{mp:.6g}", f"{dens:.6g}"])
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
     d = np.array([p[0] for p in pts], float)
-    c = np.array([p[1] for p in pts], float)
-    ax.scatter(d, np.maximum(c, 0.8), color="tab:blue", zorder=3, label="images")
+    y = np.array([p[1] for p in pts], float)
+    floor = 0.5 / max(p[3] for p in pts)  # an image without beads, drawn at half a bead
+    ax.scatter(d, np.maximum(y, floor), color="tab:blue", zorder=3, label="frames")
     if math.isfinite(fit["slope"]):
         xs = np.geomspace(d.min(), d.max(), 50)
         ax.plot(xs, 10 ** (fit["intercept"] + fit["slope"] * np.log10(xs)), color="tab:red",
@@ -774,8 +809,8 @@ def write_dilution_outputs(out_dir: Path, rows: list[dict]) -> dict | None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("dilution (x)")
-    ax.set_ylabel("beads per image")
-    ax.set_title("Bead count across the dilution series"
+    ax.set_ylabel("bead density (beads per megapixel)")
+    ax.set_title("Bead density across the dilution series"
                  + ("\n(no line fitted: see prediction_summary.txt)" if fit["skipped"]
                     else ""), fontsize=10)
     ax.legend(fontsize=8)
@@ -962,6 +997,7 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
     except (OSError, ValueError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return cli.fatal(log, "%s", msg if str(model_path) in msg else f"{model_path}: {msg}")
+    log.info("%s", models.device_line())
     predict_fn = tta_predict_fn(make_keras_predict_fn(model), args.tta)
     depth = network_depth(model, pad)
     overlap, overlap_source = resolve_overlap(args.overlap, depth)
@@ -1029,5 +1065,5 @@ def _run(args, files, model_path, cfg, note, out_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hides cuInit E0000 without a GPU
     sys.exit(main())

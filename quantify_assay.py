@@ -26,7 +26,8 @@ Inputs
   ``RUN_DIR/training_summary.csv``. A missing file is reported and the uncertainty is then
   Poisson only.
 ``--truth`` (optional): a CSV with ``file`` and ``n_true`` (or ``n_beads``, as the synthetic
-  generator's ``large/counts.csv``): the true curve is fitted and drawn beside the measured one.
+  generator's ``large/counts.csv``, or ``true_count``: ``evaluate_predictions.py``'s
+  ``per_image_metrics.csv`` as it is): the true curve is fitted and drawn beside the measured one.
 
 Uncertainty of one image
 ------------------------
@@ -463,7 +464,12 @@ def n_concentrations(predictions: str | Path, samples: str | Path | None = None)
 
 
 def read_truth(path: str | Path) -> dict[str, int]:
-    """``stem -> true bead count`` from a CSV with ``file`` and ``n_true`` (or ``n_beads``).
+    """``stem -> true bead count`` from a CSV with ``file`` and ``n_true`` (or ``n_beads``,
+    as the synthetic generator writes, or ``true_count``, as ``evaluate_predictions.py``'s
+    ``per_image_metrics.csv`` has it: that table is given as it is).
+
+    Files are matched by stem without a mask suffix (``a_mask.png`` and ``a.tif`` are both
+    ``a``), so the evaluation's prediction-mask names find their frames.
 
     Raises
     ------
@@ -472,17 +478,21 @@ def read_truth(path: str | Path) -> dict[str, int]:
     """
     path = Path(path)
     header, rows = _read_table(path, "truth table")
-    col = "n_true" if "n_true" in header else "n_beads" if "n_beads" in header else None
+    col = next((c for c in TRUTH_COUNT_COLUMNS if c in header), None)
     if "file" not in header or col is None:
-        raise AssayError(f"{path}: a truth table needs columns file and n_true (or n_beads); "
-                         f"has {', '.join(header)}")
+        raise AssayError(f"{path}: a truth table needs columns file and one of "
+                         f"{', '.join(TRUTH_COUNT_COLUMNS)}; has {', '.join(header)}")
     out = {}
     for i, r in enumerate(rows, start=2):
         try:
-            out[Path(r["file"]).stem] = int(float(r[col]))
+            out[mio.stem_key(r["file"])] = int(float(r[col]))
         except ValueError:
             raise AssayError(f"{path}: line {i}: {col} {r[col]!r} is not a number") from None
     return out
+
+
+#: Count columns a truth table may use, in order of preference.
+TRUTH_COUNT_COLUMNS = ("n_true", "n_beads", "true_count")
 
 
 # --------------------------------------------------------------------------- counting error
@@ -506,6 +516,9 @@ class CountErrorModel:
     tile_area_px: float
     model: str = ""
     source: str = ""
+    #: Bins whose own tiles showed no spread (every tile off by the same fraction, often
+    #: exactly 0): their spread is the pooled one of all tiles, never a silent 0.
+    pooled_spread_bins: tuple = ()
 
     def at(self, n: float, area_px: float) -> tuple[float, float, bool]:
         """``(relative bias, relative spread, extrapolated)`` for an image of ``n`` beads on
@@ -520,9 +533,27 @@ class CountErrorModel:
     def bins(self) -> list[dict]:
         """One dict per bin (for JSON and the report); densities in beads per megapixel."""
         return [{"density_low_per_mp": 1e6 * lo, "density_high_per_mp": 1e6 * hi,
-                 "n_tiles": int(k), "rel_bias": float(b), "rel_spread": float(s)}
-                for lo, hi, k, b, s in zip(self.low, self.high, self.n_tiles, self.bias,
-                                           self.spread)]
+                 "n_tiles": int(k), "rel_bias": float(b), "rel_spread": float(s),
+                 "spread_note": ("pooled: this bin's tiles showed none" if i in
+                                 self.pooled_spread_bins else "own tiles")}
+                for i, (lo, hi, k, b, s) in enumerate(zip(self.low, self.high, self.n_tiles,
+                                                          self.bias, self.spread))]
+
+    def warnings(self) -> list[str]:
+        """What a reader must know before trusting the uncertainty this model gives."""
+        out = []
+        if self.pooled_spread_bins:
+            out.append(
+                f"counting error: {len(self.pooled_spread_bins)} density bin(s) of the "
+                f"validation tiles showed no spread (every tile off by the same fraction); "
+                f"the spread of all {int(self.n_tiles.sum())} tiles "
+                f"({float(np.max(self.spread)):.3g}) is used there instead of 0")
+        if not np.any(self.spread > 0):
+            out.append(
+                f"counting error: the model's count error has no spread on its "
+                f"{int(self.n_tiles.sum())} validation tiles, so 'Poisson + model CV' equals the "
+                "Poisson CV; too few validation tiles to know the model's error")
+        return out
 
 
 def fit_count_error(n_true, n_pred, area_px, *, max_bins: int = MAX_ERROR_BINS,
@@ -554,15 +585,19 @@ def fit_count_error(n_true, n_pred, area_px, *, max_bins: int = MAX_ERROR_BINS,
     order = np.argsort(dens, kind="stable")
     k = int(max(1, min(max_bins, t.size // max(min_per_bin, 2))))
     groups = np.array_split(order, k)
+    pooled = float(rel.std(ddof=1))
+    spread = np.array([rel[g].std(ddof=1) if g.size > 1 else pooled for g in groups])
+    no_spread = tuple(int(i) for i in np.flatnonzero(~(spread > 0)) if pooled > 0)
+    spread[list(no_spread)] = pooled
     return CountErrorModel(
         density=np.array([np.median(dens[g]) for g in groups]),
         low=np.array([dens[g].min() for g in groups]),
         high=np.array([dens[g].max() for g in groups]),
         bias=np.array([rel[g].mean() for g in groups]),
-        spread=np.array([rel[g].std(ddof=1) if g.size > 1 else rel.std(ddof=1)
-                         for g in groups]),
+        spread=spread,
         n_tiles=np.array([g.size for g in groups]),
         tile_area_px=float(a.mean()),
+        pooled_spread_bins=no_spread,
     )
 
 
@@ -648,6 +683,74 @@ def load_count_error(run_dir: str | Path, pred_dir: Path | None = None,
         return None, f"{src}: fewer than 2 validation tiles with beads for model {name}"
     model.model, model.source = name, src
     return model, f"model {name} ({how}); {int(model.n_tiles.sum())} validation tiles in {src}"
+
+
+#: A concentration counts as reliably counted when its images hold at least this many beads
+#: on average (Poisson CV <= 32 %).
+RELIABLE_MEAN_BEADS = 10
+#: Standardised residuals beyond this many SD are flagged.
+RESIDUAL_FLAG_SD = 2.0
+
+
+def extrapolation_warning(n_images: int, model: CountErrorModel) -> str:
+    """The sentence for images outside the validation tiles' density range."""
+    return (f"{n_images} image(s) lie outside the density range of the validation tiles "
+            f"({1e6 * model.low[0]:.4g}-{1e6 * model.high[-1]:.4g} beads per megapixel): no "
+            "model error is known there. The nearest bin's bias and spread stand in for it, "
+            "which is a guess (column error_model_extrapolated in per_image.csv)")
+
+
+def residual_flags(reps: Replicates, fit: Fit, limit: float = RESIDUAL_FLAG_SD) -> list[str]:
+    """Replicates whose standardised residual ``(y - fit) / sd`` lies beyond ``limit``.
+
+    Returns one line per such replicate, and a first line saying so when all of them do (the
+    stated uncertainty then understates the scatter, or the curve does not describe the data).
+    """
+    if not fit.converged or not len(reps):
+        return []
+    z = (reps.y - fit.predict(reps.x)) / reps.sd()
+    bad = np.flatnonzero(np.isfinite(z) & (np.abs(z) > limit))
+    names = [str(x).removeprefix("image:") for x in reps.ids] or [str(i) for i in range(len(reps))]
+    out = [f"residual: replicate {names[i]} at "
+           f"concentration {reps.x[i]:.4g} is {z[i]:+.1f} SD from the {fit.kind} curve"
+           for i in bad]
+    finite = int(np.isfinite(z).sum())
+    if bad.size and bad.size == finite:
+        out.insert(0, f"residual: all {finite} replicate(s) lie beyond ±{limit:g} SD of the "
+                      f"{fit.kind} curve: the scatter is larger than the counting uncertainty "
+                      "(Poisson + model error) explains, or the curve does not fit; the fit's "
+                      "CIs and the limits are too narrow")
+    elif bad.size:
+        out.insert(0, f"residual: {bad.size} of {finite} replicate(s) lie beyond ±{limit:g} SD "
+                      f"of the {fit.kind} curve (expected about {0.05 * finite:.1f})")
+    return out
+
+
+def lowest_counted_concentration(reps: Replicates,
+                                 min_beads: float = RELIABLE_MEAN_BEADS) -> float | None:
+    """Lowest non-blank concentration whose images hold ``min_beads`` or more beads on
+    average (None if none does)."""
+    best = None
+    for idx in reps.levels():
+        if reps.blank[idx[0]] or reps.x[idx[0]] <= 0:
+            continue
+        per_image = float(reps.n[idx].sum() / max(1, reps.n_images[idx].sum()))
+        if per_image >= min_beads and (best is None or reps.x[idx[0]] < best):
+            best = float(reps.x[idx[0]])
+    return best
+
+
+def lod_warning(lod, reps: Replicates, unit: str) -> str | None:
+    """A sentence when the LoD lies above the lowest concentration that was reliably counted
+    (the limit then says less than the data: it comes from the scatter of the low-range
+    line, not from blanks), else None."""
+    low = lowest_counted_concentration(reps)
+    if lod is None or low is None or not math.isfinite(lod) or lod <= low:
+        return None
+    return (f"LoD {lod:.4g} {unit} is above {low:.4g} {unit}, the lowest concentration whose "
+            f"images were counted with >= {RELIABLE_MEAN_BEADS} beads each on average. The "
+            "limit comes from the scatter of the low-range line, not from blanks; measure "
+            "blanks (EP17) and more replicates at the low end before quoting it")
 
 
 def count_sd(n, spread=0.0) -> np.ndarray:
@@ -1296,6 +1399,7 @@ def build_report(res: dict, figures: Sequence[str]) -> str:
     L.append(f"- LoQ = {_fmt(res['loq'])} {unit} (ICH Q2, 10·σ/slope); LoB = "
              + (f"{_fmt(lob_d)} {du} (concentration {_fmt(res['lob'])} {unit})"
                 if lob_d is not None else "n/a (needs >= 2 blank replicates)"))
+    L += ["", "## Warnings", ""] + [f"- {w}" for w in res.get("warnings") or ["none"]]
     L += ["", f"## Calibration fits; density in {dh}", "",
           "| model | parameters (95 % CI) | R² | AIC | n | note |", "|---|---|---|---|---|---|"]
     for f in res["fits"].values():
@@ -1357,7 +1461,7 @@ def build_report(res: dict, figures: Sequence[str]) -> str:
         L += [""] + _table(ce["bins"], [
             ("density_low_per_mp", "density from (beads/MP)"),
             ("density_high_per_mp", "to"), ("n_tiles", "tiles"), ("rel_bias", "rel. bias"),
-            ("rel_spread", "rel. spread (per tile)")])
+            ("rel_spread", "rel. spread (per tile)"), ("spread_note", "note")])
     if figures:
         L += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     problems = [f"{f}: excluded, {why}" for f, why in res["excluded"]] + \
@@ -1407,6 +1511,15 @@ def _log_x_axis(ax, reps: Replicates, unit: str) -> None:
     ax.set_xlabel(f"concentration ({unit or 'no unit'}), log axis")
 
 
+#: Colour, line style and legend note of each fit that is not the chosen one (the chosen one
+#: is solid red). A straight line only looks straight on the axes it was fitted on.
+FIT_STYLES = {
+    "linear": ("tab:orange", "--", " (straight on linear axes; curved on this log x axis)"),
+    "loglog": ("tab:cyan", "-.", " (straight on log-log axes, right panel)"),
+    "4pl": ("tab:brown", (0, (1, 1.5)), " (4-parameter logistic)"),
+}
+
+
 def plot_calibration(path: Path, reps: Replicates, fits: dict[str, Fit], chosen: str,
                      limits: dict, *, unit: str, density_label: str, title: str = "",
                      true_fit: Fit | None = None, dpi: int = 110) -> None:
@@ -1423,7 +1536,7 @@ def plot_calibration(path: Path, reps: Replicates, fits: dict[str, Fit], chosen:
     grid = np.geomspace(pos.min() / 1.5, pos.max() * 1.5, 200)
     fit = fits[chosen]
     lo, hi = fit.band(grid)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5))
     for ax, logy in zip(axes, (False, True)):
         ax.scatter(xp, reps.y, s=14, alpha=0.5, color="tab:blue", label="replicates")
         for i, idx in enumerate(reps.levels()):
@@ -1436,7 +1549,9 @@ def plot_calibration(path: Path, reps: Replicates, fits: dict[str, Fit], chosen:
         ax.plot(grid, fit.predict(grid), color="tab:red", lw=2, label=f"{chosen} fit")
         for k, f in fits.items():
             if k != chosen and f.converged:
-                ax.plot(grid, f.predict(grid), lw=1, ls=":", color="grey", label=f"{k} fit")
+                color, ls, note = FIT_STYLES.get(k, ("grey", ":", ""))
+                ax.plot(grid, f.predict(grid), lw=1.3, ls=ls, color=color,
+                        label=f"{k} fit{note}")
         if true_fit is not None and true_fit.converged:
             ax.plot(grid, true_fit.predict(grid), lw=1.5, ls="--", color="tab:green",
                     label="true curve")
@@ -1458,9 +1573,10 @@ def plot_calibration(path: Path, reps: Replicates, fits: dict[str, Fit], chosen:
         ax.set_ylabel(density_label)
         ax.set_title(f"{chosen} fit, R² {fit.r2:.3f}" + (", log y" if logy else ""))
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    # Below the panels: the fits' notes are long and would cover the right panel.
+    fig.legend(handles, labels, loc="lower center", fontsize=9, ncols=3, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.03 + 0.045 * math.ceil(len(labels) / 3), 1, 1))
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
@@ -1483,13 +1599,21 @@ def plot_residuals(path: Path, reps: Replicates, fits: dict[str, Fit], chosen: s
         r = (reps.y - fits[k].predict(reps.x)) / sd
         good = np.isfinite(r)
         ax.scatter(xp[good], r[good], s=14, color="tab:red" if k == chosen else "tab:blue")
-        for v, ls in ((0, "-"), (2, ":"), (-2, ":")):
+        far = good & (np.abs(np.where(good, r, 0)) > RESIDUAL_FLAG_SD)
+        if far.any():
+            ax.scatter(xp[far], r[far], s=70, facecolors="none", edgecolors="k", lw=1,
+                       label=f"beyond ±{RESIDUAL_FLAG_SD:g} SD" + (" (listed in the report)"
+                                                                 if k == chosen else ""))
+            ax.legend(fontsize=8, loc="best")
+        for v, ls in ((0, "-"), (RESIDUAL_FLAG_SD, ":"), (-RESIDUAL_FLAG_SD, ":")):
             ax.axhline(v, color="k", lw=0.8, ls=ls)
         _log_x_axis(ax, reps, unit)
         ax.set(ylabel="(y - fit) / SD",
                title=f"{k}{' (chosen)' if k == chosen else ''}: R² {fits[k].r2:.3f}")
     if not ok:
         axes[0][0].text(0.5, 0.5, "no fit converged", ha="center")
+    fig.suptitle("Standardised residuals (y - fit) / SD, SD = Poisson + model counting error; "
+                 f"dotted: ±{RESIDUAL_FLAG_SD:g} SD", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -1514,7 +1638,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="pixel size in µm: densities per mm² (default: beads per megapixel)")
     add("model", default=None,
         help="training run folder: validation_counts.csv gives the model's counting error")
-    add("truth", default=None, help="CSV of true counts (file, n_true or n_beads)")
+    add("truth", default=None, help="CSV of true counts (file, and n_true, n_beads or true_count: "
+             "evaluate_predictions.py's per_image_metrics.csv works as it is)")
     add("fit", choices=("auto",) + FIT_KINDS, default="auto",
         help="calibration model (auto: lowest AIC)")
     add("low_range", type=int, default=3,
@@ -1636,7 +1761,7 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
         bias, spread, extra = err_model.at(n, area_px) if err_model else (0.0, 0.0, False)
         n_extrapolated += extra
         sd_n = float(count_sd(n, spread))
-        n_true = truth.get(Path(r["file"]).stem) if truth is not None else None
+        n_true = truth.get(mio.stem_key(r["file"])) if truth is not None else None
         images.append({
             "file": r["file"], "concentration": c.value, "unit": unit, "blank": c.blank,
             "replicate": c.replicate, "concentration_rule": c.rule,
@@ -1649,9 +1774,9 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
             "n_true": n_true if n_true is not None else "",
             "true_density": n_true / area if n_true is not None else math.nan,
         })
+    checks = err_model.warnings() if err_model else []
     if n_extrapolated:
-        log.warning("%d image(s) lie outside the density range of the validation tiles; "
-                    "the end bins of the counting-error model are used", n_extrapolated)
+        checks.append(extrapolation_warning(n_extrapolated, err_model))
 
     reps = build_replicates(images)
     per_sample = sample_table(reps, unit)
@@ -1688,6 +1813,12 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
                      "fit": _fit_summary(true_fit) if true_fit and true_fit.converged
                      else None}
 
+    checks += residual_flags(reps, fits[chosen])
+    lod_check = lod_warning(limits["lod"], reps, unit)
+    if lod_check:
+        checks.append(lod_check)
+    for line in checks:
+        log.warning("%s", line)
     lod_key = "lod_conc_ep17" if limits["lod_method"] == "CLSI EP17" else "lod_ich"
     res = {
         "n_images": len(images),
@@ -1717,6 +1848,7 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
                         "bins": err_model.bins() if err_model else [],
                         "n_extrapolated": n_extrapolated},
         "truth": truth_res,
+        "warnings": checks,
         "excluded": [list(e) for e in excluded],
         "unmatched": unmatched,
         "unmatched_reason": why_unmatched,

@@ -50,8 +50,8 @@ import microbead_metrics
 from microbead_config import (  # shared with predict, analyze, plot and hpc_tools
     HISTORY_COLUMNS,
     MODEL_NAMES,
-    PREVIOUS_BEST_VAL_JACCARD,
     comparison_lines,
+    fit_warnings,
     read_history,
 )
 
@@ -78,6 +78,89 @@ RESUME_PATH_OPTIONS = frozenset({"data_dir", "output_dir", "config"})
 
 
 # ----------------------------------------------------------------------------- pure helpers
+
+#: Cost of a training step (and of a validation image) relative to the U-Net at the same
+#: settings, on the 2-core development machine: 8-filter runs took 1.1-1.2x (Attention U-Net)
+#: and 1.1-1.9x (Attention ResUNet) the U-Net's time (README "Measured", 2026-11/12).
+MODEL_COST = {"unet": 1.0, "attention_unet": 1.2, "attention_resunet": 1.5}
+#: ``--preset cpu`` on one core of that machine: one training step (16 crops of 128 px, 8
+#: filters, depth 3, U-Net) and one megapixel of validation forward pass, in core-seconds.
+PRESET_CPU_STEP_CORE_S = 1.7
+PRESET_CPU_VAL_CORE_S_PER_MPX = 4.3
+#: Per epoch outside the steps: checkpoint, history row, best-model save.
+EPOCH_OVERHEAD_S = 3.0
+#: Above this estimate the CPU notice is a warning.
+CPU_WARN_SECONDS = 3600.0
+
+
+def estimate_training_seconds(step_s: float, *, steps: int, epochs: int, models, batch: int,
+                              train_px: int, val_px: int, n_val: int,
+                              measured_model: str = "unet", folds: int = 1) -> float:
+    """Wall time of a whole training from one measured training step.
+
+    Parameters
+    ----------
+    step_s : seconds of one optimizer step of ``measured_model``, measured here.
+    steps, epochs, batch : steps per epoch, maximum epochs, batch size.
+    models : names of the models to train (their cost relative to the measured one:
+        :data:`MODEL_COST`).
+    train_px, val_px : pixels of one training input (crop or tile) and of one validation tile.
+    n_val : validation tiles (a forward pass over them every epoch, costed at one third of
+        a training step's per-pixel time: no backward pass).
+    folds : splits trained one after the other (``--kfold``).
+
+    Returns
+    -------
+    float
+        Seconds if every model runs every epoch (early stopping can only shorten it).
+    """
+    val_image_s = step_s * val_px / (3.0 * max(1, batch) * max(1, train_px))
+    epoch_s = steps * step_s + n_val * val_image_s + EPOCH_OVERHEAD_S
+    cost = sum(MODEL_COST.get(m, 1.0) for m in models) / MODEL_COST.get(measured_model, 1.0)
+    return float(epochs * epoch_s * cost * max(1, folds))
+
+
+def preset_cpu_seconds(*, models, n_val: int, val_px: int, cores: int, folds: int = 1) -> float:
+    """Wall time of ``--preset cpu`` on this dataset from the constants measured on the
+    development machine (:data:`PRESET_CPU_STEP_CORE_S`), scaled to ``cores`` CPUs."""
+    preset = PRESETS["cpu"]
+    cores = max(1, int(cores))
+    epoch_s = (preset["steps_per_epoch"] * PRESET_CPU_STEP_CORE_S / cores
+               + n_val * PRESET_CPU_VAL_CORE_S_PER_MPX * val_px / 1e6 / cores
+               + EPOCH_OVERHEAD_S)
+    return float(preset["epochs"] * epoch_s * sum(MODEL_COST.get(m, 1.0) for m in models)
+                 * max(1, folds))
+
+
+def format_duration(seconds: float) -> str:
+    """``"40 s"``, ``"12 min"``, ``"26.4 h"``, ``"3.1 days"``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def cpu_notice(estimate_s: float, preset_s: float | None) -> str:
+    """The trainer's line on a machine without a GPU.
+
+    ``preset_s`` None: the run already is ``--preset cpu`` (nothing faster to suggest).
+    """
+    if preset_s is None:
+        return (f"no GPU found; this configuration (--preset cpu) needs about "
+                f"{format_duration(estimate_s)} here")
+    return (f"no GPU found; this configuration needs about {format_duration(estimate_s)} "
+            f"here; `--preset cpu` takes about {format_duration(preset_s)}")
+
+
+def config_overrides(preset: dict, config: dict, explicit) -> list[str]:
+    """``"depth 3 -> 4"`` for every preset value a ``--config`` file replaces (explicit
+    flags win over both, so they are not listed)."""
+    return [f"{k} {preset[k]!r} -> {config[k]!r}" for k in sorted(config)
+            if k in preset and k not in explicit and config[k] != preset[k]]
+
 
 
 def auto_steps_per_epoch(n_train: int, batch_size: int, minimum: int = 50) -> int:
@@ -615,12 +698,7 @@ def flatfield_spec(masks: np.ndarray, images: np.ndarray) -> dict:
     are pooled percentiles of the background ratio over all tiles (one scale for the whole
     dataset, never per image, so tiles and frames normalise alike).
     """
-    area = float(microbead_metrics.estimate_bead_area(list(masks)))
-    diameter = 2.0 * math.sqrt(area / math.pi) if area > 0 else 5.0
-    window = mio.flatfield_window(diameter)
-    low, high = mio.flatfield_levels(images, window)
-    return {"method": "flatfield", "window": int(window), "low": round(low, 6),
-            "high": round(high, 6)}
+    return mio.flatfield_spec(images, float(microbead_metrics.estimate_bead_area(list(masks))))
 
 
 def _fatal(message: str):
@@ -694,8 +772,10 @@ def load_training_data(args) -> dict:
     ceiling = label_ceiling(pairing.pairs, overlaps)
     if ceiling:
         log.info("label-consistency ceiling: masks of neighbouring tiles agree at pooled "
-                 "Jaccard %.3f on their shared pixels (%d pairs); val Jaccard is capped near "
-                 "that", ceiling["pooled_jaccard"], ceiling["n_pairs"])
+                 "Jaccard %.3f on their shared pixels (%d pairs): averaged over the dataset, "
+                 "a model cannot be expected to agree with the masks much better (a few "
+                 "easy validation frames can score above it)", ceiling["pooled_jaccard"],
+                 ceiling["n_pairs"])
     # Shared strips in model pixels, indexed like ``files`` (pairs that failed to load are
     # not in ``files``); a strip is rounded up so that a partly shared pixel counts as shared.
     index = {Path(p[0]).name: i for i, p in enumerate(pairing.pairs)}
@@ -1212,6 +1292,32 @@ def make_callbacks(model_name, out_dir: Path, y_val, args, resume_state=None,
     ]
 
 
+def step_timer(on_measured, steps: int, timed: int = 3):
+    """Callback timing the first optimizer steps of a ``fit`` (the first one, which traces
+    the graph, is left out when there are more), then calling ``on_measured(seconds per
+    step)`` once."""
+    import keras
+
+    last = max(0, min(int(steps) - 1, timed))  # batch index whose end closes the timing
+    first = 1 if last >= 1 else 0
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.t0, self.done = None, False
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == first and self.t0 is None:
+                self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if not self.done and self.t0 is not None and batch >= last:
+                self.done = True
+                on_measured((time.perf_counter() - self.t0) / (batch - first + 1))
+
+    return StepTimer()
+
+
 def cosine_lr(epoch: int, base_lr: float, epochs: int, floor: float = 0.05) -> float:
     """Learning rate of 0-based ``epoch``: cosine from ``base_lr`` to ``floor * base_lr``."""
     t = min(1.0, epoch / max(1, epochs - 1))
@@ -1284,7 +1390,8 @@ def setup_tensorflow(args) -> tuple[dict, object]:
     (MultiWorkerMirroredStrategy cannot be created afterwards). Returns (facts for
     config.json, strategy).
     """
-    import keras
+    import models  # first: importing it silences TensorFlow's native start-up log
+    keras = models.keras
     import tensorflow as tf
 
     if args.logical_cpus and args.logical_cpus > 1:
@@ -1297,6 +1404,7 @@ def setup_tensorflow(args) -> tuple[dict, object]:
             tf.config.experimental.set_memory_growth(g, True)
         except (RuntimeError, ValueError):
             pass
+    log.info("%s", models.device_line())
     strategy = make_strategy(args.strategy)
     keras.utils.set_random_seed(args.seed)
     mp = args.mixed_precision == "on" or (args.mixed_precision == "auto" and bool(gpus))
@@ -1355,9 +1463,16 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
         log.info("%s: training had stopped after epoch %d (%s); not continuing", name,
                  initial_epoch, stop)
     elif initial_epoch < args.epochs:
+        callbacks = make_callbacks(name, out_dir, y_val, args, state, t0)
+        notice = data.get("cpu_notice")
+        if notice is not None and not notice["done"]:
+            notice["done"] = True  # once per run: the first model trained on this CPU
+            callbacks.append(step_timer(lambda step_s: log_cpu_notice(
+                step_s, args, name, steps, len(val_idx), x.shape[1] * x.shape[2],
+                notice["folds"]), steps))
         model.fit(
             train_ds, validation_data=val_ds, epochs=args.epochs, initial_epoch=initial_epoch,
-            steps_per_epoch=steps, callbacks=make_callbacks(name, out_dir, y_val, args, state, t0),
+            steps_per_epoch=steps, callbacks=callbacks,
             verbose=verbose, shuffle=False,  # the dataset shuffles itself
         )
     train_time = time.time() - t0
@@ -1375,7 +1490,7 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
     best_i = [int(r["epoch"]) for r in hist].index(best_epoch)
     best = load_best(out_dir, name)
     models.save_model(best, out_dir / f"best_{name}_model.keras")
-    prob = best.predict(x_val, batch_size=args.batch_size, verbose=0)
+    prob = predict_in_batches(best, x_val, args.batch_size)
     reloaded = float(np.mean(per_image_jaccard(prob, y_val, args.threshold)))
     batchstat = batchstat_jaccard(best, x_val, y_val, args.threshold, args.batch_size)
     if abs(reloaded - vj[best_i]) > 1e-3:
@@ -1412,6 +1527,9 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
                           if data.get("label_ceiling") else ""),
         "_steps_per_epoch": steps,
         "_bn_momentum": bn_m,
+        "_train_jacard": float(hist[best_i].get("jacard_coef", np.nan)),
+        "_n_val": len(val_idx),
+        "_val_frames": sorted({data["groups"][i] for i in val_idx}),
     }
 
 
@@ -1482,6 +1600,26 @@ def calibrate_on_validation(prob, x_val, y_val, threshold: float, median_area: f
     }, kept_labels
 
 
+def log_cpu_notice(step_s: float, args, name: str, steps: int, n_val: int, val_px: int,
+                   folds: int) -> None:
+    """Log :func:`cpu_notice` from the measured step time of ``name`` (the first model)."""
+    remaining = args.models[args.models.index(name):]
+    train_px = (args.patch_size or args.image_size) ** 2
+    total = estimate_training_seconds(step_s, steps=steps, epochs=args.epochs,
+                                      models=remaining, batch=args.batch_size,
+                                      train_px=train_px, val_px=val_px, n_val=n_val,
+                                      measured_model=name, folds=folds)
+    is_preset = all(getattr(args, k) == v for k, v in PRESETS["cpu"].items())
+    preset = None if is_preset else preset_cpu_seconds(
+        models=remaining, n_val=n_val, val_px=val_px, cores=mio.usable_cpus(), folds=folds)
+    line = cpu_notice(total, preset)
+    detail = (f"{step_s:.2f} s per training step measured on {name}: {steps} steps x "
+              f"{args.epochs} epochs x {len(remaining)} model(s)"
+              + (f" x {folds} folds" if folds > 1 else "") + "; early stopping may end it sooner")
+    level = logging.WARNING if total > CPU_WARN_SECONDS and preset is not None else logging.INFO
+    log.log(level, "%s (%s)", line, detail)
+
+
 VALIDATION_COUNTS = "validation_counts.csv"
 VALIDATION_COUNT_COLUMNS = ("model", "file", "n_true", "n_pred", "area_px")
 
@@ -1533,6 +1671,22 @@ def load_best(out_dir: Path, name: str):
     import models
 
     return models.load_model(out_dir / f"best_{name}_model.hdf5")
+
+
+def predict_in_batches(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Inference-mode probabilities ``(N, H, W, 1)`` float32, by direct calls on chunks.
+
+    Not ``model.predict``: each reloaded best model gets its own traced predict function,
+    and a last batch of another size traces it again, so three models end the log with
+    TensorFlow's "triggered tf.function retracing" warning. Direct calls trace nothing.
+    """
+    import keras
+
+    if len(x) == 0:
+        return np.zeros((0, *x.shape[1:3], 1), np.float32)
+    chunks = np.array_split(np.arange(len(x)), int(math.ceil(len(x) / max(1, int(batch_size)))))
+    return np.concatenate([keras.ops.convert_to_numpy(model(x[i], training=False))
+                           for i in chunks]).astype(np.float32)
 
 
 def batchstat_jaccard(model, x_val, y_val, threshold: float, batch_size: int = 32) -> float:
@@ -1884,6 +2038,12 @@ def _main(argv=None) -> int:
     try:
         for note in resume_notes if resume_dir else ():
             log.info("%s", note)
+        if args.preset and args.config and not resume_dir:
+            changed = config_overrides(PRESETS[args.preset], read_config_file(args.config),
+                                       explicit_options(argv))
+            if changed:
+                log.info("--config %s overrides --preset %s: %s (explicit flags override "
+                         "both)", args.config, args.preset, ", ".join(changed))
         rc = _run(args, run_dir, resuming=resume_dir is not None)
         return rc
     except SystemExit as exc:  # into training_console.log too
@@ -1927,6 +2087,8 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
     strata = microbead_metrics.density_strata(counts, args.density_bins)
     tf_facts, strategy = setup_tensorflow(args)
     tf_facts["replicas"] = int(strategy.num_replicas_in_sync)
+    if not tf_facts["gpus"]:  # estimate the whole run from the first model's first steps
+        data["cpu_notice"] = {"done": False, "folds": max(1, args.kfold or 1)}
     log.info("%d image pairs, %.1f objects/image on average, %d density strata, %d replica(s)",
              len(data["files"]), counts.mean(), strata.max() + 1, tf_facts["replicas"])
 
@@ -1975,10 +2137,16 @@ def _run(args, run_dir: Path, resuming: bool) -> int:
         write_summary(run_dir / "training_summary.csv", all_rows, extra_cols=("fold",))
         write_kfold_summary(run_dir / "kfold_summary.csv", all_rows)
         mcfg.save_run_config(run_dir / mcfg.CONFIG_FILE, config)
-    log.info("comparison with the previous run (best val Jaccard %.4f):",
-             PREVIOUS_BEST_VAL_JACCARD)
+    log.info("best validation Jaccard per model (columns of training_summary.csv: see "
+             "README 'What each step writes'):")
     for line in comparison_lines(all_rows):
         log.info("%s", line)
+    for r in all_rows:
+        ceiling = r.get("label_ceiling")
+        for line in fit_warnings(r["model"], float(r["best_val_jacard"]), r.get("_train_jacard"),
+                                 float(ceiling) if ceiling not in (None, "") else None,
+                                 r.get("_n_val"), r.get("_val_frames", ())):
+            log.warning("%s", line)
     for r in all_rows:
         infer, batch = float(r["best_val_jacard_reloaded"]), float(r["val_jacard_batchstats"])
         if infer < batch - 0.1:

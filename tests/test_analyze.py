@@ -97,7 +97,7 @@ def test_parse_args_accepts_hyphenated_aliases():
     assert a.val_fraction == 0.1 and a.no_progress and a.strict
     d = am.parse_args([])
     assert (str(d.data_dir), str(d.output_dir), d.image_size) == (
-        "dataset_microscope", "dataset_analysis", 256)
+        "dataset_microscope", "dataset_analysis", 0)  # 0: the stored size, as training
 
 
 def test_describe_mask_levels_classifies_value_sets():
@@ -287,6 +287,25 @@ def test_statistics_are_at_the_training_size(tmp_path, no_figures):
         assert (int(r["native_width"]), int(r["native_height"])) == (64, 64)
     s = json.loads((out / "summary.json").read_text())
     assert s["analysis_image_size"] == 32 and s["native_sizes"] == {"64x64": 4}
+
+
+def test_default_is_the_stored_size_and_the_trainers_flatfield(tmp_path, no_figures):
+    data = tmp_path / "data"
+    _clean_dataset(data, n=4)
+    rc, out = _run(tmp_path, data)
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["analysis_image_size"] == 64  # the stored 64-px tiles, as training uses
+    report = (out / "MICROBEAD_ANALYSIS_RESULTS.md").read_text()
+    assert "flat-field normalised like the trainer" in report
+    assert "at 64 px (the stored tile size" in report
+    assert "image percentile-normalised and resized" not in report and "dark rims" not in report
+
+
+def test_no_faster_smaller_input_is_offered_when_beads_are_already_small():
+    assert am.smaller_input_note(608, 512).startswith("No smaller input size keeps beads")
+    assert "608 (a faster" not in am.smaller_input_note(608, 512)
+    assert "256 (a faster, lower-resolution option)" in am.smaller_input_note(256, 512)
 
 
 def test_every_seeded_integrity_problem_is_reported_by_file_name(tmp_path, capsys, no_figures):
@@ -543,3 +562,9 @@ def test_mask_with_half_its_beads_erased_is_a_partial_suspect(synthetic, tmp_pat
     report = (out / am.REPORT).read_text()
     for r in victims:
         assert r["file"] in report
+
+
+def test_figure_labels_keep_the_dilution_and_grid_position():
+    assert am.short_tile_name("640x_2025-05-16_00-59-00_002_grid_r1_c1.png") == "640x r1 c1"
+    assert am.short_tile_name("-0-59-00_grid_r3_c2.png") == "r3 c2"
+    assert len(am.short_tile_name("x" * 60 + ".tif")) <= 28

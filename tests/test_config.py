@@ -226,11 +226,23 @@ def test_run_state_kfold(tmp_path):
     assert mcfg.run_state(run) == "unfinished"
 
 
-def test_comparison_with_the_previous_run():
-    (line,) = mcfg.comparison_lines([{"model": "unet", "best_val_jacard": "0.2854",
-                                      "best_epoch": "3", "label_ceiling": "0.71"}])
-    assert "0.2854 (epoch 3) vs previous 0.1427: 2.0x, +0.1427" in line
-    assert "ceiling 0.710" in line
+def test_comparison_only_with_a_run_the_user_names():
+    row = {"model": "unet", "best_val_jacard": "0.2854", "best_epoch": "3",
+           "label_ceiling": "0.71"}
+    (line,) = mcfg.comparison_lines([row])
+    assert "best val Jaccard 0.2854 (epoch 3)" in line and "ceiling 0.710" in line
+    assert "0.1427" not in line and "previous" not in line
+    (line,) = mcfg.comparison_lines([row], {"unet": 0.25}, "run_a")
+    assert "run_a: 0.2500 (+0.0354)" in line
+
+
+def test_fit_warnings_val_above_training_or_above_the_label_ceiling():
+    assert mcfg.fit_warnings("unet", 0.80, 0.75, 0.78) == []
+    (msg,) = mcfg.fit_warnings("unet", 0.82, 0.61, None, n_val=7)
+    assert "0.21 above training (0.610)" in msg and "7 validation" in msg
+    (msg,) = mcfg.fit_warnings("unet", 0.82, None, 0.478, val_frames=["10240x_a"])
+    assert "above the label-consistency ceiling 0.478" in msg
+    assert "validation frame(s): 10240x_a" in msg
 
 
 def test_config_module_imports_nothing_heavy():

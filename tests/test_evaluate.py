@@ -290,3 +290,19 @@ def test_runs_without_tensorflow(tmp_path):
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "o" / "summary.json").is_file()
+
+
+def test_headline_numbers_reach_the_terminal(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    pred, gt = write_folder(tmp_path, hand_built())
+    out = tmp_path / "evaluation"
+    assert run(["--pred_dir", pred, "--gt_dir", gt, "--output_dir", out]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    c = s["counts"]
+    total = 100 * (c["pred_total"] - c["true_total"]) / c["true_total"]
+    assert (f"bead counts: {c['pred_total']} predicted vs {c['true_total']} true "
+            f"({total:+.1f} % in total") in caplog.text
+    assert f"F1 {s['objects']['f1']:.3f}" in caplog.text
+    assert "quantify_assay.py --truth takes as it is" in caplog.text

@@ -552,3 +552,19 @@ def test_compiled_metrics_use_the_runs_threshold_and_keep_it_when_reloaded(ext, 
     loaded = models.load_model(path, compile=True)
     assert loaded.evaluate(pred, truth, verbose=0, return_dict=True)["jacard_coef"] == (
         pytest.approx(1 / 2))
+
+
+def test_tensorflow_startup_noise_is_dropped_and_errors_kept():
+    import os
+
+    text = ("WARNING: All log messages before absl::InitializeLog() is called are written to "
+            "STDERR\n"
+            "I0000 00:00:1796525951.201091    8413 port.cc:153] oneDNN custom operations are on.\n"
+            "W0000 00:00:1796525951.2 8413 cpu_feature_guard.cc:227] optimized\n"
+            "To enable the following instructions: AVX2 FMA, in other operations, rebuild\n"
+            "E0000 00:00:1796525947.936713    8263 some.cc:1] a real error\n"
+            "a Python warning\n")
+    assert models.filter_startup_noise(text) == (
+        "E0000 00:00:1796525947.936713    8263 some.cc:1] a real error\na Python warning\n")
+    # Set before TensorFlow loads (a user's own value wins): hides cuInit E0000 on CPUs.
+    assert os.environ.get("TF_CPP_MIN_LOG_LEVEL") is not None

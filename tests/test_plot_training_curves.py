@@ -221,10 +221,11 @@ def test_single_run_outputs_and_report(tmp_path, fmt):
 
     text = (out / ptc.REPORT).read_text(encoding="utf-8")
     assert_clean_report(text)
-    ratio = 0.60 / ptc.PREVIOUS_BEST_VAL_JACCARD
-    assert f"unet: 0.600 (epoch 7), {ratio:.1f}x the previous 0.1427" in text
+    assert "unet: 0.600 (epoch 7)" in text
     assert "attention_unet: 0.700 (epoch 5)" in text
-    assert "target 0.50 reached" in text and "target 0.50 not reached" in text
+    # Only the user's own numbers: no predecessor's run, no project target.
+    for foreign in ("0.1427", "previous", "target"):
+        assert foreign not in text
     assert "COLLAPSE: " in text and text.count("COLLAPSE: ") == 1
     assert f"{EXPECTED['unet']['sigma']:.4f}" in text
     assert "n/a" in text  # sigma of the 1-epoch model
@@ -374,3 +375,31 @@ def test_runs_without_tensorflow():
     root = Path(ptc.__file__).resolve().parent
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True)
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_compare_only_with_a_named_run_ceiling_and_fit_warnings(tmp_path):
+    run = make_run(tmp_path / "run_b", "new")
+    # Trainer summary with the data's label ceiling; unet's best val (0.60) is above it.
+    pd.DataFrame({"model": ["unet"], "best_epoch": [7], "best_val_jacard": [0.60],
+                  "epochs_run": [12], "label_ceiling": [0.478]}).to_csv(
+        run / "training_summary.csv", index=False)
+    other = tmp_path / "run_a"
+    write_new(other, "unet", {**UNET, "val_jacard_coef": [0.1] * 11 + [0.55]})
+    out = tmp_path / "out"
+    assert ptc.main([str(run), "--compare", str(other), "--output_dir", str(out),
+                     "--dpi", "40"]) == 0
+    text = (out / ptc.REPORT).read_text(encoding="utf-8")
+    assert "unet: 0.600 (epoch 7); run_a: 0.550 (+0.050)" in text
+    assert "label-consistency ceiling of run_b's data: 0.478" in text
+    assert "above the label-consistency ceiling 0.478" in text
+    assert "- none" not in text
+    assert "0.1427" not in text and "target" not in text
+
+
+def test_validation_far_above_training_is_a_warning(tmp_path):
+    run = tmp_path / "run"
+    write_new(run, "unet", {**UNET, "jacard_coef": [0.3] * 12})  # val best 0.60 at epoch 7
+    out = tmp_path / "out"
+    assert ptc.main([str(run), "--output_dir", str(out), "--dpi", "40"]) == 0
+    text = (out / ptc.REPORT).read_text(encoding="utf-8")
+    assert "unet: validation Jaccard 0.600 is 0.30 above training (0.300)" in text

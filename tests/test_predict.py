@@ -186,6 +186,18 @@ def test_single_dilution_is_not_fitted_and_the_summary_says_why(tmp_path):
     assert two["skipped"] == "" and two["slope"] == pytest.approx(-1.0)
 
 
+def test_dilution_plot_compares_density_not_beads_per_image(tmp_path):
+    # An ideal series, but the 320x frame is twice as large: per image it would look flat.
+    rows = [{"file": f, "dilution": d, "beads": b, "status": "ok", "width": w, "height": 1000}
+            for f, d, b, w in (("160x_a.png", 160, 2000, 1000), ("320x_a.png", 320, 2000, 2000),
+                               ("640x_a.png", 640, 500, 1000))]
+    fit = pm.write_dilution_outputs(tmp_path, rows)
+    assert fit["slope"] == pytest.approx(-1.0) and fit["r2"] == pytest.approx(1.0)
+    with open(tmp_path / "dilution_counts.csv", newline="") as fh:
+        got = {r["file"]: float(r["beads_per_mp"]) for r in csv.DictReader(fh)}
+    assert got == {"160x_a.png": 2000.0, "320x_a.png": 1000.0, "640x_a.png": 500.0}
+
+
 @pytest.mark.parametrize("kind", ["constant", "all_nan", "some_nan"])
 def test_constant_or_nan_frame_is_unusable_not_ok_with_zero_beads(tmp_path, kind):
     files = _frames(tmp_path / "in", 2)
@@ -404,3 +416,16 @@ def test_overwrite_removes_the_previous_predictions_files_only(tmp_path, tiny_un
     used = json.loads((out / "prediction_config.json").read_text())
     assert used["overlap"] == tiling.default_overlap(2) and used["network_depth"] == 2
     assert "receptive field" in used["overlap_source"]
+
+
+def test_comparison_of_a_wide_strip_is_stacked_titled_and_readable():
+    # A grid-row strip of 7 tiles (3362x512): side by side it was 2399x121 px.
+    stacked, f = pm.comparison_layout(512, 3362)
+    assert stacked and f == pytest.approx(2400 / 3362)
+    assert pm.comparison_layout(512, 512) == (False, 1.0)  # a tile: side by side, full size
+    gray = np.random.default_rng(0).random((64, 420)).astype(np.float32)
+    out = pm.comparison_image(gray, gray, np.zeros((64, 420, 3), np.uint8), max_side=300)
+    stacked, f = pm.comparison_layout(64, 420, 300)
+    assert stacked and out.shape[1] == round(420 * f)
+    assert out.shape[0] == 3 * (round(64 * f) + 30) + 2 * 8  # three titled panels
+    assert (out[:30] < 128).any()  # the title's black text

@@ -242,6 +242,9 @@ def test_main_end_to_end_writes_every_output(tmp_path):
     assert blank["mean_density"] == pytest.approx(np.mean([n for f, n in items[:3]]))
     report = (out / qa.REPORT_NAME).read_text()
     assert "CLSI EP17" in report and "ICH Q2" in report and "3.3·σ/slope" in report
+    assert "## Warnings" in report and isinstance(res["warnings"], list)
+    for w in res["warnings"]:
+        assert f"- {w}" in report
 
 
 def test_dilution_names_one_image_each_like_the_demo(tmp_path, caplog):
@@ -330,3 +333,82 @@ def test_hyphenated_aliases_and_argument_checks():
     assert (a.output_dir, a.um_per_px, a.n_boot, a.low_range) == ("o", 0.345, 10, 4)
     with pytest.raises(SystemExit):
         qa.parse_args(["--predictions", "p", "--output_dir", "o", "--um_per_px", "0"])
+
+
+def test_evaluation_table_is_the_assay_truth_without_renaming(tmp_path):
+    """evaluate_predictions.py's per_image_metrics.csv (``file`` = the prediction mask,
+    ``true_count``) is given to --truth as it is, and every frame finds its true count."""
+    import evaluate_predictions as ev
+    import microbead_io as mio
+
+    size = 48
+    yy, xx = np.mgrid[:size, :size]
+    frames = {"640x_a": 4, "1280x_a": 2, "2560x_a": 1}
+    (tmp_path / "gt").mkdir()
+    pred = tmp_path / "pred"
+    (pred / "masks").mkdir(parents=True)
+    for name, n in frames.items():
+        truth = np.zeros((size, size), np.uint8)
+        for k in range(n):
+            truth |= ((yy - 8 - 10 * k) ** 2 + (xx - 24) ** 2 <= 9).astype(np.uint8)
+        mio.write_mask(tmp_path / "gt" / f"{name}.png", truth)
+        mio.write_mask(pred / "masks" / f"{name}_mask.png", truth)
+    write_summary(pred, [(f"{name}.png", n) for name, n in frames.items()])
+    evaluation = tmp_path / "evaluation"
+    assert ev.main(["--pred_dir", str(pred), "--gt_dir", str(tmp_path / "gt"),
+                    "--output_dir", str(evaluation), "--no_progress"]) == 0
+    out = tmp_path / "assay"
+    assert qa.main(["--predictions", str(pred), "--truth",
+                    str(evaluation / "per_image_metrics.csv"), "--output_dir", str(out),
+                    "--n_boot", "20"]) == 0
+    res = json.loads((out / qa.RESULTS_NAME).read_text())
+    assert res["truth"]["n_images"] == 3
+    with open(out / "per_image.csv", newline="") as fh:
+        got = {r["file"]: int(r["n_true"]) for r in csv.DictReader(fh)}
+    assert got == {f"{name}.png": n for name, n in frames.items()}
+
+
+def test_count_error_bin_without_spread_is_never_used_silently():
+    # The dense bin's 5 tiles were all counted exactly: its own spread is 0.
+    t = np.array([10] * 5 + [100] * 5)
+    p = np.array([11, 9, 10, 12, 8] + [100] * 5)
+    m = qa.fit_count_error(t, p, np.full(10, 512 * 512), min_per_bin=5)
+    pooled = np.std((p - t) / t, ddof=1)
+    assert m.spread[1] == pytest.approx(pooled) and m.pooled_spread_bins == (1,)
+    (msg,) = m.warnings()
+    assert "1 density bin(s)" in msg and "instead of 0" in msg
+    assert m.bins()[1]["spread_note"].startswith("pooled")
+    # Every tile exact: no spread anywhere, said so.
+    exact = qa.fit_count_error(t, t, np.full(10, 512 * 512), min_per_bin=5)
+    assert any("no spread" in w and "equals the Poisson CV" in w for w in exact.warnings())
+    assert "no model error is known there" in qa.extrapolation_warning(5, m)
+
+
+def _images(rows):
+    """``(concentration, beads)`` -> image rows of 1 MP each for build_replicates."""
+    return [{"concentration": c, "blank": c == 0, "replicate": "", "file": f"f{i}.png",
+             "beads": n, "area": 1.0, "count_spread_rel": 0.0}
+            for i, (c, n) in enumerate(rows)]
+
+
+def test_lod_above_the_lowest_counted_concentration_is_called_out():
+    reps = qa.build_replicates(_images([(1 / 10240, 25), (1 / 5120, 60), (1 / 320, 1000)]))
+    assert qa.lowest_counted_concentration(reps) == pytest.approx(1 / 10240)
+    msg = qa.lod_warning(0.000215, reps, "1/dilution")
+    assert msg.startswith("LoD 0.000215 1/dilution is above 9.766e-05 1/dilution")
+    assert qa.lod_warning(1 / 20000, reps, "1/dilution") is None
+    # A level with 3 beads per image is not "reliably counted".
+    sparse = qa.build_replicates(_images([(1e-4, 3), (1e-3, 40)]))
+    assert qa.lowest_counted_concentration(sparse) == pytest.approx(1e-3)
+
+
+def test_residuals_beyond_two_sd_are_flagged():
+    conc = np.array([1.0, 2.0, 4.0, 8.0])
+    reps = qa.build_replicates(_images([(c, 100 * c) for c in conc]))
+    good = qa.fit_calibration("linear", reps.x, reps.y, reps.area)
+    assert qa.residual_flags(reps, good) == []  # exact line: no residual at all
+    scattered = qa.build_replicates(_images([(1.0, 100), (2.0, 400), (4.0, 200), (8.0, 900)]))
+    fit = qa.fit_calibration("linear", scattered.x, scattered.y, scattered.area)
+    flags = qa.residual_flags(scattered, fit)
+    assert flags and flags[0].startswith("residual: ")
+    assert all("SD from the linear curve" in f for f in flags[1:])

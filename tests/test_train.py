@@ -415,6 +415,39 @@ def test_config_file_between_preset_and_flags(tmp_path):
     assert (b.filters, b.epochs) == (4, 7)
 
 
+def test_cpu_estimate_from_a_measured_step():
+    # 10 steps of 2 s, plus 3 validation tiles 4x a crop's pixels at 1/3 of a step per
+    # pixel-batch: 3 * 2 * 4 / (3 * 2) = 4 s, plus the per-epoch overhead; 5 epochs.
+    one = tmo.estimate_training_seconds(2.0, steps=10, epochs=5, models=["unet"], batch=2,
+                                        train_px=64 * 64, val_px=128 * 128, n_val=3)
+    assert one == pytest.approx(5 * (20 + 4 + tmo.EPOCH_OVERHEAD_S))
+    three = tmo.estimate_training_seconds(2.0, steps=10, epochs=5, models=list(tmo.MODEL_COST),
+                                          batch=2, train_px=64 * 64, val_px=128 * 128, n_val=3,
+                                          folds=2)
+    assert three == pytest.approx(one * sum(tmo.MODEL_COST.values()) * 2)
+    # The preset's constants scale with the cores.
+    p1 = tmo.preset_cpu_seconds(models=["unet"], n_val=7, val_px=512 * 512, cores=1)
+    p2 = tmo.preset_cpu_seconds(models=["unet"], n_val=7, val_px=512 * 512, cores=2)
+    overhead = tmo.PRESETS["cpu"]["epochs"] * tmo.EPOCH_OVERHEAD_S
+    assert p1 - overhead == pytest.approx(2 * (p2 - overhead))
+    assert tmo.format_duration(40) == "40 s" and tmo.format_duration(720) == "12 min"
+    assert tmo.format_duration(26.4 * 3600) == "26.4 h"
+    assert tmo.cpu_notice(26.4 * 3600, 720) == ("no GPU found; this configuration needs about "
+                                                "26.4 h here; `--preset cpu` takes about 12 min")
+    assert tmo.cpu_notice(720, None) == ("no GPU found; this configuration (--preset cpu) "
+                                         "needs about 12 min here")
+
+
+def test_config_values_that_replace_preset_values_are_named():
+    preset = tmo.PRESETS["cpu"]
+    rec = {"depth": 4, "batch_size": 4, "steps_per_epoch": 50, "loss": "bce_dice",
+           "image_size": 512}
+    assert tmo.config_overrides(preset, rec, set()) == [
+        "batch_size 16 -> 4", "depth 3 -> 4", "steps_per_epoch 25 -> 50"]
+    assert tmo.config_overrides(preset, rec, {"depth"}) == [
+        "batch_size 16 -> 4", "steps_per_epoch 25 -> 50"]
+
+
 def test_config_unknown_key_names_key_and_file(tmp_path, caplog):
     cfg = tmp_path / "bad_config.json"
     cfg.write_text(json.dumps({"filters": 8, "learning_rate": 0.1}))
@@ -480,6 +513,13 @@ def test_run_writes_every_output(main_run, dataset):
 
     log_text = (run / "training_console.log").read_text()
     assert "unet epoch 2" in log_text and "best val Jaccard" in log_text
+    # One plain device line, and on a machine without a GPU the estimate of the whole run.
+    assert "running on CPU" in log_text or "running on GPU: " in log_text
+    if "running on CPU" in log_text:
+        assert re.search(r"no GPU found; this configuration needs about \d+ (s|min|h)\b.*"
+                         r"`--preset cpu` takes about \d+ (s|min)", log_text), log_text
+        assert "s per training step measured on unet: 15 steps x 2 epochs x 1 model(s)" \
+            in log_text
 
 
 def test_config_has_what_prediction_needs(main_run, dataset):
