@@ -73,8 +73,11 @@ SUMMARY_COLUMNS = (
     "rejected_objects", "time_s", "status",
 )
 # A frame whose typical bead is this much smaller / larger (area, at model scale) than the
-# training beads is probably at another pixel scale: counts are then unreliable.
-SCALE_RATIO_RANGE = (0.6, 1.6)
+# model's own beads on its validation tiles is probably at another pixel scale: counts are
+# then unreliable. Correct real frames span 0.46-1.65 (leave-one-frame-out on the users' 49
+# tiles: one frame's beads are half the usual area, clumps lift crowded tiles); a frame at
+# 2x or 0.5x the training scale gives ~4 or ~0.25 (area goes with the square of the scale).
+SCALE_RATIO_RANGE = (0.4, 2.0)
 MIN_BEADS_FOR_SCALE = 5
 #: Smallest --tile_size accepted at parse time (model px); it must also be a multiple of
 #: the run's pad multiple, checked once config.json is read.

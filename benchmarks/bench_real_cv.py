@@ -33,6 +33,7 @@ Example
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import subprocess
@@ -313,6 +314,22 @@ def frame_seconds(pred: Predictor, rng: np.random.Generator) -> float:
     return time.perf_counter() - t0
 
 
+def width_seconds(run: Path, widths, rng: np.random.Generator) -> dict:
+    """CPU seconds to predict one 3840x2160 frame with a U-Net of each base width (untrained:
+    the time does not depend on the weights), through the same stages as ``run``'s model."""
+    import models
+
+    pred = Predictor(run)
+    depth = int(round(math.log2(pred.pad)))
+    out = {}
+    for w in widths:
+        net = models.build_model("unet", (None, None, int(pred.cfg["preprocessing"]["channels"])),
+                                 filters=int(w), depth=depth, dropout=0.0, batch_norm=True)
+        pred.fn = pred.pm.make_keras_predict_fn(net)
+        out[str(w)] = round(frame_seconds(pred, rng), 2)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -334,6 +351,9 @@ def parse_args(argv=None):
     ap.add_argument("--no_rows", action="store_true", help="skip the stitched rows")
     ap.add_argument("--time_frame", action="store_true",
                     help="also time one 3840x2160 frame per fold's model (first fold only)")
+    ap.add_argument("--time_widths", default="",
+                    help="also time one 3840x2160 frame with U-Nets of these base widths, "
+                         "e.g. 8,16,32 (first fold's preprocessing)")
     ap.add_argument("--output", type=Path, default=None, help="results JSON path")
     return ap.parse_args(argv)
 
@@ -412,6 +432,11 @@ def main(argv=None) -> int:
             entry["rows"] = rows_out
         if args.time_frame and fi == 0:
             results["frame_predict_s"] = round(frame_seconds(pred, rng), 2)
+        if args.time_widths and fi == 0:
+            results["frame_predict_s_by_width"] = width_seconds(
+                run, [int(w) for w in args.time_widths.split(",")], rng)
+            print(f"CPU s per 3840x2160 frame by base width: "
+                  f"{results['frame_predict_s_by_width']}", flush=True)
         results["frames"][held] = entry
         m, c = entry["model"], entry["classical"]
         print(f"{held[:34]:34s} n={m['n_true']:5d} model: count {m['count_error_pct']:+6.1f}% "

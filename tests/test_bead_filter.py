@@ -115,7 +115,7 @@ def test_scale_check_uses_the_models_own_beads_and_still_flags_2x_and_half():
                                                radius=4.0, radius_sd=0.3, min_gap=2.0),
                               (400, 600))[1]
     whole_area = float(np.median(np.bincount(labels.ravel())[1:]))
-    shrunk_area = whole_area / 2.2  # the label masks' beads: shrunk by the users' detector
+    shrunk_area = whole_area / 2.5  # the label masks' beads: shrunk by the users' detector
     post = {"threshold": 0.5, "median_bead_area_px": shrunk_area}
     cfg = {"preprocessing": {"scale": 1.0}, "postprocessing": post}
     prob = whole.astype(np.float32)
