@@ -1014,6 +1014,30 @@ def _val_frames(folder: Path) -> list[str]:
         return []
 
 
+def validation_lines(histories: list[History]) -> list[str]:
+    """``## Validation`` section: per run folder, what its ``split.json`` validated on (the
+    mode, each tile with its object count, the window cut from it). Empty without one."""
+    import json
+
+    out = []
+    for folder in dict.fromkeys(h.path.parent for h in histories):
+        try:
+            split = json.loads((folder / "split.json").read_text())
+        except (OSError, ValueError):
+            continue
+        files, objects = split.get("val", []), split.get("val_objects", [])
+        windows = split.get("val_windows") or [None] * len(files)
+        mode = split.get("mode", "frames")
+        how = ("tiles from inside the frames, each cut so that no pixel is shared with a "
+               "training tile" if mode == "tiles" else "whole source frames")
+        out += ["", f"## Validation ({folder.name}): {len(files)} tile(s) from "
+                f"{len(split.get('val_groups', []))} frame(s), {how}", ""]
+        for f, n, w in sorted(zip(files, objects, windows), key=lambda t: t[1]):
+            cut = f", window rows {w[0]}-{w[1]}, cols {w[2]}-{w[3]}" if w else ""
+            out.append(f"- {f}: {n} objects{cut}")
+    return out
+
+
 def fit_warning_lines(per_run: pd.DataFrame, histories: list[History]) -> list[str]:
     """``microbead_config.fit_warnings`` for every (run, model): validation far above
     training (at the best epoch), or above the data's label-consistency ceiling."""
@@ -1058,6 +1082,7 @@ def build_report(stats: pd.DataFrame, histories: list[History], figures: list[st
         models = ", ".join(h.model for h in hs)
         epochs = ", ".join(str(len(h.frame)) for h in hs)
         lines.append(f"| {run} | `{hs[0].path.parent}` | {models} | {epochs} |")
+    lines += validation_lines(histories)
     reference = reference or {}
     lines += ["", "## Best validation Jaccard"
               + (f" vs. {reference_name} (named with --compare)" if reference else ""), ""]

@@ -401,12 +401,12 @@ def test_train_empty_images_folder_says_so_and_leaves_no_folder(tmp_path, caplog
 def test_failed_training_run_leaves_no_empty_run_folder(tmp_path, caplog):
     import train_microbead_optimized as tr
 
-    # The cpu preset's 128-px patches do not fit 32-px tiles: found once the folder exists.
+    # Five folds of two images: found once the data is loaded, i.e. after the folder exists.
     data = _dataset(tmp_path / "d", ["a.png", "b.png"])
     out = tmp_path / "runs"
     assert tr.main(["--data_dir", str(data), "--output_dir", str(out), "--preset", "cpu",
-                    "--pixel_scale", "1"]) == 2
-    assert "--patch_size must be divisible" in caplog.text
+                    "--pixel_scale", "1", "--kfold", "5"]) == 2
+    assert "--kfold must be between 2 and the number of images" in caplog.text
     assert "removed: the run failed before writing anything but its log" in caplog.text
     assert not out.exists()  # neither the run folder nor the --output_dir it made
 

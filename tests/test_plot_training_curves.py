@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import statistics
 import subprocess
@@ -403,3 +404,17 @@ def test_validation_far_above_training_is_a_warning(tmp_path):
     assert ptc.main([str(run), "--output_dir", str(out), "--dpi", "40"]) == 0
     text = (out / ptc.REPORT).read_text(encoding="utf-8")
     assert "unet: validation Jaccard 0.600 is 0.30 above training (0.300)" in text
+
+
+def test_report_names_the_validation_tiles_and_their_windows(tmp_path):
+    run = make_run(tmp_path / "microbead_training_20240101_120000", "new")
+    (run / "split.json").write_text(json.dumps({
+        "mode": "tiles", "val": ["320x_a_grid_r3_c4.png", "10240x_b_grid_r3_c1.png"],
+        "val_objects": [365, 3], "val_windows": [[0, 512, 40, 472], [0, 512, 37, 469]],
+        "val_groups": ["320x_a", "10240x_b"]}))
+    assert ptc.main([str(run), "--dpi", "40"]) == 0
+    text = (run / "training_analysis" / ptc.REPORT).read_text(encoding="utf-8")
+    assert "2 tile(s) from 2 frame(s), tiles from inside the frames" in text
+    # Sparsest first, each with its objects and the window cut from it.
+    assert text.index("10240x_b_grid_r3_c1.png: 3 objects, window rows 0-512, cols 37-469") \
+        < text.index("320x_a_grid_r3_c4.png: 365 objects")
