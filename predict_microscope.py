@@ -78,7 +78,9 @@ SUMMARY_COLUMNS = (
 # tiles: one frame's beads are half the usual area, clumps lift crowded tiles); a frame at
 # 2x or 0.5x the training scale gives ~4 or ~0.25 (area goes with the square of the scale).
 SCALE_RATIO_RANGE = (0.4, 2.0)
-MIN_BEADS_FOR_SCALE = 5
+# Fewer components than this give no scale verdict: a blank frame's few specks are no
+# sample of the bead size (the demo's blank frames were flagged "0.32x" with 5-6 specks).
+MIN_BEADS_FOR_SCALE = 20
 #: Smallest --tile_size accepted at parse time (model px); it must also be a multiple of
 #: the run's pad multiple, checked once config.json is read.
 MIN_TILE = 16

@@ -315,18 +315,32 @@ def frame_seconds(pred: Predictor, rng: np.random.Generator) -> float:
 
 
 def width_seconds(run: Path, widths, rng: np.random.Generator) -> dict:
-    """CPU seconds to predict one 3840x2160 frame with a U-Net of each base width (untrained:
-    the time does not depend on the weights), through the same stages as ``run``'s model."""
+    """CPU seconds of the network stage (preprocessing + tiled forward passes) for one
+    3840x2160 frame with a U-Net of each base width, at ``run``'s scale and depth. The
+    networks are untrained: the forward time does not depend on the weights, but their
+    output is noise, so the bead split (the same for every width) is not timed."""
     import models
+    import tiling
 
     pred = Predictor(run)
     depth = int(round(math.log2(pred.pad)))
+    pre = pred.cfg["preprocessing"]
+    img = rng.normal(106, 3, FRAME_SHAPE + (int(pre["channels"]),)).astype(np.float32)
     out = {}
     for w in widths:
-        net = models.build_model("unet", (None, None, int(pred.cfg["preprocessing"]["channels"])),
+        net = models.build_model("unet", (None, None, int(pre["channels"])),
                                  filters=int(w), depth=depth, dropout=0.0, batch_norm=True)
-        pred.fn = pred.pm.make_keras_predict_fn(net)
-        out[str(w)] = round(frame_seconds(pred, rng), 2)
+        fn = pred.pm.make_keras_predict_fn(net)
+
+        def stage(fn=fn):
+            x = pred.pm.preprocess_frame(img, pre)
+            tiling.predict_tiled(x, fn, tile_size=1024, overlap=pred.overlap, batch_size=4,
+                                 pad_multiple=pred.pad)
+
+        stage()  # warm-up (graph tracing)
+        t0 = time.perf_counter()
+        stage()
+        out[str(w)] = round(time.perf_counter() - t0, 2)
     return out
 
 
@@ -435,7 +449,7 @@ def main(argv=None) -> int:
         if args.time_widths and fi == 0:
             results["frame_predict_s_by_width"] = width_seconds(
                 run, [int(w) for w in args.time_widths.split(",")], rng)
-            print(f"CPU s per 3840x2160 frame by base width: "
+            print(f"CPU s of the network stage per 3840x2160 frame by base width: "
                   f"{results['frame_predict_s_by_width']}", flush=True)
         results["frames"][held] = entry
         m, c = entry["model"], entry["classical"]

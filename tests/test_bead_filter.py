@@ -130,6 +130,12 @@ def test_scale_check_uses_the_models_own_beads_and_still_flags_2x_and_half():
     assert "smaller" in pm.finish_frame(half, half.shape, ok)["scale_warning"]
     double = mio.resize_mask(whole, (800, 1200)).astype(np.float32)
     assert "larger" in pm.finish_frame(double, double.shape, ok)["scale_warning"]
+    # A blank frame's handful of small specks is no sample of the bead size: no verdict.
+    specks = np.zeros((400, 600), np.float32)
+    for k in range(6):
+        specks[50 + 40 * k:53 + 40 * k, 100:103] = 1.0
+    quiet = pm.finish_frame(specks, specks.shape, ok)
+    assert quiet["scale_warning"] == "" and np.isnan(quiet["bead_area_ratio"])
 
 
 def _config(tmp_path):

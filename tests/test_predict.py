@@ -302,7 +302,9 @@ def _out(folder):
 
 
 def _strip(rows):
-    return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+    # NaN (no scale verdict on a frame with few beads) compares unequal to itself.
+    return [{k: "nan" if isinstance(v, float) and v != v else v for k, v in r.items()
+             if k != "time_s"} for r in rows]
 
 
 def test_pipelined_and_sequential_give_the_same_rows_and_files(tmp_path):
