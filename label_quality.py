@@ -755,32 +755,41 @@ def consistency_ceiling(images, masks, names: Sequence[str], *,
     return pooled
 
 
+def _safe(load: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
+    """``load`` returning an empty array for a file that cannot be read (no pair then)."""
+    def f(i):
+        try:
+            return load(i)
+        except (mio.ImageReadError, OSError):
+            return np.zeros((0, 0), np.float32)
+    return f
+
+
+def grid_overlaps_from_files(image_paths: Sequence, *, max_width: int = MAX_OVERLAP,
+                             min_corr: float = MIN_OVERLAP_CORR) -> list[Overlap]:
+    """:func:`find_grid_overlaps` of image files read at native resolution via
+    ``microbead_io`` (names are the file names); unreadable files take part in no pair."""
+    names = [Path(p).name for p in image_paths]
+    return find_grid_overlaps(names, _safe(lambda i: mio.read_image(image_paths[i], 1)[..., 0]),
+                              max_width=max_width, min_corr=min_corr)
+
+
 def consistency_ceiling_from_files(image_paths: Sequence, mask_paths: Sequence, *,
                                    max_width: int = MAX_OVERLAP,
-                                   min_corr: float = MIN_OVERLAP_CORR) -> dict | None:
+                                   min_corr: float = MIN_OVERLAP_CORR,
+                                   overlaps: Sequence[Overlap] | None = None) -> dict | None:
     """:func:`consistency_ceiling` of files read at native resolution via ``microbead_io``.
 
     Only tiles with a grid neighbour by name are read (each about twice). Pairs where a file
-    cannot be read are skipped. Names are the image file names.
+    cannot be read are skipped. Names are the image file names. ``overlaps``: the strips of
+    :func:`grid_overlaps_from_files` when the caller already has them (not found again).
     """
     names = [Path(p).name for p in image_paths]
-
-    def load_image(i):
-        return mio.read_image(image_paths[i], 1)[..., 0]
-
-    def load_mask(i):
-        return mio.read_mask(mask_paths[i], warn=False)
-
-    def safe(load):
-        def f(i):
-            try:
-                return load(i)
-            except (mio.ImageReadError, OSError):
-                return np.zeros((0, 0), np.float32)
-        return f
-
-    ovs = find_grid_overlaps(names, safe(load_image), max_width=max_width, min_corr=min_corr)
-    rows = overlap_agreement(ovs, safe(load_mask), names=names)
+    if overlaps is None:
+        overlaps = grid_overlaps_from_files(image_paths, max_width=max_width,
+                                            min_corr=min_corr)
+    rows = overlap_agreement(overlaps, _safe(lambda i: mio.read_mask(mask_paths[i], warn=False)),
+                             names=names)
     pooled = pooled_agreement(rows)
     if pooled is not None:
         pooled["pairs"] = rows

@@ -175,6 +175,18 @@ def count_components(mask) -> int:
     return int(cv2.connectedComponents(m, connectivity=8)[0] - 1)
 
 
+def component_areas(mask) -> np.ndarray:
+    """Pixel areas (int64) of the 8-connected foreground components of a binary mask.
+
+    The statistic of the scale check: ``predict_microscope.bead_area_ratio`` takes the median
+    of a frame's, the trainer the median of its validation predictions' as the reference, so
+    both sides are measured alike. Empty mask -> empty array.
+    """
+    m = as_binary(mask).astype(np.uint8, copy=False)
+    _, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    return stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
+
+
 def _component_stats(mask: np.ndarray):
     """8-connected components: (labels int32, areas, touches_border, compact) per component."""
     m = mask.astype(np.uint8, copy=False)

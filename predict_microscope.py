@@ -289,11 +289,9 @@ def bead_area_ratio(mask_small: np.ndarray, median_area: float) -> float:
     beads still dominate the components. NaN with fewer than :data:`MIN_BEADS_FOR_SCALE`
     components or no training area.
     """
-    import cv2
+    import microbead_metrics
 
-    _, _, stats, _ = cv2.connectedComponentsWithStats(
-        np.ascontiguousarray(mask_small, np.uint8), connectivity=8)
-    areas = stats[1:, cv2.CC_STAT_AREA]
+    areas = microbead_metrics.component_areas(mask_small)
     if areas.size < MIN_BEADS_FOR_SCALE or not median_area > 0:
         return float("nan")
     return float(np.median(areas) / median_area)

@@ -768,7 +768,10 @@ def load_training_data(args) -> dict:
         for i in range(len(loaded.images)):
             loaded.images[i] = mio.apply_normalization(loaded.images[i], norm)
     log.info("input size %d px (%s)", args.image_size, size_source)
-    overlaps = grid_overlaps(pairing.pairs)
+    import label_quality
+
+    # Found once, on the stored tiles: the label ceiling and the validation windows use them.
+    overlaps = label_quality.grid_overlaps_from_files([i for i, _ in pairing.pairs])
     ceiling = label_ceiling(pairing.pairs, overlaps)
     if ceiling:
         log.info("label-consistency ceiling: masks of neighbouring tiles agree at pooled "
@@ -1556,8 +1559,6 @@ def calibrate_on_validation(prob, x_val, y_val, threshold: float, median_area: f
     (calibration dict, per-tile filtered labels). The dict has ``object_filter`` (or None),
     ``predicted_bead_area_px`` (None without objects) and ``validation`` counts.
     """
-    import cv2
-
     labels, feats, matched = [], [], []
     for p, x in zip(prob, x_val):
         p2 = np.asarray(p, np.float32)[..., 0]
@@ -1578,15 +1579,13 @@ def calibrate_on_validation(prob, x_val, y_val, threshold: float, median_area: f
     cat = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]} if feats else {}
     conf = np.concatenate(matched) if matched else np.zeros(0, bool)
     rule = bead_filter.calibrate(cat, conf, quantile=quantile) if feats else None
-    kept_labels, areas = [], []
+    kept_labels, areas, keeps = [], [], []
     for lab, f in zip(labels, feats):
-        out = bead_filter.apply_filter(lab, bead_filter.accepted(f, rule))
-        kept_labels.append(out)
-        _, _, stats, _ = cv2.connectedComponentsWithStats((out > 0).astype(np.uint8),
-                                                          connectivity=8)
-        areas.append(stats[1:, cv2.CC_STAT_AREA])
+        keeps.append(bead_filter.accepted(f, rule))
+        kept_labels.append(bead_filter.apply_filter(lab, keeps[-1]))
+        areas.append(microbead_metrics.component_areas(kept_labels[-1] > 0))
     areas = np.concatenate(areas) if areas else np.zeros(0)
-    keep = bead_filter.accepted(cat, rule) if feats else np.zeros(0, bool)
+    keep = np.concatenate(keeps) if keeps else np.zeros(0, bool)
     return {
         "object_filter": rule,
         "predicted_bead_area_px": float(np.median(areas)) if areas.size else None,
@@ -1837,42 +1836,18 @@ def write_summary(path: Path, rows: list[dict], extra_cols=()) -> None:
     mio.atomic_write_csv(path, rows, list(extra_cols) + list(SUMMARY_COLUMNS))
 
 
-def grid_overlaps(pairs) -> list:
-    """Strips that grid neighbours share (``label_quality.Overlap``), found on the stored
-    tiles at native resolution; ``[]`` without ``_grid_rR_cC`` neighbours. Unreadable files
-    take part in no pair."""
-    import label_quality
-
-    def load(i):
-        try:
-            return mio.read_image(pairs[i][0], 1)[..., 0]
-        except (mio.ImageReadError, OSError):
-            return np.zeros((0, 0), np.float32)
-
-    return label_quality.find_grid_overlaps([Path(i).name for i, _ in pairs], load)
-
-
 def label_ceiling(pairs, overlaps=None) -> dict | None:
     """How well the masks agree with themselves where grid neighbours share pixels.
 
-    ``label_quality.overlap_agreement`` on the strips of :func:`grid_overlaps` (native
-    resolution); None without ``_grid_rR_cC`` neighbours. No model can be expected to agree
+    ``label_quality.consistency_ceiling_from_files`` on the stored tiles (native
+    resolution; ``overlaps`` from ``label_quality.grid_overlaps_from_files`` if the caller
+    has them); None without ``_grid_rR_cC`` neighbours. No model can be expected to agree
     with the labels much better than this pooled Jaccard.
     """
     import label_quality
 
-    if overlaps is None:
-        overlaps = grid_overlaps(pairs)
-
-    def load_mask(i):
-        try:
-            return mio.read_mask(pairs[i][1], warn=False)
-        except (mio.ImageReadError, OSError):
-            return np.zeros((0, 0), np.uint8)
-
-    rows = label_quality.overlap_agreement(overlaps, load_mask,
-                                           names=[Path(i).name for i, _ in pairs])
-    res = label_quality.pooled_agreement(rows)
+    res = label_quality.consistency_ceiling_from_files(
+        [i for i, _ in pairs], [m for _, m in pairs], overlaps=overlaps)
     if not res:
         return None
     return {k: res[k] for k in ("pooled_jaccard", "median_pair_jaccard", "n_pairs")}

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 
+import label_quality as lq
 import make_synthetic_dataset as syn
 import microbead_io as mio
 import microbead_metrics as mm
@@ -322,7 +323,7 @@ def test_validation_windows_share_no_pixel_with_training_tiles(tmp_path):
             mio.write_mask(tmp_path / "masks" / name, np.zeros((tile, tile), np.uint8))
             pairs.append((tmp_path / "images" / name, tmp_path / "masks" / name))
             where.append((y, x))
-    overlaps = tmo.grid_overlaps(pairs)
+    overlaps = lq.grid_overlaps_from_files([i for i, _ in pairs])
     assert sorted((o.first, o.second, o.side, o.width) for o in overlaps) == [
         (r * 5 + c, r * 5 + c + 1, "right", tile - stride) for r in range(2) for c in range(4)]
     ov = [(o.first, o.second, o.side, o.width) for o in overlaps]
