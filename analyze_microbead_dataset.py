@@ -79,6 +79,7 @@ import label_quality as lq
 import microbead_config as mcfg
 import microbead_io as mio
 import microbead_metrics as mm
+import runtime
 from tiling import receptive_field  # one formula: also sets predict's default tile overlap
 
 log = logging.getLogger("microbead.analyze")
@@ -2194,7 +2195,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     cv_level = _quiet_opencv()
-    handlers = [mio.add_log_handler()]
+    handlers = [runtime.add_log_handler()]
+    runtime.configure_threads()
     command = "python " + " ".join([SCRIPT_NAME, *(sys.argv[1:] if argv is None else argv)])
     claim = None
     try:
@@ -2208,7 +2210,7 @@ def main(argv=None) -> int:
             claim = check_output_dir(args.output_dir, args.data_dir, overwrite=args.overwrite)
         except OutputDirError as exc:
             return cli.fatal(log, "%s", exc)
-        handlers.append(mio.add_log_handler(args.output_dir / LOG_FILE, mode="w"))
+        handlers.append(runtime.add_log_handler(args.output_dir / LOG_FILE, mode="w"))
         claim.report(log)
         log.info("analysing %s at %s -> %s", args.data_dir,
                  f"{args.image_size} px" if args.image_size else "the stored tile size",
@@ -2240,7 +2242,7 @@ def main(argv=None) -> int:
     finally:
         if claim is not None:  # the manifest of what was written; the lock goes
             claim.release()
-        mio.remove_log_handlers(handlers)
+        runtime.remove_log_handlers(handlers)
         if cv_level is not None:
             from cv2.utils import logging as cvlog
 

@@ -265,10 +265,11 @@ def main(argv=None) -> int:
                                      overwrite=args.overwrite, log_name="demo.log")
     except cli.OutputDirError as exc:
         return cli.fatal(log, "%s", exc)
-    import microbead_io as mio
+    import runtime
 
     # Every step logs under "microbead": the demo's log holds the whole chain.
-    handlers = [mio.add_log_handler(out / "demo.log", mode="w")]
+    handlers = [runtime.add_log_handler(out / "demo.log", mode="w")]
+    runtime.configure_threads()
     claim.report(log)
     t0 = time.perf_counter()
     try:
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
         return cli.fatal(log, "%s", exc)
     finally:
         claim.release()
-        mio.remove_log_handlers(handlers)
+        runtime.remove_log_handlers(handlers)
     print(format_table(results))
     print(f"\nTotal: {time.perf_counter() - t0:.0f} s. Everything is under {out}/")
     return 0

@@ -90,6 +90,7 @@ import cli
 import label_quality as lq
 import microbead_io as mio
 import microbead_metrics as mm
+import runtime
 
 log = logging.getLogger("microbead.evaluate")
 
@@ -886,7 +887,8 @@ def _protected_inputs(args: argparse.Namespace, inputs: dict) -> list[Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    handlers = [mio.add_log_handler()]
+    handlers = [runtime.add_log_handler()]
+    runtime.configure_threads()
     out = Path(args.output_dir)
     try:
         try:  # input folders first: a typo creates no output folder
@@ -897,11 +899,11 @@ def main(argv=None) -> int:
         except (FileNotFoundError, cli.OutputDirError) as exc:
             return cli.fatal(log, "%s", exc)
         with claim:
-            handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
+            handlers.append(runtime.add_log_handler(out / LOG_NAME, mode="w"))
             claim.report(log)
             return _run(args, out, inputs)
     finally:
-        mio.remove_log_handlers(handlers)
+        runtime.remove_log_handlers(handlers)
 
 
 def _resolve_inputs(args: argparse.Namespace) -> dict:

@@ -58,6 +58,7 @@ import numpy as np
 
 import cli
 import microbead_io as mio
+import runtime
 
 log = logging.getLogger("microbead.export")
 
@@ -763,7 +764,9 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     import predict_microscope
 
-    handlers = [mio.add_log_handler()]
+    handlers = [runtime.add_log_handler()]
+
+    runtime.configure_threads()
     # TensorFlow's SavedModel export logs through the root logger, whose first use installs
     # a stderr handler (logging.basicConfig): every later line then printed twice. A root
     # handler that prints nothing keeps basicConfig from installing one.
@@ -785,7 +788,7 @@ def main(argv=None) -> int:
         except (SystemExit, ExportError, cli.OutputDirError, mio.ImageReadError) as exc:
             return cli.fatal(log, "%s", str(exc).removeprefix("error: "))
         with claim:
-            handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
+            handlers.append(runtime.add_log_handler(out / LOG_NAME, mode="w"))
             claim.report(log)
             try:
                 return _run(args, out, model_path, cfg_path, cfg, plan, test_image, note)
@@ -796,7 +799,7 @@ def main(argv=None) -> int:
         return 130
     finally:
         root.removeHandler(placeholder)
-        mio.remove_log_handlers(handlers)
+        runtime.remove_log_handlers(handlers)
 
 
 def _run(args, out: Path, model_path: Path, cfg_path: Path, cfg: dict, plan: dict,

@@ -56,6 +56,7 @@ from scipy import ndimage
 
 import cli
 import microbead_io as mio
+import runtime
 
 log = logging.getLogger("microbead.synthetic")
 
@@ -1281,7 +1282,7 @@ def generate_dataset(
         notes = cli.lock_output_dir(out, GENERATOR)
     except cli.OutputDirError as exc:
         raise FileExistsError(str(exc)) from None
-    handler = mio.add_log_handler(out / LOG_NAME, mode="w") if log_file else None
+    handler = runtime.add_log_handler(out / LOG_NAME, mode="w") if log_file else None
     for note in notes:
         log.warning("%s", note)
     try:
@@ -1294,7 +1295,7 @@ def generate_dataset(
         raise GenerationError(str(exc)) from exc
     finally:
         cli.unlock_output_dir(out)
-        mio.remove_log_handlers([handler])
+        runtime.remove_log_handlers([handler])
 
 
 def _write_truth(out: Path, sub: str, stem: str, name: str, image: np.ndarray, bits: int,
@@ -1689,7 +1690,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    handler = mio.add_log_handler()
+    handler = runtime.add_log_handler()
+    runtime.configure_threads()
     try:
         generate_dataset(
             args.output_dir, n=args.n, size=args.size, seed=args.seed, large=args.large,
@@ -1704,7 +1706,7 @@ def main(argv=None) -> int:
         return cli.fatal(log, "%s", str(exc).splitlines()[0] if str(exc) else
                          type(exc).__name__)
     finally:
-        mio.remove_log_handlers([handler])
+        runtime.remove_log_handlers([handler])
     return 0
 
 

@@ -29,7 +29,6 @@ import math
 import os
 import re
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,32 +50,6 @@ GRID_RE = re.compile(r"^(?P<frame>.+?)[_\-]grid[_\-]?r(?P<row>\d+)[_\-]?c(?P<col
 _DILUTION_RE = re.compile(r"(?:^|[_\-])(\d+)x(?=[_\-])", re.IGNORECASE)
 
 
-def usable_cpus() -> int:
-    """CPUs this process should use: the smallest of its CPU affinity, ``NCPUS`` (PBS) and
-    ``OMP_NUM_THREADS``, at least 1.
-
-    ``os.cpu_count()`` is the whole node: on a PBS node shared by several jobs, as many
-    OpenCV threads as cores oversubscribe the allocation (and slow every job on it).
-    Unset, empty or non-positive variables are ignored.
-    """
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        n = os.cpu_count() or 1
-    for var in ("NCPUS", "OMP_NUM_THREADS"):
-        try:
-            v = int(os.environ.get(var, "").strip() or 0)
-        except ValueError:
-            v = 0
-        if v > 0:
-            n = min(n, v)
-    return max(1, n)
-
-
-# OpenCV's own default is every core of the machine (see usable_cpus).
-cv2.setNumThreads(usable_cpus())
-
-
 class ImageReadError(Exception):
     """A file could not be read as an image; ``str(err)`` is one line naming the file."""
 
@@ -87,46 +60,6 @@ class PairingError(Exception):
 
 class SizeMismatchError(Exception):
     """An image and its mask differ in size; the message names both files."""
-
-
-# --------------------------------------------------------------------------- logging
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def add_log_handler(
-    log_file: str | os.PathLike | None = None, *, logger: str = "microbead", mode: str = "a"
-) -> logging.Handler | None:
-    """Attach a stderr handler (``log_file=None``) or a log-file handler to ``logger``.
-
-    Every script logs under the ``microbead`` package logger, to stderr and to a log file in
-    its output folder. The stderr handler is skipped (None is returned) when this logger or
-    the root logger already writes to a stream, so scripts run inside one another (the demo,
-    tests) never print a line twice. Remove with :func:`remove_log_handlers`.
-    """
-    target = logging.getLogger(logger)
-    target.setLevel(logging.INFO)
-    if log_file is None:
-        streams = [h for h in logging.getLogger().handlers + target.handlers
-                   if type(h) is logging.StreamHandler]
-        if streams:
-            return None
-        handler: logging.Handler = logging.StreamHandler()
-    else:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file, mode=mode, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
-    target.addHandler(handler)
-    return handler
-
-
-def remove_log_handlers(handlers, *, logger: str = "microbead") -> None:
-    """Detach and close handlers returned by :func:`add_log_handler` (None entries ignored)."""
-    target = logging.getLogger(logger)
-    for h in handlers:
-        if h is not None:
-            target.removeHandler(h)
-            h.close()
 
 
 # --------------------------------------------------------------------------- listing / pairing
@@ -985,8 +918,3 @@ def unique_path(path: str | os.PathLike) -> Path:
         if not cand.exists():
             return cand
         i += 1
-
-
-def suppress_tiff_warnings() -> None:
-    """Silence tifffile's chatty metadata warnings for odd vendor TIFFs."""
-    warnings.filterwarnings("ignore", module="tifffile")

@@ -64,17 +64,17 @@ def export_onnx(model, path: str | os.PathLike, *, channels: int, opset: int = O
 def onnx_session(source, *, threads: int | None = None):
     """An ONNX Runtime CPU session for an ``.onnx`` file or serialised model bytes.
 
-    ``threads`` (default :func:`microbead_io.usable_cpus`) bounds the intra-op pool, as
+    ``threads`` (default :func:`runtime.usable_cpus`) bounds the intra-op pool, as
     OpenCV and TensorFlow are bounded on a shared PBS node.
     """
     try:
         import onnxruntime as ort
     except ImportError:
         raise ImportError(f"onnxruntime is not installed; {INSTALL_HINT}") from None
-    import microbead_io as mio
+    import runtime
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads or mio.usable_cpus())
+    opts.intra_op_num_threads = int(threads or runtime.usable_cpus())
     opts.inter_op_num_threads = 1
     src = str(source) if isinstance(source, str | os.PathLike) else source
     return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])

@@ -74,7 +74,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 import cli  # noqa: E402
 import microbead_config as mcfg  # noqa: E402  (history reader, previous-run reference)
-import microbead_io as mio  # noqa: E402  (logging helpers only; no image I/O here)
+import runtime  # noqa: E402  (logging helpers)
 
 log = logging.getLogger("microbead.plot_training_curves")
 
@@ -1205,7 +1205,7 @@ def main(argv=None) -> int:
     """Exit 0: every input plotted; 1: some inputs skipped (each named); 2: nothing to plot
     or an unusable output folder."""
     args = parse_args(argv)
-    handlers = [mio.add_log_handler()]
+    handlers = [runtime.add_log_handler()]
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.run_dirs)
     try:
         try:
@@ -1217,11 +1217,11 @@ def main(argv=None) -> int:
         except OSError as err:
             return cli.fatal(log, "%s: cannot create output folder (%s)", out,
                              err.strerror or err)
-        handlers.append(mio.add_log_handler(out / LOG_FILE, mode="w"))
+        handlers.append(runtime.add_log_handler(out / LOG_FILE, mode="w"))
         claim.report(log)
         return _plot(args, out, claim)
     finally:
-        mio.remove_log_handlers(handlers)
+        runtime.remove_log_handlers(handlers)
 
 
 def _plot(args, out: Path, claim: cli.OutputClaim) -> int:

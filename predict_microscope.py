@@ -50,6 +50,7 @@ import bead_filter
 import cli
 import microbead_config as mcfg
 import microbead_io as mio
+import runtime
 import tiling
 
 log = logging.getLogger("microbead.predict")
@@ -690,8 +691,8 @@ def default_workers() -> int:
     """Load and finish threads each: half the CPUs this process may use, 1 to 8 (1 on a
     2-core machine, where the network needs both cores). On an H100 node with 16 CPUs,
     figures on, 4 workers gave 0.42 s/frame and 8 gave 0.24 s/frame. CPUs as
-    :func:`microbead_io.usable_cpus` counts them (affinity, ``NCPUS``, ``OMP_NUM_THREADS``)."""
-    return max(1, min(8, mio.usable_cpus() // 2))
+    :func:`runtime.usable_cpus` counts them (affinity, ``NCPUS``, ``OMP_NUM_THREADS``)."""
+    return max(1, min(8, runtime.usable_cpus() // 2))
 
 
 def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int = 1) -> None:
@@ -903,14 +904,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    handlers = [mio.add_log_handler()]
+    handlers = [runtime.add_log_handler()]
+    runtime.configure_threads()
     try:
         return _checked_run(args, handlers)
     except KeyboardInterrupt:  # before the frames started (their loop reports its own)
         log.error("interrupted before any frame was predicted")
         return EXIT_INTERRUPTED
     finally:
-        mio.remove_log_handlers(handlers)
+        runtime.remove_log_handlers(handlers)
 
 
 def stem_clashes(files) -> list[str]:
@@ -968,7 +970,7 @@ def _checked_run(args, handlers: list) -> int:
     except cli.OutputDirError as exc:
         return cli.fatal(log, "%s", exc)
     with claim:
-        handlers.append(mio.add_log_handler(out_dir / LOG_NAME))
+        handlers.append(runtime.add_log_handler(out_dir / LOG_NAME))
         claim.report(log)
         if claim.removed:
             log.info("--overwrite: removed %d file(s) of the previous prediction in %s",

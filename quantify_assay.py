@@ -125,6 +125,7 @@ import numpy as np
 
 import cli
 import microbead_io as mio
+import runtime
 
 log = logging.getLogger("microbead.assay")
 
@@ -1660,11 +1661,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    handlers = [mio.add_log_handler()]
+    handlers = [runtime.add_log_handler()]
     try:
         return _run(args, handlers)
     finally:
-        mio.remove_log_handlers(handlers)
+        runtime.remove_log_handlers(handlers)
 
 
 def _precheck(args) -> Path:
@@ -1692,7 +1693,7 @@ def _run(args: argparse.Namespace, handlers: list) -> int:
     except cli.OutputDirError as exc:
         return cli.fatal(log, "%s", exc)
     with claim:
-        handlers.append(mio.add_log_handler(out / LOG_NAME, mode="w"))
+        handlers.append(runtime.add_log_handler(out / LOG_NAME, mode="w"))
         claim.report(log)
         try:
             return _quantify(args, summary_path, out)

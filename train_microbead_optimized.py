@@ -47,6 +47,7 @@ import cli
 import microbead_config as mcfg
 import microbead_io as mio
 import microbead_metrics
+import runtime
 from microbead_config import (  # shared with predict, analyze, plot and hpc_tools
     HISTORY_COLUMNS,
     MODEL_NAMES,
@@ -1610,7 +1611,7 @@ def log_cpu_notice(step_s: float, args, name: str, steps: int, n_val: int, val_p
                                       measured_model=name, folds=folds)
     is_preset = all(getattr(args, k) == v for k, v in PRESETS["cpu"].items())
     preset = None if is_preset else preset_cpu_seconds(
-        models=remaining, n_val=n_val, val_px=val_px, cores=mio.usable_cpus(), folds=folds)
+        models=remaining, n_val=n_val, val_px=val_px, cores=runtime.usable_cpus(), folds=folds)
     line = cpu_notice(total, preset)
     detail = (f"{step_s:.2f} s per training step measured on {name}: {steps} steps x "
               f"{args.epochs} epochs x {len(remaining)} model(s)"
@@ -1990,6 +1991,7 @@ def _fatal_exit(exc: SystemExit) -> int:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.configure_threads()
     resume_dir = Path(args.resume) if args.resume else None
     if resume_dir:
         cfg_path = resume_dir / "config.json"

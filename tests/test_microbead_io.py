@@ -12,6 +12,7 @@ import pytest
 import tifffile
 
 import microbead_io as mio
+import runtime
 
 
 def _asym_image(h=40, w=56, seed=0):
@@ -271,26 +272,32 @@ def test_usable_cpus_respects_ncpus_omp_and_affinity(monkeypatch):
     monkeypatch.delenv("NCPUS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     affinity = len(os.sched_getaffinity(0))
-    assert mio.usable_cpus() == affinity
+    assert runtime.usable_cpus() == affinity
     monkeypatch.setenv("NCPUS", "1")
-    assert mio.usable_cpus() == 1
+    assert runtime.usable_cpus() == 1
     monkeypatch.setenv("NCPUS", "")  # empty / junk / 0: ignored
     monkeypatch.setenv("OMP_NUM_THREADS", "junk")
-    assert mio.usable_cpus() == affinity
+    assert runtime.usable_cpus() == affinity
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert mio.usable_cpus() == 1
+    assert runtime.usable_cpus() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", str(affinity + 64))  # never more than the affinity
-    assert mio.usable_cpus() == affinity
+    assert runtime.usable_cpus() == affinity
 
 
-def test_importing_microbead_io_does_not_give_opencv_every_core():
-    # A fresh interpreter: importing the module is what sets OpenCV's thread count.
+def test_importing_modules_changes_nothing_and_entry_points_bound_opencv_threads():
+    # A fresh interpreter: importing a library module leaves OpenCV's pool alone (no side
+    # effect at import); runtime.configure_threads, which entry points call, bounds it by
+    # NCPUS so a shared PBS node is not oversubscribed.
     env = {**os.environ, "NCPUS": "1"}
     env.pop("OMP_NUM_THREADS", None)
-    out = subprocess.run(
-        [sys.executable, "-c", "import microbead_io, cv2; print(cv2.getNumThreads())"],
-        cwd=Path(mio.__file__).parent, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "1"
+    code = ("import cv2; n0 = cv2.getNumThreads(); import microbead_io, tiling, runtime; "
+            "n1 = cv2.getNumThreads(); runtime.configure_threads(); "
+            "print(n0, n1, cv2.getNumThreads())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(mio.__file__).parent,
+                         env=env, capture_output=True, text=True, check=True)
+    n0, n1, n2 = map(int, out.stdout.split())
+    assert n1 == n0
+    assert n2 == 1
 
 
 def test_atomic_write_under_threads_never_flips_the_umask(tmp_path, monkeypatch):
