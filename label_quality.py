@@ -13,7 +13,7 @@ Checks (all per file, at native resolution)
   bead-sized gaussian, which peaks at the centre of solid and of ring beads alike); its
   *offset* ``(dy, dx)`` is where the mask sits relative to its beads, the *gain* how much
   undoing it raises the mean response under the mask.
-* **Mask-image mismatch** (:func:`mismatch_threshold`, :func:`best_matching_image`): a mask
+* **Mask-image mismatch** (:func:`mismatch_threshold`, :func:`best_matching_images`): a mask
   whose bead evidence, even at its best shift, is far below the dataset's, and the image it
   matches best.
 * **Overlap consistency** (:func:`find_grid_overlaps`, :func:`overlap_agreement`,
@@ -46,7 +46,7 @@ Example
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -358,9 +358,44 @@ def mismatch_threshold(evidence: Sequence[float], *, fraction: float = MISMATCH_
     return med, fraction * med
 
 
+def best_matching_images(masks: Mapping, candidates, *, max_shift: int = MAX_SHIFT,
+                         ) -> dict:
+    """For each mask, the image whose bead map it fits best: one pass over the images.
+
+    Parameters
+    ----------
+    masks : mapping of name -> ``(H, W)`` mask
+        The masks to place (typically the mismatched ones).
+    candidates : iterable of ``(name, darkness)``
+        Bead maps (:func:`centre_map` or :func:`darkness_map`) of the candidate images; a
+        mask is scored against every map of its shape except the one with its own name. A
+        generator is consumed once, so each map can be computed (or read) only when needed.
+
+    Returns
+    -------
+    dict
+        name -> ``(candidate name, registration)`` with the highest finite
+        :attr:`Registration.evidence` (the first candidate wins a tie); masks no candidate
+        fits are left out.
+    """
+    ms = {key: np.asarray(m) for key, m in masks.items()}
+    best: dict = {}
+    for name, dark in candidates:
+        for key, m in ms.items():
+            if key == name or np.shape(dark) != m.shape:
+                continue
+            reg = register_mask(m, dark, max_shift=max_shift)
+            if math.isfinite(reg.evidence) and (
+                key not in best or reg.evidence > best[key][1].evidence
+            ):
+                best[key] = (name, reg)
+    return best
+
+
 def best_matching_image(mask, candidates, *, max_shift: int = MAX_SHIFT,
                         ) -> tuple[str | None, Registration | None]:
-    """The image whose darkness map the mask fits best.
+    """The image whose darkness map the mask fits best (:func:`best_matching_images` of one
+    mask).
 
     Parameters
     ----------
@@ -374,21 +409,16 @@ def best_matching_image(mask, candidates, *, max_shift: int = MAX_SHIFT,
     ``(name, registration)`` with the highest :attr:`Registration.evidence`, or
     ``(None, None)`` when no candidate has the mask's shape.
     """
-    m = np.asarray(mask)
-    best_name, best_reg = None, None
-    for name, dark in candidates:
-        if np.shape(dark) != m.shape:
-            continue
-        reg = register_mask(m, dark, max_shift=max_shift)
-        if math.isfinite(reg.evidence) and (best_reg is None or reg.evidence > best_reg.evidence):
-            best_name, best_reg = name, reg
-    return best_name, best_reg
+    key = object()  # equal to no candidate name
+    return best_matching_images({key: mask}, candidates, max_shift=max_shift).get(
+        key, (None, None))
 
 
 # --------------------------------------------------------------------------- shape
 
 
-def _disk(radius: int) -> np.ndarray:
+def disk(radius: int) -> np.ndarray:
+    """Boolean disc footprint of ``radius`` px, ``(2r+1, 2r+1)``: ``y^2 + x^2 <= r^2 + r/2``."""
     r = max(int(radius), 0)
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return (yy * yy + xx * xx) <= r * r + 0.5 * r
@@ -459,7 +489,7 @@ def shape_check(darkness, mask, *, threshold: float | None = None,
     area = np.bincount(beads.ravel(), minlength=n + 1)
     single = (area >= size_range[0] * bead_area) & (area <= size_range[1] * bead_area)
     single[0] = False
-    near = (cv2.dilate(m.astype(np.uint8), _disk(tolerance_px).astype(np.uint8)) > 0
+    near = (cv2.dilate(m.astype(np.uint8), disk(tolerance_px).astype(np.uint8)) > 0
             if tolerance_px > 0 else m)
     touched = np.bincount(beads[near], minlength=n + 1) > 0
     missed = single & ~touched
@@ -725,30 +755,40 @@ def pooled_agreement(rows: Sequence[dict]) -> dict | None:
     }
 
 
+def _loader(source) -> Callable[[int], np.ndarray]:
+    """``source`` as ``index -> array``: a callable is used as it is, a sequence indexed."""
+    return source if callable(source) else (lambda i: source[i])
+
+
 def consistency_ceiling(images, masks, names: Sequence[str], *,
                         max_width: int = MAX_OVERLAP, min_corr: float = MIN_OVERLAP_CORR,
-                        ) -> dict | None:
-    """Label-consistency ceiling of loaded tiles: pooled mask Jaccard over shared strips.
+                        overlaps: Sequence[Overlap] | None = None) -> dict | None:
+    """Label-consistency ceiling: pooled mask Jaccard over the strips neighbouring tiles share.
 
     Parameters
     ----------
-    images : ``(N, H, W[, C])`` array or sequence of arrays
+    images : ``(N, H, W[, C])`` array, sequence of arrays, or callable ``index -> image``
         Any value range; per-tile normalised images work (strips are compared by
         correlation). Give native-resolution tiles: after resizing, a 37-px overlap becomes a
         fractional one whose strips no longer line up, and the pair is (rightly) not found.
-    masks : ``(N, H, W)`` or sequence, same order and resolution
+        Not read when ``overlaps`` is given (None is then accepted).
+    masks : ``(N, H, W)``, sequence or callable ``index -> mask``, same order and resolution
     names : sequence of str
         File names (``..._grid_r<R>_c<C>``); only name-neighbours are compared, so the cost is
         one strip search per neighbour pair (milliseconds).
+    overlaps : sequence of :class:`Overlap`, optional
+        The strips of :func:`find_grid_overlaps` when the caller already has them (not
+        searched again).
 
     Returns
     -------
     :func:`pooled_agreement` dict plus ``pairs`` (the per-pair rows), or None when no two
     tiles share pixels (no grid names, no neighbours, nothing marked in the strips).
     """
-    ovs = find_grid_overlaps(names, lambda i: images[i], max_width=max_width,
-                             min_corr=min_corr)
-    rows = overlap_agreement(ovs, lambda i: masks[i], names=[str(n) for n in names])
+    if overlaps is None:
+        overlaps = find_grid_overlaps(names, _loader(images), max_width=max_width,
+                                      min_corr=min_corr)
+    rows = overlap_agreement(overlaps, _loader(masks), names=[str(n) for n in names])
     pooled = pooled_agreement(rows)
     if pooled is not None:
         pooled["pairs"] = rows
@@ -784,16 +824,11 @@ def consistency_ceiling_from_files(image_paths: Sequence, mask_paths: Sequence, 
     cannot be read are skipped. Names are the image file names. ``overlaps``: the strips of
     :func:`grid_overlaps_from_files` when the caller already has them (not found again).
     """
-    names = [Path(p).name for p in image_paths]
     if overlaps is None:
         overlaps = grid_overlaps_from_files(image_paths, max_width=max_width,
                                             min_corr=min_corr)
-    rows = overlap_agreement(overlaps, _safe(lambda i: mio.read_mask(mask_paths[i], warn=False)),
-                             names=names)
-    pooled = pooled_agreement(rows)
-    if pooled is not None:
-        pooled["pairs"] = rows
-    return pooled
+    return consistency_ceiling(None, _safe(lambda i: mio.read_mask(mask_paths[i], warn=False)),
+                               [Path(p).name for p in image_paths], overlaps=overlaps)
 
 
 # --------------------------------------------------------------------------- label noise
@@ -826,7 +861,7 @@ def _per_instance_erosion(lab: np.ndarray, radius: int) -> np.ndarray:
     keeps its deepest pixel (a shrunk bead is still in the mask)."""
     if radius <= 0:
         return lab.copy()
-    fp = _disk(radius).astype(np.uint8)
+    fp = disk(radius).astype(np.uint8)
     f = lab.astype(np.float32)  # ids < 2^24 are exact; OpenCV's morphology is ~10x ndimage's
     lo = cv2.erode(f, fp, borderType=cv2.BORDER_CONSTANT, borderValue=0)
     hi = cv2.dilate(f, fp, borderType=cv2.BORDER_CONSTANT, borderValue=0)

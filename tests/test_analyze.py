@@ -15,7 +15,12 @@ import cv2
 import numpy as np
 import pytest
 
+import analysis_figures as af
 import analyze_microbead_dataset as am
+import cli
+import config_recommendation as cr
+import dataset_integrity as di
+import dataset_stats as ds
 import microbead_config as mcfg
 import microbead_io as mio
 import microbead_metrics as mm
@@ -103,26 +108,26 @@ def test_parse_args_accepts_hyphenated_aliases():
 def test_describe_mask_levels_classifies_value_sets():
     m = np.zeros((8, 8), np.uint8)
     m[2:5, 2:5] = 255
-    assert am.describe_mask_levels(m)[:2] == ("0/255", None)
-    assert am.describe_mask_levels((m // 255).astype(np.uint8))[:2] == ("0/1", am.MASK_0_1)
+    assert di.describe_mask_levels(m)[:2] == ("0/255", None)
+    assert di.describe_mask_levels((m // 255).astype(np.uint8))[:2] == ("0/1", di.MASK_0_1)
     aa = cv2.GaussianBlur(m, (3, 3), 1.0)
-    enc, code, detail = am.describe_mask_levels(aa)
-    assert code == am.MASK_ANTIALIASED and "levels" in enc and "half max" in detail
-    assert am.describe_mask_levels(np.zeros((4, 4), np.uint8))[:2] == ("empty", None)
-    assert am.describe_mask_levels(m.astype(np.uint16) * 257)[:2] == ("0/65535", None)
-    assert am.describe_mask_levels(np.where(m > 0, 255, 7).astype(np.uint8))[1] == (
-        am.MASK_ENCODING)
+    enc, code, detail = di.describe_mask_levels(aa)
+    assert code == di.MASK_ANTIALIASED and "levels" in enc and "half max" in detail
+    assert di.describe_mask_levels(np.zeros((4, 4), np.uint8))[:2] == ("empty", None)
+    assert di.describe_mask_levels(m.astype(np.uint16) * 257)[:2] == ("0/65535", None)
+    assert di.describe_mask_levels(np.where(m > 0, 255, 7).astype(np.uint8))[1] == (
+        di.MASK_ENCODING)
     labels = np.zeros((12, 12), np.uint16)
     labels[1:4, 1:4], labels[6:9, 1:4], labels[6:9, 6:10] = 1, 2, 3
-    assert am.describe_mask_levels(labels)[:2] == ("instance labels (3 ids)", None)
+    assert di.describe_mask_levels(labels)[:2] == ("instance labels (3 ids)", None)
 
 
 def test_image_hash_equal_for_identical_pixels_only():
     a = np.arange(16, dtype=np.uint8).reshape(4, 4)
     b = a.copy()
-    assert am.image_hash(a) == am.image_hash(b)
+    assert di.image_hash(a) == di.image_hash(b)
     b[0, 0] = 1
-    assert am.image_hash(a) != am.image_hash(b)
+    assert di.image_hash(a) != di.image_hash(b)
 
 
 def test_mask_polarity_sign_flags_inverted_image():
@@ -132,33 +137,33 @@ def test_mask_polarity_sign_flags_inverted_image():
     inv, _ = _ring_pair(np.random.default_rng(0), centres, inverted=True)
     norm = mio.normalize_image(img.astype(np.float32))
     norm_inv = mio.normalize_image(inv.astype(np.float32))
-    assert am.mask_polarity(norm, mask, 2) > 0.1
-    assert am.mask_polarity(norm_inv, mask, 2) < -0.1
-    assert math.isnan(am.mask_polarity(norm, np.zeros_like(mask), 2))
+    assert di.mask_polarity(norm, mask, 2) > 0.1
+    assert di.mask_polarity(norm_inv, mask, 2) < -0.1
+    assert math.isnan(di.mask_polarity(norm, np.zeros_like(mask), 2))
 
 
 def test_object_areas_use_8_connectivity():
     m = np.zeros((6, 6), np.uint8)
     m[1, 1] = m[2, 2] = 1  # diagonal neighbours: one 8-connected object
     m[4, 4] = 1
-    assert sorted(am.object_areas(m).tolist()) == [1, 2]
-    assert am.object_areas(np.zeros((3, 3))).size == 0
+    assert sorted(ds.object_areas(m).tolist()) == [1, 2]
+    assert ds.object_areas(np.zeros((3, 3))).size == 0
 
 
 def test_objects_histogram_keeps_every_image():
     counts = [0, 1, 1, 2, 3, 250, 800]  # dense outliers the old script dropped
-    edges, hist = am.objects_histogram(counts)
+    edges, hist = ds.objects_histogram(counts)
     assert hist.sum() == len(counts)
     assert edges[0] < min(counts) and edges[-1] > max(counts)
-    edges, hist = am.objects_histogram([4, 4, 5])
+    edges, hist = ds.objects_histogram([4, 4, 5])
     assert edges.tolist() == [3.5, 4.5, 5.5] and hist.tolist() == [2, 1]
 
 
 def test_partial_suspect_rule():
-    assert am.is_partial_suspect(1, 2) == (False, 0.5)  # one unlabelled blob is not enough
-    assert am.is_partial_suspect(2, 8) == (True, 0.25)
-    assert am.is_partial_suspect(2, 9)[0] is False
-    assert am.is_partial_suspect(0, 0) == (False, 0.0)
+    assert ds.is_partial_suspect(1, 2) == (False, 0.5)  # one unlabelled blob is not enough
+    assert ds.is_partial_suspect(2, 8) == (True, 0.25)
+    assert ds.is_partial_suspect(2, 9)[0] is False
+    assert ds.is_partial_suspect(0, 0) == (False, 0.0)
 
 
 def _stats(**kw):
@@ -170,45 +175,45 @@ def _stats(**kw):
 
 
 def test_recommend_config_rules():
-    cfg, ev = am.recommend_config(_stats())
+    cfg, ev = cr.recommend_config(_stats())
     assert set(cfg) <= mcfg.CONFIG_FILE_KEYS and set(cfg) == set(ev)
     assert cfg["image_size"] == 256  # 9.4 px beads: within [8, RF/4], keep native
-    n_train = 73 - round(73 * am.DEFAULT_VAL_FRACTION)
+    n_train = 73 - round(73 * cr.DEFAULT_VAL_FRACTION)
     assert cfg["batch_size"] <= n_train / 4 and cfg["batch_size"] == 8
-    assert cfg["val_fraction"] == am.DEFAULT_VAL_FRACTION
+    assert cfg["val_fraction"] == cr.DEFAULT_VAL_FRACTION
     assert cfg["steps_per_epoch"] == 50 and cfg["loss"] == "bce_dice"
-    assert am.receptive_field(4) == 200
+    assert cr.receptive_field(4) == 200
     # Small beads: never upsample past the stored tiles (it adds no detail, only cost).
-    cfg, ev = am.recommend_config(_stats(median_bead_diameter_px=4.0))
+    cfg, ev = cr.recommend_config(_stats(median_bead_diameter_px=4.0))
     assert cfg["image_size"] == 256
     assert "never upsampled" in ev["image_size"]["evidence"]["decision"]
     # The users' real tiles: native 512 px, beads ~3 px across at a 256-px analysis. The
     # old rule asked for 656 px; now: the stored size, with the reason and the cost.
-    cfg, ev = am.recommend_config(_stats(native_size=512, analysis_image_size=256,
+    cfg, ev = cr.recommend_config(_stats(native_size=512, analysis_image_size=256,
                                          median_bead_diameter_px=3.0))
     assert cfg["image_size"] == 512
     decision = ev["image_size"]["evidence"]["decision"]
     assert "6.0 px at the stored size" in decision and "3.0 px at 256" in decision
     assert "4.0x a 256-px input" in decision
     # Beads larger than RF/4 = 50 px: shrink.
-    cfg, _ = am.recommend_config(_stats(median_bead_diameter_px=100.0))
+    cfg, _ = cr.recommend_config(_stats(median_bead_diameter_px=100.0))
     assert cfg["image_size"] == 128
     # Extreme imbalance without empty masks -> dice; with many empty masks -> bce_dice.
-    assert am.recommend_config(_stats(mean_positive_ratio=0.01))[0]["loss"] == "dice"
-    assert am.recommend_config(_stats(mean_positive_ratio=0.01, empty_mask_fraction=0.3)
+    assert cr.recommend_config(_stats(mean_positive_ratio=0.01))[0]["loss"] == "dice"
+    assert cr.recommend_config(_stats(mean_positive_ratio=0.01, empty_mask_fraction=0.3)
                                )[0]["loss"] == "bce_dice"
     # A big dataset gets more than 50 steps (one full pass), a tiny one batch 1.
-    cfg, _ = am.recommend_config(_stats(dataset_size=2000, objects_per_image=[1] * 2000))
-    n_train = 2000 - round(2000 * am.DEFAULT_VAL_FRACTION)
+    cfg, _ = cr.recommend_config(_stats(dataset_size=2000, objects_per_image=[1] * 2000))
+    n_train = 2000 - round(2000 * cr.DEFAULT_VAL_FRACTION)
     assert cfg["batch_size"] == 16 and cfg["steps_per_epoch"] == math.ceil(n_train / 16)
-    cfg, _ = am.recommend_config(_stats(dataset_size=5, objects_per_image=[1, 2, 3, 4, 5]))
+    cfg, _ = cr.recommend_config(_stats(dataset_size=5, objects_per_image=[1, 2, 3, 4, 5]))
     assert cfg["batch_size"] == 1 and cfg["steps_per_epoch"] == 50
 
 
 def test_recommended_config_is_what_the_trainer_loads(tmp_path):
     # What analysis writes, the trainer's --config loader accepts and applies; a key the
     # trainer does not know is rejected with the key and the file named.
-    cfg, _ = am.recommend_config(_stats())
+    cfg, _ = cr.recommend_config(_stats())
     path = tmp_path / "recommended_config.json"
     mio.atomic_write_json(path, cfg)
     assert mcfg.read_options(path) == cfg
@@ -303,9 +308,9 @@ def test_default_is_the_stored_size_and_the_trainers_flatfield(tmp_path, no_figu
 
 
 def test_no_faster_smaller_input_is_offered_when_beads_are_already_small():
-    assert am.smaller_input_note(608, 512).startswith("No smaller input size keeps beads")
-    assert "608 (a faster" not in am.smaller_input_note(608, 512)
-    assert "256 (a faster, lower-resolution option)" in am.smaller_input_note(256, 512)
+    assert cr.smaller_input_note(608, 512).startswith("No smaller input size keeps beads")
+    assert "608 (a faster" not in cr.smaller_input_note(608, 512)
+    assert "256 (a faster, lower-resolution option)" in cr.smaller_input_note(256, 512)
 
 
 def test_every_seeded_integrity_problem_is_reported_by_file_name(tmp_path, capsys, no_figures):
@@ -358,27 +363,27 @@ def test_every_seeded_integrity_problem_is_reported_by_file_name(tmp_path, capsy
     rows = _read_csv(out / "integrity_problems.csv")
     found = {(r["file"], r["problem"]) for r in rows}
     expected = {
-        ("images/corrupt.png", am.UNREADABLE_IMAGE),
-        ("images/lonely.png", am.UNPAIRED_IMAGE),
-        ("masks/orphan.png", am.UNPAIRED_MASK),
-        ("masks/zero_one.png", am.MASK_0_1),
-        ("masks/smooth.png", am.MASK_ANTIALIASED),
-        ("images/mismatch.png", am.SIZE_MISMATCH),
-        ("images/zz_copy.png", am.DUPLICATE_IMAGE),
-        ("images/inverted.png", am.INVERTED),
-        ("masks/empty.png", am.EMPTY_MASK),
-        ("masks/full.png", am.NEARLY_FULL_MASK),
-        ("images/notes.txt", am.SKIPPED_FILE),
-        ("images/raw_stack.czi", am.SKIPPED_FILE),
-        ("masks/old", am.SKIPPED_FILE),
+        ("images/corrupt.png", di.UNREADABLE_IMAGE),
+        ("images/lonely.png", di.UNPAIRED_IMAGE),
+        ("masks/orphan.png", di.UNPAIRED_MASK),
+        ("masks/zero_one.png", di.MASK_0_1),
+        ("masks/smooth.png", di.MASK_ANTIALIASED),
+        ("images/mismatch.png", di.SIZE_MISMATCH),
+        ("images/zz_copy.png", di.DUPLICATE_IMAGE),
+        ("images/inverted.png", di.INVERTED),
+        ("masks/empty.png", di.EMPTY_MASK),
+        ("masks/full.png", di.NEARLY_FULL_MASK),
+        ("images/notes.txt", di.SKIPPED_FILE),
+        ("images/raw_stack.czi", di.SKIPPED_FILE),
+        ("masks/old", di.SKIPPED_FILE),
     }
     assert expected <= found, expected - found
-    assert sum(r["problem"] == am.DUPLICATE_IMAGE for r in rows) == 1
-    dup = next(r for r in rows if r["problem"] == am.DUPLICATE_IMAGE)
+    assert sum(r["problem"] == di.DUPLICATE_IMAGE for r in rows) == 1
+    dup = next(r for r in rows if r["problem"] == di.DUPLICATE_IMAGE)
     assert "160x_tile_00.png" in dup["detail"]
-    mism = next(r for r in rows if r["problem"] == am.SIZE_MISMATCH)
+    mism = next(r for r in rows if r["problem"] == di.SIZE_MISMATCH)
     assert "64x64" in mism["detail"] and "48x48" in mism["detail"]
-    skipped = {r["file"]: r["detail"] for r in rows if r["problem"] == am.SKIPPED_FILE}
+    skipped = {r["file"]: r["detail"] for r in rows if r["problem"] == di.SKIPPED_FILE}
     assert set(skipped) == {"images/notes.txt", "images/raw_stack.czi", "masks/old"}
     assert ".czi" in skipped["images/raw_stack.czi"] and "folder" in skipped["masks/old"]
     # Clean tiles raise nothing; the two-level check does not misfire on 0/255 masks.
@@ -447,6 +452,9 @@ def test_output_folder_policy(tmp_path, no_figures):
     # ... even with --overwrite: files of our names but no manifest of ours are not ours.
     assert _run(tmp_path, data, "--overwrite", out=foreign)[0] == 2
     assert (foreign / "summary.json").read_text() == "user data"
+    with pytest.raises(cli.OutputDirError, match="not written by"):  # cli's one class
+        am.check_output_dir(foreign, data, overwrite=True)
+    assert not hasattr(am, "OutputDirError")
     # A non-empty folder needs --overwrite; unrelated files survive, our outputs are replaced.
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -565,6 +573,6 @@ def test_mask_with_half_its_beads_erased_is_a_partial_suspect(synthetic, tmp_pat
 
 
 def test_figure_labels_keep_the_dilution_and_grid_position():
-    assert am.short_tile_name("640x_2025-05-16_00-59-00_002_grid_r1_c1.png") == "640x r1 c1"
-    assert am.short_tile_name("-0-59-00_grid_r3_c2.png") == "r3 c2"
-    assert len(am.short_tile_name("x" * 60 + ".tif")) <= 28
+    assert af.short_tile_name("640x_2025-05-16_00-59-00_002_grid_r1_c1.png") == "640x r1 c1"
+    assert af.short_tile_name("-0-59-00_grid_r3_c2.png") == "r3 c2"
+    assert len(af.short_tile_name("x" * 60 + ".tif")) <= 28

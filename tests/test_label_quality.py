@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import analyze_microbead_dataset as am
+import dataset_integrity as di
 import evaluate_predictions as ev
 import label_quality as lq
 import microbead_io as mio
@@ -131,6 +132,32 @@ def test_mask_of_another_tile_has_no_evidence_and_its_source_is_found():
     assert name == "t3" and reg.offset == (0, 0)
 
 
+def test_best_matching_images_one_pass_never_matches_a_mask_to_its_own_name():
+    rng = np.random.default_rng(3)
+    tiles = [scene(rng) for _ in range(4)]
+    masks = [shrunk_mask(c, img.shape) for img, _, c in tiles]
+    darks = [lq.darkness_map(img) for img, _, _ in tiles]
+    seen = []
+
+    def candidates():  # a generator: every map is made once, whatever the number of masks
+        for i, d in enumerate(darks):
+            seen.append(i)
+            yield f"t{i}", d
+
+    # t1 holds t2's mask, t2 holds t3's: each is found where its beads are; t3's own mask
+    # under its own name is skipped, so it can only match elsewhere (and scores less).
+    best = lq.best_matching_images({"t1": masks[2], "t2": masks[3], "t3": masks[3]},
+                                   candidates())
+    assert seen == [0, 1, 2, 3]
+    assert best["t1"][0] == "t2" and best["t2"][0] == "t3" and best["t3"][0] != "t3"
+    assert best["t3"][1].evidence < best["t2"][1].evidence
+    assert best["t1"][1].offset == (0, 0)
+    # Maps of another shape are skipped; no candidate left -> the mask is left out.
+    small = [("s", np.zeros((10, 10), np.float32))]
+    assert lq.best_matching_images({"t1": masks[0]}, small) == {}
+    assert lq.best_matching_image(masks[0], small) == (None, None)
+
+
 def test_mismatch_threshold_by_hand():
     assert lq.mismatch_threshold([10, 20, 30, 1, float("nan")]) == (15.0, pytest.approx(4.5))
     med, thr = lq.mismatch_threshold([10, 20])  # too few masks to judge
@@ -181,6 +208,10 @@ def test_neighbours_sharing_37_px_and_their_mask_jaccard_by_hand(tmp_path):
     res_f = lq.consistency_ceiling_from_files(
         [tmp_path / n for n in names], [tmp_path / n.replace(".png", "_mask.png") for n in names])
     assert res_f["pooled_jaccard"] == pytest.approx(1 / 3) and res_f["n_pairs"] == 1
+    # Loaders instead of arrays, and strips already found: not searched again.
+    ovs = lq.find_grid_overlaps(names, [a, b].__getitem__)
+    res_o = lq.consistency_ceiling(None, [ma, mb].__getitem__, names, overlaps=ovs)
+    assert res_o == res
 
 
 def test_pooled_and_median_over_pairs():
@@ -329,12 +360,12 @@ def test_analyze_names_offsets_mismatch_and_the_ceiling(labelled_dataset, tmp_pa
     assert rc == 0
     assert md5_tree(data) == before  # the input folder is byte-identical
     rows = read_csv(out / "integrity_problems.csv")
-    offsets = {r["file"]: r["detail"] for r in rows if r["problem"] == am.MASK_OFFSET}
+    offsets = {r["file"]: r["detail"] for r in rows if r["problem"] == di.MASK_OFFSET}
     assert set(offsets) == {"masks/320x_tile_1.png", "masks/320x_tile_2.png"}
     for f, (dy, dx) in (("masks/320x_tile_1.png", (2, -3)), ("masks/320x_tile_2.png", (-4, 0))):
         got = re.search(r"dy=([+-]\d+), dx=([+-]\d+)", offsets[f])
         assert abs(int(got[1]) - dy) <= 1 and abs(int(got[2]) - dx) <= 1, offsets[f]
-    mism = [r for r in rows if r["problem"] == am.MASK_MISMATCH]
+    mism = [r for r in rows if r["problem"] == di.MASK_MISMATCH]
     assert [r["file"] for r in mism] == ["masks/320x_tile_4.png"]
     assert "images/320x_tile_5.png" in mism[0]["detail"]
     s = json.loads((out / "summary.json").read_text())
