@@ -1,4 +1,5 @@
-"""Tests for plot_training_curves.py on small handmade histories with known statistics."""
+"""Tests for plot_training_curves.py (and training_history, training_plots, training_report)
+on small handmade histories with known statistics."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import plot_training_curves as ptc
+import plot_training_curves as ptc  # the command line: main, default_output_dir
+import training_history as th
+import training_plots as tp
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FIGURES = (ptc.FIG_CURVES, ptc.FIG_PERFORMANCE, ptc.FIG_DETAILED, ptc.FIG_LR)
+FIGURES = (th.FIG_CURVES, th.FIG_PERFORMANCE, th.FIG_DETAILED, th.FIG_LR)
 
 # --- handmade histories ----------------------------------------------------------------
 # unet: best 0.60 at epoch 7; epoch 11 (0.05) < 0.10 * 0.60 after the best -> collapsed.
@@ -117,11 +120,11 @@ def assert_clean_report(text: str) -> None:
 
 
 def test_both_formats_normalise_to_same_frame(tmp_path):
-    new = ptc.read_history(write_new(tmp_path / "a", "unet", UNET))
-    old = ptc.read_history(write_old(tmp_path / "b", "unet_log.csv", UNET))
-    assert list(new.columns[: len(ptc.HISTORY_COLUMNS)]) == list(ptc.HISTORY_COLUMNS)
+    new = th.read_history(write_new(tmp_path / "a", "unet", UNET))
+    old = th.read_history(write_old(tmp_path / "b", "unet_log.csv", UNET))
+    assert list(new.columns[: len(th.HISTORY_COLUMNS)]) == list(th.HISTORY_COLUMNS)
     assert list(old["epoch"]) == list(range(1, 13))
-    core = [c for c in ptc.HISTORY_COLUMNS if c != "epoch_time_s"]
+    core = [c for c in th.HISTORY_COLUMNS if c != "epoch_time_s"]
     pd.testing.assert_frame_equal(new[core], old[core])
     assert old["learning_rate"].iloc[-1] == pytest.approx(5e-4)
     assert old["epoch_time_s"].isna().all() and (new["epoch_time_s"] == 1.5).all()
@@ -131,7 +134,7 @@ def test_both_formats_normalise_to_same_frame(tmp_path):
 def test_zero_based_epoch_and_duplicate_epochs():
     raw = pd.DataFrame({"epoch": [0, 1, 2, 2], "loss": [1, 2, 3, 4], "jacard_coef": [0] * 4,
                         "val_loss": [1] * 4, "val_jacard_coef": [0.1, 0.2, 0.3, 0.4]})
-    frame = ptc.normalize_history(raw)
+    frame = th.normalize_history_frame(raw)
     assert list(frame["epoch"]) == [1, 2, 3]
     assert frame["loss"].iloc[-1] == 4  # resumed run: the last row of an epoch wins
 
@@ -143,10 +146,10 @@ def test_history_discovery_and_model_names(tmp_path):
     pd.DataFrame({"a": [1], "b": [2]}).to_csv(run / "notes.csv", index=False)
     pd.DataFrame({"model": ["unet"], "best_val_jacard": [0.6]}).to_csv(
         run / "training_summary.csv", index=False)
-    names = [p.name for p in ptc.find_history_files(run)]
+    names = [p.name for p in th.find_history_files(run)]
     assert names == ["my_model.csv", "unet_log.csv"]
-    assert ptc.model_name_from_path("x/attention_resunet_history.csv") == "attention_resunet"
-    histories, errors = ptc.load_histories([run])
+    assert th.model_name_from_path("x/attention_resunet_history.csv") == "attention_resunet"
+    histories, errors = th.load_histories([run])
     assert errors == []
     assert [h.model for h in histories] == ["unet", "my_model"]  # known models first
 
@@ -154,16 +157,16 @@ def test_history_discovery_and_model_names(tmp_path):
 def test_natural_fold_order(tmp_path):
     for name in ("fold_10", "fold_2", "fold_1"):
         write_new(tmp_path / "kf" / name, "unet", ONE)
-    labels = [label for label, _, _ in ptc.discover_runs(tmp_path / "kf")]
+    labels = [label for label, _, _ in th.discover_runs(tmp_path / "kf")]
     assert labels == ["kf/fold_1", "kf/fold_2", "kf/fold_10"]
 
 
 def test_model_colors_are_fixed_for_known_and_stable_for_unknown():
-    a = ptc.model_colors(["zeta", "unet", "alpha"])
-    b = ptc.model_colors(["alpha", "zeta", "attention_unet", "unet"])
-    assert a["unet"] == b["unet"] == ptc.MODEL_COLORS["unet"]
-    assert a["alpha"] == b["alpha"] == ptc.FALLBACK_PALETTE[0]
-    assert a["zeta"] == b["zeta"] == ptc.FALLBACK_PALETTE[1]
+    a = tp.model_colors(["zeta", "unet", "alpha"])
+    b = tp.model_colors(["alpha", "zeta", "attention_unet", "unet"])
+    assert a["unet"] == b["unet"] == tp.MODEL_COLORS["unet"]
+    assert a["alpha"] == b["alpha"] == tp.FALLBACK_PALETTE[0]
+    assert a["zeta"] == b["zeta"] == tp.FALLBACK_PALETTE[1]
 
 
 # --- statistics -----------------------------------------------------------------------
@@ -172,9 +175,9 @@ def test_model_colors_are_fixed_for_known_and_stable_for_unknown():
 @pytest.mark.parametrize("fmt", ["new", "old"])
 def test_statistics_known_exactly(tmp_path, fmt):
     run = make_run(tmp_path / "run", fmt)
-    histories, errors = ptc.load_histories([run])
+    histories, errors = th.load_histories([run])
     assert errors == []
-    stats = ptc.statistics_table(histories).set_index("model")
+    stats = th.statistics_table(histories).set_index("model")
     assert set(stats.index) == set(EXPECTED)
     for model, exp in EXPECTED.items():
         row = stats.loc[model]
@@ -193,7 +196,7 @@ def test_statistics_known_exactly(tmp_path, fmt):
 def test_sigma_uses_whole_history_when_shorter_than_window():
     data = {k: v[:4] for k, v in UNET.items()}
     raw = pd.DataFrame(data)
-    stats = ptc.summarize_history(ptc.normalize_history(raw))
+    stats = th.summarize_history(th.normalize_history_frame(raw))
     assert stats["val_loss_sigma_last10"] == pytest.approx(statistics.stdev(UNET["val_loss"][:4]))
 
 
@@ -206,21 +209,21 @@ def test_single_run_outputs_and_report(tmp_path, fmt):
     assert ptc.main([str(run), "--dpi", "40"]) == 0
     out = run / "training_analysis"
     assert_figures(out)
-    assert not (out / ptc.FIG_RUNS).exists()
-    assert (out / ptc.LOG_FILE).stat().st_size > 0
+    assert not (out / th.FIG_RUNS).exists()
+    assert (out / th.LOG_FILE).stat().st_size > 0
 
-    stats = pd.read_csv(out / ptc.TABLE_STATS).set_index("model")
+    stats = pd.read_csv(out / th.TABLE_STATS).set_index("model")
     assert stats.loc["unet", "best_epoch"] == 7
     assert bool(stats.loc["unet", "collapsed"]) is True
     assert stats.loc["attention_unet", "train_val_gap"] == pytest.approx(0.18)
 
-    epochs = pd.read_csv(out / ptc.TABLE_EPOCHS)
+    epochs = pd.read_csv(out / th.TABLE_EPOCHS)
     assert list(epochs["epoch"]) == list(range(1, 13))
     assert epochs["unet_val_jacard_coef"].tolist() == pytest.approx(UNET["val_jacard_coef"])
     # attention_resunet ran one epoch: later epochs are empty, not zero.
     assert epochs["attention_resunet_val_loss"].isna().sum() == 11
 
-    text = (out / ptc.REPORT).read_text(encoding="utf-8")
+    text = (out / th.REPORT).read_text(encoding="utf-8")
     assert_clean_report(text)
     assert "unet: 0.600 (epoch 7)" in text
     assert "attention_unet: 0.700 (epoch 5)" in text
@@ -253,14 +256,14 @@ def test_several_runs_side_by_side_never_overwrite(tmp_path, monkeypatch):
     assert ptc.main([str(before), str(after), "--dpi", "40"]) == 0
     assert list(taken.iterdir()) == []  # the existing comparison folder is left alone
     out = tmp_path / "training_comparison_20240501_101500_2"
-    assert_figures(out, FIGURES + (ptc.FIG_RUNS,))
-    stats = pd.read_csv(out / ptc.TABLE_STATS)
+    assert_figures(out, FIGURES + (th.FIG_RUNS,))
+    stats = pd.read_csv(out / th.TABLE_STATS)
     assert sorted(stats["run"].unique()) == ["after", "before"]
     assert len(stats) == 6
-    epochs = pd.read_csv(out / ptc.TABLE_EPOCHS)
+    epochs = pd.read_csv(out / th.TABLE_EPOCHS)
     assert epochs["before/unet_val_jacard_coef"].tolist() == pytest.approx(
         epochs["after/unet_val_jacard_coef"].tolist())
-    text = (out / ptc.REPORT).read_text(encoding="utf-8")
+    text = (out / th.REPORT).read_text(encoding="utf-8")
     assert_clean_report(text)
     assert "before · unet: 0.600 (epoch 7)" in text and "after · unet: 0.600" in text
     old_run = stats[stats["run"] == "before"].set_index("model")
@@ -287,8 +290,8 @@ def test_kfold_runs_and_mean_sd(tmp_path):
         write_new(kf / f"fold_{i:02d}", "attention_unet", data)
     out = tmp_path / "analysis"
     assert ptc.main([str(kf), "--output-dir", str(out), "--dpi", "40"]) == 0
-    assert_figures(out, FIGURES + (ptc.FIG_RUNS,))
-    stats = pd.read_csv(out / ptc.TABLE_STATS)
+    assert_figures(out, FIGURES + (th.FIG_RUNS,))
+    stats = pd.read_csv(out / th.TABLE_STATS)
     folds = stats[stats["n_folds"].isna()]
     assert sorted(folds["run"].unique()) == ["kf_run/fold_01", "kf_run/fold_02",
                                              "kf_run/fold_03"]
@@ -297,7 +300,7 @@ def test_kfold_runs_and_mean_sd(tmp_path):
     assert agg.loc["unet", "best_val_jacard"] == pytest.approx(0.6)
     assert agg.loc["unet", "best_val_jacard_sd"] == pytest.approx(statistics.stdev([.5, .6, .7]))
     assert agg.loc["unet", "n_folds"] == 3
-    text = (out / ptc.REPORT).read_text(encoding="utf-8")
+    text = (out / th.REPORT).read_text(encoding="utf-8")
     assert_clean_report(text)
     assert "kf_run/all_folds · unet: 0.600 ± 0.100 over 3 folds" in text
 
@@ -318,9 +321,9 @@ def test_bad_history_named_and_others_processed(tmp_path, caplog):
     for bad in ("attention_unet_history.csv", "attention_resunet_history.csv", "does_not_exist"):
         assert bad in caplog.text
     assert "missing column(s) jacard_coef, val_loss, val_jacard_coef" in caplog.text
-    stats = pd.read_csv(out / ptc.TABLE_STATS)
+    stats = pd.read_csv(out / th.TABLE_STATS)
     assert stats["model"].tolist() == ["unet"]
-    text = (out / ptc.REPORT).read_text(encoding="utf-8")
+    text = (out / th.REPORT).read_text(encoding="utf-8")
     assert_clean_report(text)
     assert "skipped: " in text and "attention_unet_history.csv: empty file" in text
 
@@ -333,8 +336,8 @@ def test_nothing_plottable_exits_nonzero(tmp_path, caplog):
     assert "unet_history.csv: no epochs" in caplog.text
     # Nothing but the log, which holds the fatal message too.
     out = run / "training_analysis"
-    assert [p.name for p in out.iterdir()] == [ptc.LOG_FILE]
-    assert "nothing to plot" in (out / ptc.LOG_FILE).read_text()
+    assert [p.name for p in out.iterdir()] == [th.LOG_FILE]
+    assert "nothing to plot" in (out / th.LOG_FILE).read_text()
     binary = tmp_path / "binary_run"
     binary.mkdir()
     (binary / "unet_history.csv").write_bytes(PNG_MAGIC + bytes([0, 255, 254, 0]))
@@ -358,18 +361,18 @@ def test_trainer_summary_disagreement_is_flagged(tmp_path):
         "train_time": [1.0, 1.0],
         "params": [10, 10],
         "epochs_run": [12, 12],
-    }).to_csv(run / ptc.TRAINER_SUMMARY, index=False)
-    histories, _ = ptc.load_histories([run])
-    messages = ptc.cross_check_trainer_summary(histories)
+    }).to_csv(run / th.TRAINER_SUMMARY, index=False)
+    histories, _ = th.load_histories([run])
+    messages = th.cross_check_trainer_summary(histories)
     assert len(messages) == 1
     assert "attention_unet best_epoch is 9 there but 5" in messages[0]
-    assert ptc.TRAINER_SUMMARY in messages[0]
+    assert th.TRAINER_SUMMARY in messages[0]
 
 
 def test_runs_without_tensorflow():
     # A fresh interpreter: importing the script must not pull in TensorFlow or Keras.
     code = (
-        "import sys, plot_training_curves; "
+        "import sys, plot_training_curves, training_history, training_plots, training_report; "
         "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )
@@ -389,7 +392,7 @@ def test_compare_only_with_a_named_run_ceiling_and_fit_warnings(tmp_path):
     out = tmp_path / "out"
     assert ptc.main([str(run), "--compare", str(other), "--output_dir", str(out),
                      "--dpi", "40"]) == 0
-    text = (out / ptc.REPORT).read_text(encoding="utf-8")
+    text = (out / th.REPORT).read_text(encoding="utf-8")
     assert "unet: 0.600 (epoch 7); run_a: 0.550 (+0.050)" in text
     assert "label-consistency ceiling of run_b's data: 0.478" in text
     assert "above the label-consistency ceiling 0.478" in text
@@ -402,7 +405,7 @@ def test_validation_far_above_training_is_a_warning(tmp_path):
     write_new(run, "unet", {**UNET, "jacard_coef": [0.3] * 12})  # val best 0.60 at epoch 7
     out = tmp_path / "out"
     assert ptc.main([str(run), "--output_dir", str(out), "--dpi", "40"]) == 0
-    text = (out / ptc.REPORT).read_text(encoding="utf-8")
+    text = (out / th.REPORT).read_text(encoding="utf-8")
     assert "unet: validation Jaccard 0.600 is 0.30 above training (0.300)" in text
 
 
@@ -413,8 +416,20 @@ def test_report_names_the_validation_tiles_and_their_windows(tmp_path):
         "val_objects": [365, 3], "val_windows": [[0, 512, 40, 472], [0, 512, 37, 469]],
         "val_groups": ["320x_a", "10240x_b"]}))
     assert ptc.main([str(run), "--dpi", "40"]) == 0
-    text = (run / "training_analysis" / ptc.REPORT).read_text(encoding="utf-8")
+    text = (run / "training_analysis" / th.REPORT).read_text(encoding="utf-8")
     assert "2 tile(s) from 2 frame(s), tiles from inside the frames" in text
     # Sparsest first, each with its objects and the window cut from it.
     assert text.index("10240x_b_grid_r3_c1.png: 3 objects, window rows 0-512, cols 37-469") \
         < text.index("320x_a_grid_r3_c4.png: 365 objects")
+
+
+@pytest.mark.parametrize("value,digits,text", [
+    (None, 3, "n/a"), (True, 3, "yes"), (False, 0, "no"), ("x", 3, "n/a"), ("", 3, "n/a"),
+    (float("nan"), 3, "n/a"), (float("inf"), 0, "n/a"), (7, 3, "7.000"), (7, 0, "7"),
+    (12.0, 0, "12"), (-0.0, 0, "0"), (0.5, 0, "0"), (1.5, 0, "2"), ("0.25", 2, "0.25"),
+    (0.123456, 4, "0.1235"), (-0.0125, 3, "-0.013"),
+])
+def test_fmt_stat_keeps_the_report_format(value, digits, text):
+    # The report's number format from before reporting.fmt: ints and numeric strings get
+    # the decimals too, other text is n/a, digits=0 writes integer values whole.
+    assert th.fmt_stat(value, digits) == text

@@ -1,4 +1,5 @@
-"""Tests for make_synthetic_dataset.py: densities, exact masks, counts == labels, layout."""
+"""Tests for make_synthetic_dataset.py and the synthetic_* modules: densities, exact masks,
+counts == labels, layout."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import make_synthetic_dataset as syn  # noqa: E402
+import make_synthetic_dataset as msd  # noqa: E402  (the command line: main)
 import microbead_io as mio  # noqa: E402
+import synthetic_beads as sb  # noqa: E402
+import synthetic_dataset as sd  # noqa: E402
+import synthetic_render as sr  # noqa: E402
+import synthetic_scenes as ss  # noqa: E402
 
 EIGHT = np.ones((3, 3), bool)
 STEM_RE = re.compile(r"^(\d+)x_2025-05-16_\d\d-\d\d-\d\d_\d{3}_grid_r\d_c\d$")
@@ -48,7 +53,7 @@ def touching_ids(labels: np.ndarray) -> set[int]:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     out = tmp_path_factory.mktemp("syn") / "ds"
-    summary = syn.generate_dataset(out, n=14, size=128, seed=0, large=2, large_size=(512, 384),
+    summary = sd.generate_dataset(out, n=14, size=128, seed=0, large=2, large_size=(512, 384),
                                    style="rings")
     return out, summary
 
@@ -57,15 +62,15 @@ def small(tmp_path_factory):
 
 
 def test_allocation_favours_dense_end_and_gives_users_mean():
-    alloc = syn.allocate_tiles(73)
-    assert sum(alloc) == 73 and len(alloc) == len(syn.DILUTIONS)
+    alloc = ss.allocate_tiles(73)
+    assert sum(alloc) == 73 and len(alloc) == len(ss.DILUTIONS)
     assert all(a >= b for a, b in zip(alloc, alloc[1:]))
     assert min(alloc) >= 1
-    requested = [syn.expected_beads(d) for d in syn.DILUTIONS]
+    requested = [ss.expected_beads(d) for d in ss.DILUTIONS]
     assert requested[0] == 270 and requested[-1] == pytest.approx(270 / 64)
     mean = sum(a * e for a, e in zip(alloc, requested)) / 73
     assert abs(mean - 109) / 109 < 0.05  # users' mean is 109 beads/tile
-    assert syn.expected_beads(10240, beads_at_160x=20) == 3  # floor of 3
+    assert ss.expected_beads(10240, beads_at_160x=20) == 3  # floor of 3
 
 
 @pytest.mark.parametrize("beads_at_160x", [270.0, 135.0])
@@ -75,7 +80,7 @@ def test_requested_density_comes_out(tmp_path, beads_at_160x):
     # cannot fail by chance for this fixed seed; it fails if placement loses beads or the
     # density formula drifts. Per dilution only groups asking >= 1000 beads are checked
     # (sd <= 3.2 %, 10 % >= 3 sd); sparse groups are too noisy for a 10 % test.
-    summary = syn.generate_dataset(tmp_path / "d", n=42, size=64, seed=0, style="rings",
+    summary = sd.generate_dataset(tmp_path / "d", n=42, size=64, seed=0, style="rings",
                                    beads_at_160x=beads_at_160x, log_file=False)
     rows = read_counts(tmp_path / "d" / "counts.csv")
     requested = np.array([float(r["requested_beads"]) for r in rows])
@@ -83,7 +88,7 @@ def test_requested_density_comes_out(tmp_path, beads_at_160x):
     assert requested.mean() == pytest.approx(summary["requested_mean_beads"])
     assert abs(realised.mean() - requested.mean()) / requested.mean() < 0.10
     dil = np.array([int(r["dilution"]) for r in rows])
-    for d in syn.DILUTIONS:
+    for d in ss.DILUTIONS:
         sel = dil == d
         assert requested[sel] == pytest.approx(max(3.0, beads_at_160x * 160 / d))
         if requested[sel].sum() >= 1000:
@@ -94,19 +99,19 @@ def test_requested_density_comes_out(tmp_path, beads_at_160x):
 def test_densest_tile_places_every_bead():
     # Placement must not silently drop beads at 160x (270 beads, ~28 % cover).
     rng = np.random.default_rng(0)
-    beads = syn.sample_beads(rng, (512, 512), 300)
+    beads = sb.sample_beads(rng, (512, 512), 300)
     assert len(beads) == 300
     d = np.hypot(beads.y[:, None] - beads.y, beads.x[:, None] - beads.x)
     rsum = beads.r[:, None] + beads.r
     off = ~np.eye(len(beads), dtype=bool)
-    assert np.all(d[off] >= rsum[off] - syn.TOUCH_TOLERANCE - 1e-9)  # touch, never overlap
+    assert np.all(d[off] >= rsum[off] - sb.TOUCH_TOLERANCE - 1e-9)  # touch, never overlap
     assert np.all((beads.y >= 0) & (beads.y < 512) & (beads.x >= 0) & (beads.x < 512))
 
 
 def test_default_positive_ratio_near_users(tmp_path):
     # Users' tiles: ~11.5 % foreground at 109 beads/tile of ~69 px. Size 128 keeps this
     # fast; the expected pixel count of a randomly placed disc equals its area at any scale.
-    summary = syn.generate_dataset(tmp_path / "d", size=128, seed=0, log_file=False, style="rings")
+    summary = sd.generate_dataset(tmp_path / "d", size=128, seed=0, log_file=False, style="rings")
     assert summary["n"] == 73
     assert 0.10 <= summary["mean_positive_ratio"] <= 0.13  # got 0.1144 (seed 0)
     assert 100 <= summary["mean_beads"] <= 120
@@ -128,17 +133,17 @@ def test_layout_and_names(small):
     assert np.isfinite(loaded.images).all() and set(np.unique(loaded.masks)) == {0, 1}
     stems = {r["stem"] for r in rows}
     assert {p.stem for p in (out / "labels").iterdir()} == stems
-    assert {syn.DILUTIONS[0], syn.DILUTIONS[-1]} <= {int(r["dilution"]) for r in rows}
+    assert {ss.DILUTIONS[0], ss.DILUTIONS[-1]} <= {int(r["dilution"]) for r in rows}
     for r in rows:
         m = STEM_RE.match(r["stem"])
         assert m, r["stem"]
         assert mio.parse_dilution(r["file"]) == int(r["dilution"]) == int(m.group(1))
-        assert int(r["dilution"]) in syn.DILUTIONS
+        assert int(r["dilution"]) in ss.DILUTIONS
         assert r["file"].startswith(r["stem"] + ".")
     assert summary["pixel_scale"] == 128 / 512
     assert summary["bead_radius_px"] == pytest.approx(4.7 * 128 / 256)
-    assert json.loads((out / "dataset.json").read_text())["generator"] == syn.GENERATOR
-    assert (out / syn.LOG_NAME).is_file()
+    assert json.loads((out / "dataset.json").read_text())["generator"] == sd.GENERATOR
+    assert (out / sd.LOG_NAME).is_file()
 
 
 def test_some_images_are_16bit_tiffs(small):
@@ -186,12 +191,12 @@ def test_touching_pairs_exist(small):
 
 def test_clusters_touch_but_do_not_overlap():
     rng = np.random.default_rng(3)
-    beads = syn.sample_beads(rng, (512, 512), 60, cluster_fraction=1.0)
+    beads = sb.sample_beads(rng, (512, 512), 60, cluster_fraction=1.0)
     assert len(beads) == 60 and np.all(beads.group >= 0)
     d = np.hypot(beads.y[:, None] - beads.y, beads.x[:, None] - beads.x)
     rsum = beads.r[:, None] + beads.r
     np.fill_diagonal(d, np.inf)
-    assert np.all(d >= rsum - syn.TOUCH_TOLERANCE - 1e-9)
+    assert np.all(d >= rsum - sb.TOUCH_TOLERANCE - 1e-9)
     same = beads.group[:, None] == beads.group
     touching = (d <= rsum + 1e-9) & same
     assert np.all(touching.any(axis=1))  # every clustered bead touches a group mate
@@ -202,19 +207,19 @@ def test_isolated_beads_count_equals_connected_components():
     scale = 0.25
     # Edges >= 1.5 output px apart: pixel centres of two discs are then > sqrt(2) apart,
     # so no two discs can be 8-adjacent and components == beads.
-    beads = syn.sample_beads(rng, (512, 512), 60, cluster_fraction=0.0, min_gap=1.5 / scale)
+    beads = sb.sample_beads(rng, (512, 512), 60, cluster_fraction=0.0, min_gap=1.5 / scale)
     assert len(beads) == 60
-    mask, labels = syn.render_masks(beads, (128, 128), scale)
+    mask, labels = sb.render_masks(beads, (128, 128), scale)
     _, n_comp = ndimage.label(mask, structure=EIGHT)
     assert n_comp == 60 == labels.max() == len(np.unique(labels)) - 1
-    assert syn.touching_count(labels) == 0
+    assert sb.touching_count(labels) == 0
     assert set(np.unique(mask).tolist()) == {0, 1}
 
 
 def test_mask_disc_area_matches_radius():
-    beads = syn.BeadLayout(np.array([100.3]), np.array([200.7]), np.array([9.4]),
+    beads = sb.BeadLayout(np.array([100.3]), np.array([200.7]), np.array([9.4]),
                            np.array([-1]))
-    mask, labels = syn.render_masks(beads, (256, 256), 0.5)
+    mask, labels = sb.render_masks(beads, (256, 256), 0.5)
     # Lattice points in a disc of radius 4.7 px: close to pi r^2 = 69.4.
     assert abs(int(mask.sum()) - math.pi * 4.7**2) <= 6
     ys, xs = np.nonzero(labels == 1)
@@ -223,33 +228,33 @@ def test_mask_disc_area_matches_radius():
 
 def test_debris_darkens_image_but_is_not_in_mask():
     shape = (256, 256)
-    beads = syn.sample_beads(np.random.default_rng(2), shape, 25)
-    debris = syn.sample_debris(np.random.default_rng(3), shape, 30, beads=beads)
+    beads = sb.sample_beads(np.random.default_rng(2), shape, 25)
+    debris = sb.sample_debris(np.random.default_rng(3), shape, 30, beads=beads)
     assert len(debris) >= 20
     assert {d.kind for d in debris} >= {"blob", "speck"}
-    ap = syn.sample_appearance(np.random.default_rng(4))
+    ap = sr.sample_appearance(np.random.default_rng(4))
     # Same rng seed for both renders: debris geometry is fixed up front, so the only
     # difference between the two images is the debris itself.
-    with_d = syn.render_brightfield(np.random.default_rng(5), beads, shape, appearance=ap,
+    with_d = sr.render_brightfield(np.random.default_rng(5), beads, shape, appearance=ap,
                                     debris=debris, noise=False)
-    without = syn.render_brightfield(np.random.default_rng(5), beads, shape, appearance=ap,
+    without = sr.render_brightfield(np.random.default_rng(5), beads, shape, appearance=ap,
                                      noise=False)
     diff = with_d - without
     assert diff.max() <= 1e-6  # debris never brightens: no bright core, not a ring
     dark = diff < -0.05
     assert dark.sum() > 50
-    mask, _ = syn.render_masks(beads, shape, 1.0)
+    mask, _ = sb.render_masks(beads, shape, 1.0)
     assert not np.any(mask[dark])
 
 
 def test_beads_are_rings_dark_rim_bright_core():
     shape = (256, 256)
-    beads = syn.sample_beads(np.random.default_rng(0), shape, 20, cluster_fraction=0.0,
+    beads = sb.sample_beads(np.random.default_rng(0), shape, 20, cluster_fraction=0.0,
                              min_gap=10.0)
-    ap = syn.sample_appearance(np.random.default_rng(1))
-    img = syn.render_brightfield(np.random.default_rng(2), beads, shape, appearance=ap,
+    ap = sr.sample_appearance(np.random.default_rng(1))
+    img = sr.render_brightfield(np.random.default_rng(2), beads, shape, appearance=ap,
                                  noise=False)
-    mask, _ = syn.render_masks(beads, shape, 1.0)
+    mask, _ = sb.render_masks(beads, shape, 1.0)
     grown = ndimage.binary_dilation(mask, iterations=4)
     background = float(np.median(img[~grown]))
     inner = ((beads.y > 12) & (beads.y < 244) & (beads.x > 12) & (beads.x < 244))
@@ -263,11 +268,11 @@ def test_beads_are_rings_dark_rim_bright_core():
 
 def test_render_values_in_unit_range():
     rng = np.random.default_rng(0)
-    beads = syn.sample_beads(rng, (128, 96), 15)
-    img = syn.render_brightfield(rng, beads, (128, 96))
+    beads = sb.sample_beads(rng, (128, 96), 15)
+    img = sr.render_brightfield(rng, beads, (128, 96))
     assert img.dtype == np.float32 and img.shape == (128, 96)
     assert img.min() >= 0.0 and img.max() <= 1.0 and img.std() > 0.01
-    assert len(syn.sample_beads(rng, (64, 64), 0)) == 0
+    assert len(sb.sample_beads(rng, (64, 64), 0)) == 0
 
 
 # --------------------------------------------------------------------------- large frames
@@ -290,36 +295,36 @@ def test_large_frames(small):
         assert float(r["requested_beads"]) == pytest.approx(
             0.75 * 270 * 160 / int(r["dilution"]), rel=1e-4)
     assert summary["large"]["dilutions"] == [640, 2560]
-    assert syn.large_dilutions(1) == [640] and syn.large_dilutions(7) == list(syn.DILUTIONS)
+    assert ss.large_dilutions(1) == [640] and ss.large_dilutions(7) == list(ss.DILUTIONS)
 
 
 # --------------------------------------------------------------------------- determinism, CLI
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    skip = {"dataset.json", syn.LOG_NAME}
+    skip = {"dataset.json", sd.LOG_NAME}
     return {str(p.relative_to(root)): p.read_bytes()
             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
 
 
-@pytest.mark.parametrize("style", syn.STYLES)
+@pytest.mark.parametrize("style", sd.STYLES)
 def test_deterministic_for_a_seed(tmp_path, style):
     kw = {"n": 6, "size": 64, "large": 1, "large_size": (128, 96), "log_file": False,
           "style": style}
-    s1 = syn.generate_dataset(tmp_path / "a", seed=7, **kw)
-    s2 = syn.generate_dataset(tmp_path / "b", seed=7, **kw)
+    s1 = sd.generate_dataset(tmp_path / "a", seed=7, **kw)
+    s2 = sd.generate_dataset(tmp_path / "b", seed=7, **kw)
     f1, f2 = _files(tmp_path / "a"), _files(tmp_path / "b")
     # tiles, one large frame, counts.csv, large/counts.csv and large/samples.csv
     assert len(f1) == 6 * 3 + 3 * 1 + 3 and f1 == f2  # identical bytes
     s1.pop("timings_s"), s2.pop("timings_s")
     assert s1 == s2
-    syn.generate_dataset(tmp_path / "c", seed=8, **kw)
+    sd.generate_dataset(tmp_path / "c", seed=8, **kw)
     assert _files(tmp_path / "c") != f1
 
 
 def test_cli_hyphen_aliases(tmp_path):
     out = tmp_path / "cli"
-    rc = syn.main(["--out-dir", str(out), "--n", "7", "--size", "64", "--large", "1",
+    rc = msd.main(["--out-dir", str(out), "--n", "7", "--size", "64", "--large", "1",
                    "--large-size", "128", "96", "--beads-at-160x", "100", "--tiff-every", "0"])
     assert rc == 0
     meta = json.loads((out / "dataset.json").read_text())
@@ -330,7 +335,7 @@ def test_cli_hyphen_aliases(tmp_path):
 
 
 def test_bad_arguments_exit_nonzero(tmp_path, caplog):
-    assert syn.main(["--out", str(tmp_path / "x"), "--n", "0"]) == 2
+    assert msd.main(["--out", str(tmp_path / "x"), "--n", "0"]) == 2
     assert "n >= 1" in caplog.text
 
 
@@ -338,18 +343,18 @@ def test_refuses_non_empty_folder(tmp_path, caplog):
     out = tmp_path / "user"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    assert syn.main(["--out", str(out), "--n", "3", "--size", "32"]) == 2
+    assert msd.main(["--out", str(out), "--n", "3", "--size", "32"]) == 2
     assert str(out) in caplog.text and "not empty" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     with pytest.raises(FileExistsError, match="not empty"):
-        syn.generate_dataset(out, n=3, size=32)
+        sd.generate_dataset(out, n=3, size=32)
 
 
 def test_overwrite_replaces_only_own_dataset(tmp_path, caplog):
     out = tmp_path / "ds"
-    assert syn.main(["--out", str(out), "--n", "9", "--size", "64"]) == 0
+    assert msd.main(["--out", str(out), "--n", "9", "--size", "64"]) == 0
     (out / "notes.txt").write_text("keep me")
-    assert syn.main(["--out", str(out), "--n", "4", "--size", "64", "--overwrite"]) == 0
+    assert msd.main(["--out", str(out), "--n", "4", "--size", "64", "--overwrite"]) == 0
     assert len(list((out / "images").iterdir())) == 4  # no stale tiles from the first run
     assert len(list((out / "labels").iterdir())) == 4
     assert (out / "notes.txt").read_text() == "keep me"
@@ -357,7 +362,7 @@ def test_overwrite_replaces_only_own_dataset(tmp_path, caplog):
     # --overwrite, and kept.
     foreign = out / "images" / "my_tile.png"
     foreign.write_bytes(b"not ours")
-    assert syn.main(["--out", str(out), "--n", "4", "--size", "64", "--overwrite"]) == 2
+    assert msd.main(["--out", str(out), "--n", "4", "--size", "64", "--overwrite"]) == 2
     assert foreign.read_bytes() == b"not ours"
     assert len(list((out / "images").iterdir())) == 5  # refusal deleted nothing
     assert (out / "dataset.json").is_file()
@@ -370,7 +375,7 @@ def test_overwrite_replaces_only_own_dataset(tmp_path, caplog):
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     out = tmp_path_factory.mktemp("micro") / "ds"
-    summary = syn.generate_dataset(out, n=12, seed=3, large=1, large_size=(640, 512),
+    summary = sd.generate_dataset(out, n=12, seed=3, large=1, large_size=(640, 512),
                                    log_file=False)
     return out, summary
 
@@ -434,9 +439,9 @@ def test_microscope_illumination_varies_like_the_microscope():
     rng = np.random.default_rng(1)
     var = []
     for k in range(60):
-        ap = syn.sample_microscope_appearance(np.random.default_rng(k))
-        origin = syn.micro_tile_origin(int(rng.integers(0, 4)), int(rng.integers(0, 8)))
-        var.append(syn.illumination_variation(syn.illumination_field(ap, (512, 512), origin)))
+        ap = sr.sample_microscope_appearance(np.random.default_rng(k))
+        origin = sr.micro_tile_origin(int(rng.integers(0, 4)), int(rng.integers(0, 8)))
+        var.append(sr.illumination_variation(sr.illumination_field(ap, (512, 512), origin)))
     # Users' tiles: 12 % median, up to 32 % across a tile.
     assert 0.08 < np.median(var) < 0.18
     assert np.percentile(var, 90) > 0.18
@@ -466,12 +471,12 @@ def test_dense_frame_places_quickly():
     # A 1920x1080 window at the 160x density (~10,000 beads) places in well under a minute
     # thanks to the cell hash (the brute-force placer was quadratic).
     rng = np.random.default_rng(0)
-    beads = syn.sample_beads(rng, (1080, 1920), 10000, radius=4.0, radius_sd=0.35,
+    beads = sb.sample_beads(rng, (1080, 1920), 10000, radius=4.0, radius_sd=0.35,
                              cluster_fraction=0.45)
     assert len(beads) >= 9900
     d = np.hypot(beads.y[:, None][:400] - beads.y[None, :], beads.x[:, None][:400]
                  - beads.x[None, :])
-    lim = beads.r[:400, None] + beads.r[None, :] - syn.TOUCH_TOLERANCE - 1e-9
+    lim = beads.r[:400, None] + beads.r[None, :] - sb.TOUCH_TOLERANCE - 1e-9
     np.fill_diagonal(d[:, :400], np.inf)
     assert not np.any(d < lim)
 
@@ -489,7 +494,7 @@ def _residual(img: np.ndarray) -> np.ndarray:
 
 def test_blank_frames_hold_no_bead_but_faint_smudges(tmp_path):
     out = tmp_path / "ds"
-    syn.generate_dataset(out, n=1, size=64, seed=0, large_size=(640, 512), blank_frames=2,
+    sd.generate_dataset(out, n=1, size=64, seed=0, large_size=(640, 512), blank_frames=2,
                          log_file=False)
     rows = read_counts(out / "large" / "counts.csv")
     assert [r["dilution"] for r in rows] == ["blank", "blank"]
@@ -510,30 +515,30 @@ def test_blank_frames_hold_no_bead_but_faint_smudges(tmp_path):
         # ...none of them as dark as a bead (~30 % below the background).
         assert res.min() > -0.25
     # The other frames' stream is untouched: the same seed gives the same blank frame.
-    again = syn.blank_frame(0, 1, (512, 640))
+    again = ss.blank_frame(0, 1, (512, 640))
     first = mio._read_raw(out / "large" / "images" / rows[1]["file"]).astype(np.float32)
     assert np.abs(np.round(again["image"] * 255) - first).max() <= 1
 
 
 def test_smudges_are_fainter_larger_and_blurrier_than_beads():
     shape = (384, 384)
-    ap = syn.sample_microscope_appearance(np.random.default_rng(7), frame_shape=shape)
-    beads = syn.sample_beads(np.random.default_rng(8), shape, 20, radius=syn.MICRO_RADIUS,
-                             radius_sd=syn.MICRO_RADIUS_SD)
-    smudges = [d for d in syn.sample_smudges(np.random.default_rng(9), shape, appearance=ap,
+    ap = sr.sample_microscope_appearance(np.random.default_rng(7), frame_shape=shape)
+    beads = sb.sample_beads(np.random.default_rng(8), shape, 20, radius=sr.MICRO_RADIUS,
+                             radius_sd=sr.MICRO_RADIUS_SD)
+    smudges = [d for d in sr.sample_smudges(np.random.default_rng(9), shape, appearance=ap,
                                              beads=beads) if d.kind == "smudge"]
     assert len(smudges) >= 3
     flat = dict(ap, mottle_sd=0.0)
     # Noise-free renders, with and without the smudges: the difference is the smudges alone.
-    base = syn.render_microscope(np.random.default_rng(1), beads, shape, appearance=flat,
+    base = sr.render_microscope(np.random.default_rng(1), beads, shape, appearance=flat,
                                  noise=False).mean(axis=2)
-    with_s = syn.render_microscope(np.random.default_rng(1), beads, shape, appearance=flat,
+    with_s = sr.render_microscope(np.random.default_rng(1), beads, shape, appearance=flat,
                                    debris=smudges, noise=False).mean(axis=2)
     bg = np.median(base)
     bead_drop = (bg - base) / bg
     smudge_drop = (base - with_s) / bg
     assert smudge_drop.min() > -1e-6  # smudges only darken
-    mask, _ = syn.render_masks(beads, shape, 1.0)
+    mask, _ = sb.render_masks(beads, shape, 1.0)
     assert not np.any(mask[smudge_drop > 0.01])  # and never sit on a labelled bead
 
     def describe(drop):
@@ -555,9 +560,9 @@ def test_smudges_are_fainter_larger_and_blurrier_than_beads():
 
 def test_smudges_gather_where_the_light_is_dim():
     # The vignetted parts of real frames hold most smudges; specks fall anywhere.
-    ap = syn.sample_microscope_appearance(np.random.default_rng(3))
-    found = syn.sample_smudges(np.random.default_rng(4), syn.FRAME_SHAPE, appearance=ap)
-    light = syn.illumination_field(ap, syn.FRAME_SHAPE)
+    ap = sr.sample_microscope_appearance(np.random.default_rng(3))
+    found = sr.sample_smudges(np.random.default_rng(4), sb.FRAME_SHAPE, appearance=ap)
+    light = sr.illumination_field(ap, sb.FRAME_SHAPE)
     dim = light < np.percentile(light, 25)
 
     def share_in_dim(kind):
