@@ -24,7 +24,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from _common import machine_info  # noqa: E402
 
 #: ``--quick``: two small frames, for a smoke test of the plumbing (seconds).
 QUICK_N, QUICK_SIZE = 2, (256, 192)
@@ -173,8 +174,7 @@ def main(argv=None) -> int:
                        batch_size=args.batch_size)
     result.update(source=source, quick=bool(args.quick),
                   date=_dt.datetime.now().isoformat(timespec="seconds"),
-                  machine={"node": platform.node(), "python": platform.python_version(),
-                           "cpus": os.cpu_count()})
+                  machine=machine_info(keras_backend=True))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -16,7 +16,8 @@ are recorded too, as they depend less on other processes sharing the cores. Timi
 on whatever else runs on the machine; nothing here is asserted.
 
 Inputs: none (synthetic data). Outputs: a table on stdout and a JSON file (``--out``) with
-one record per (architecture, filters) plus the environment (versions, CPU count).
+one record per (architecture, filters) plus the environment
+(``_common.machine_info``: machine, versions, CPUs, load).
 
 Example
 -------
@@ -29,11 +30,12 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _common import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_models.json"
@@ -124,26 +126,6 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict:
-    """Versions and hardware facts recorded with the numbers."""
-    import keras
-
-    env = {
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if env["backend"] == "tensorflow":
-        import tensorflow as tf
-
-        env["tensorflow"] = tf.__version__
-        env["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
-    return env
-
-
 def _jit(value: str):
     choices = {"auto": "auto", "true": True, "false": False}
     if value.lower() not in choices:
@@ -203,7 +185,7 @@ def main(argv=None) -> int:
                      "min_time_s": args.min_time, "max_repeats": args.max_repeats,
                      "jit_compile": args.jit_compile, "loss": "bce_dice",
                      "forward": "predict_on_batch", "train": "train_on_batch"},
-        "environment": environment(),
+        "environment": machine_info(keras_backend=True),
         "results": records,
     }
     print(format_table(records))

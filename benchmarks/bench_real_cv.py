@@ -46,6 +46,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import machine_info  # noqa: E402
+
 import bead_filter  # noqa: E402
 import microbead_config as mcfg  # noqa: E402
 import microbead_io as mio  # noqa: E402
@@ -386,7 +388,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     train_args = shlex.split(args.train_args)
     results = {"data": str(args.data), "train_args": train_args, "match_px": args.match_px,
-               "frames": {}, "rows": {}, "machine": {"cpus": os.cpu_count()}}
+               "frames": {}, "rows": {}, "machine": machine_info(keras_backend=True)}
     rng = np.random.default_rng(0)
     for fi, held in enumerate(held_list):
         t0 = time.perf_counter()

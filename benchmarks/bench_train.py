@@ -13,9 +13,10 @@ models >= 0.80. They are reported, never asserted.
 
 Outputs
     A table on stdout and ``benchmarks/results/bench_train.json`` (``--out``): per-model
-    results, the settings used (from the run's ``config.json``), machine info (CPU count,
-    platform, load average) and the date. Training run folders go to a temporary folder
-    (removed) unless ``--output_dir`` is given.
+    results, the settings used (from the run's ``config.json``), machine info
+    (``_common.machine_info``, plus the load average at the start and the end) and the
+    date. Training run folders go to a temporary folder (removed) unless ``--output_dir``
+    is given.
 
 Example
     python benchmarks/bench_train.py --models unet --out /tmp/bench_train.json
@@ -28,7 +29,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,43 +39,14 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from _common import load_average, machine_info  # noqa: E402
+
 import microbead_config as mcfg  # noqa: E402
 import train_microbead_optimized as tmo  # noqa: E402
 
 log = logging.getLogger("microbead.bench_train")
 
 TARGETS = {"unet_val_jaccard": 0.85, "unet_minutes": 10.0, "all_models_val_jaccard": 0.80}
-
-
-def machine_info() -> dict:
-    """CPU count, usable CPUs, platform, Python / TensorFlow versions, load average."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-    info = {
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "python": platform.python_version(),
-    }
-    try:
-        import tensorflow as tf
-
-        info["tensorflow"] = tf.__version__
-        info["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
-    except ImportError:
-        info["tensorflow"] = None
-    return info
-
-
-def load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def ensure_dataset(data: str | None, scratch: Path) -> tuple[Path, bool]:
@@ -182,7 +153,7 @@ def main(argv=None) -> int:
         "dataset": {"path": None if generated else str(data_dir), "generated": generated,
                     "synthetic": "73 tiles 256x256, seed 0" if generated else None},
         "settings": settings,
-        "machine": {**machine_info(), "load_average_1min_start": load_start,
+        "machine": {**machine_info(keras_backend=True), "load_average_1min_start": load_start,
                     "load_average_1min_end": load_average()},
         "targets": TARGETS,
         "targets_met": {
