@@ -29,6 +29,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -71,6 +72,9 @@ def train_model(name: str, data_dir: Path, out_dir: Path, extra=()) -> dict:
     t0 = time.perf_counter()
     rc = tmo.main(argv)
     wall = time.perf_counter() - t0
+    if rc != 0 or not run_file.is_file():
+        raise SystemExit(f"training {name} failed (exit code {rc}): "
+                         f"train_microbead_optimized.py {' '.join(argv)}")
     run_dir = Path(run_file.read_text().strip())
     row = next(r for r in mcfg.read_summary(run_dir / mcfg.SUMMARY_FILE)
                if r["model"] == name)
@@ -117,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dataset folder (default: generate the 73-tile synthetic set)")
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
                    help="keep the training run folders here (default: temporary, removed)")
+    p.add_argument("--train_args", "--train-args", dest="train_args", default="",
+                   help="extra trainer flags after --preset cpu (quoted), e.g. '--epochs 1'; "
+                        "the targets are the preset's")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in tmo.MODEL_NAMES]
@@ -139,7 +146,8 @@ def main(argv=None) -> int:
         results = {}
         for name in args.models:
             log.info("training %s with --preset cpu on %s", name, data_dir)
-            results[name] = train_model(name, data_dir, out_dir)
+            results[name] = train_model(name, data_dir, out_dir,
+                                        shlex.split(args.train_args))
         settings = settings_used(results)
         for r in results.values():
             r.pop("config_training")
