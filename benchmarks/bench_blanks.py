@@ -35,6 +35,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from _common import machine_info  # noqa: E402
 
+from reporting import fmt, md_table  # noqa: E402
+
 #: ``--quick``: two small frames, for a smoke test of the plumbing (seconds).
 QUICK_N, QUICK_SIZE = 2, (256, 192)
 
@@ -179,11 +181,12 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['n_frames']} blank frame(s) ({source}); model {result['model_note']}")
-    print(f"{'file':<44}{'false beads':>12}{'per MP':>9}{'areas p10/med/p90 px':>24}")
-    for r in result["rows"]:
-        a = r["false_bead_area_px_p10_median_p90"]
-        print(f"{r['file']:<44}{r['false_beads']:>12}{r['false_beads_per_megapixel']:>9.2f}"
-              f"{'/'.join(f'{v:g}' for v in a) if a else '-':>24}")
+    print(md_table(
+        ["file", "false beads", "per MP", "areas p10/med/p90 px"],
+        [[r["file"], r["false_beads"], fmt(r["false_beads_per_megapixel"], 2, style="fixed"),
+          "/".join(fmt(v, big=100) for v in r["false_bead_area_px_p10_median_p90"] or [])
+          or "-"]
+         for r in result["rows"]]))
     print(f"false beads per frame: median {result['false_beads_median']:g}, max "
           f"{result['false_beads_max']}; per 3840x2160 frame (median, area-scaled) "
           f"{result['false_beads_per_3840x2160_median']:g}. JSON: {out}")

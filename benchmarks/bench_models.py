@@ -74,7 +74,7 @@ def time_calls(fn, *, min_time: float, max_repeats: int) -> tuple[list[float], l
 
 
 def bench_one(arch: str, filters: int, *, size: int, batch_size: int, min_time: float,
-              max_repeats: int, jit_compile) -> dict:
+              max_repeats: int, jit_compile, depth: int | None = None) -> dict:
     """Parameter count and forward / training throughput of one architecture.
 
     Returns
@@ -93,7 +93,8 @@ def bench_one(arch: str, filters: int, *, size: int, batch_size: int, min_time: 
     rng = np.random.default_rng(0)
     x = rng.random((batch_size, size, size, 1), dtype=np.float32)
     y = (rng.random((batch_size, size, size, 1)) > 0.8).astype(np.float32)
-    model = models.build_model(arch, (size, size, 1), filters=filters)
+    kwargs = {"filters": filters} if depth is None else {"filters": filters, "depth": depth}
+    model = models.build_model(arch, (size, size, 1), **kwargs)
     models.compile_model(model, loss="bce_dice", jit_compile=jit_compile)
     forward, forward_cpu = time_calls(lambda: model.predict_on_batch(x), min_time=min_time,
                                       max_repeats=max_repeats)
@@ -115,15 +116,17 @@ def bench_one(arch: str, filters: int, *, size: int, batch_size: int, min_time: 
 
 
 def format_table(records: list[dict]) -> str:
-    """Fixed-width text table of the benchmark records."""
-    lines = [f"{'architecture':<20}{'filters':>8}{'params':>14}{'forward img/s':>15}"
-             f"{'train img/s':>13}{'fwd cpu s/img':>15}{'train cpu s/img':>17}{'repeats':>9}"]
-    for r in records:
-        lines.append(f"{r['arch']:<20}{r['filters']:>8}{r['params']:>14,}"
-                     f"{r['forward_img_s']:>15.2f}{r['train_img_s']:>13.2f}"
-                     f"{r['forward_cpu_s_per_img']:>15.3f}{r['train_cpu_s_per_img']:>17.3f}"
-                     f"{len(r['forward_s']):>5}/{len(r['train_s'])}")
-    return "\n".join(lines)
+    """Markdown table of the benchmark records (``reporting.md_table``)."""
+    from reporting import fmt, md_table
+
+    return md_table(
+        ["architecture", "filters", "params", "forward img/s", "train img/s",
+         "fwd cpu s/img", "train cpu s/img", "repeats"],
+        [[r["arch"], r["filters"], f"{r['params']:,}",
+          fmt(r["forward_img_s"], 2, style="fixed"), fmt(r["train_img_s"], 2, style="fixed"),
+          fmt(r["forward_cpu_s_per_img"], 3, style="fixed"),
+          fmt(r["train_cpu_s_per_img"], 3, style="fixed"),
+          f"{len(r['forward_s'])}/{len(r['train_s'])}"] for r in records])
 
 
 def _jit(value: str):
@@ -140,6 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--filters", nargs="+", type=int, default=[64, 16],
                         help="base widths to benchmark (default: 64 16)")
     parser.add_argument("--size", type=int, default=256, help="tile side in pixels")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="encoder levels (default: each architecture's own)")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=8)
     parser.add_argument("--min_time", "--min-time", type=float, default=10.0,
                         help="seconds of timed calls per measurement before stopping")
@@ -176,12 +181,13 @@ def main(argv=None) -> int:
             records.append(bench_one(arch, filters, size=args.size,
                                      batch_size=args.batch_size, min_time=args.min_time,
                                      max_repeats=args.max_repeats,
-                                     jit_compile=args.jit_compile))
+                                     jit_compile=args.jit_compile, depth=args.depth))
             logger.info("%s/%d: %.2f img/s forward, %.2f img/s train", arch, filters,
                         records[-1]["forward_img_s"], records[-1]["train_img_s"])
 
     result = {
-        "settings": {"size": args.size, "channels": 1, "batch_size": args.batch_size,
+        "settings": {"size": args.size, "depth": args.depth, "channels": 1,
+                     "batch_size": args.batch_size,
                      "min_time_s": args.min_time, "max_repeats": args.max_repeats,
                      "jit_compile": args.jit_compile, "loss": "bce_dice",
                      "forward": "predict_on_batch", "train": "train_on_batch"},

@@ -44,6 +44,7 @@ from _common import load_average, machine_info  # noqa: E402
 
 import microbead_config as mcfg  # noqa: E402
 import train_microbead_optimized as tmo  # noqa: E402
+from reporting import fmt, md_table  # noqa: E402
 
 log = logging.getLogger("microbead.bench_train")
 
@@ -177,12 +178,14 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"\n{'model':>18} {'val J':>7} {'reload':>7} {'batchst':>7} {'best ep':>7} "
-          f"{'fit s':>7} {'wall s':>7} {'params':>9}")
-    for name, r in results.items():
-        print(f"{name:>18} {r['best_val_jaccard']:7.4f} {r['best_val_jaccard_reloaded_hdf5']:7.4f}"
-              f" {r['val_jaccard_batchstats']:7.4f} {r['best_epoch']:7d} {r['fit_seconds']:7.1f}"
-              f" {r['wall_seconds']:7.1f} {r['params']:9,d}")
+    print()
+    print(md_table(
+        ["model", "val J", "reload", "batchst", "best ep", "fit s", "wall s", "params"],
+        [[name, *(fmt(r[k], 4, style="fixed") for k in (
+            "best_val_jaccard", "best_val_jaccard_reloaded_hdf5", "val_jaccard_batchstats")),
+          r["best_epoch"], fmt(r["fit_seconds"], 1, style="fixed"),
+          fmt(r["wall_seconds"], 1, style="fixed"), f"{r['params']:,}"]
+         for name, r in results.items()]))
     m = report["machine"]
     print(f"machine: {m['cpu_count']} CPUs ({m['usable_cpus']} usable), {m['platform']}, "
           f"load average {m['load_average_1min_start']} -> {m['load_average_1min_end']}")

@@ -13,12 +13,13 @@ import bench_models  # noqa: E402
 
 def test_tiny_run_writes_one_record_per_model_and_the_machine(tmp_path, capsys):
     out = tmp_path / "bench_models.json"
-    rc = bench_models.main(["--models", "unet", "--filters", "4", "--size", "32",
+    rc = bench_models.main(["--models", "unet", "--filters", "4", "--size", "32", "--depth", "2",
                             "--batch_size", "2", "--min_time", "0", "--max_repeats", "1",
                             "--jit_compile", "false", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["settings"]["size"] == 32 and res["settings"]["batch_size"] == 2
+    assert res["settings"]["depth"] == 2
     (rec,) = res["results"]
     assert (rec["arch"], rec["filters"]) == ("unet", 4)
     assert rec["params"] > 0
