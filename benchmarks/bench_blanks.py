@@ -35,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from _common import machine_info  # noqa: E402
 
+import runtime  # noqa: E402
 from reporting import fmt, md_table  # noqa: E402
 
 #: ``--quick``: two small frames, for a smoke test of the plumbing (seconds).
@@ -164,6 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
     with tempfile.TemporaryDirectory() as tmp:
         if args.frames:
             frames, source = Path(args.frames), f"--frames {args.frames}"

@@ -35,7 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine_info
+from _common import machine_info  # puts the repository on sys.path
+
+import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_models.json"
@@ -160,6 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

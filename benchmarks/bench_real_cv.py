@@ -52,6 +52,7 @@ import bead_filter  # noqa: E402
 import microbead_config as mcfg  # noqa: E402
 import microbead_io as mio  # noqa: E402
 import microbead_metrics as mm  # noqa: E402
+import runtime  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "real_tiles"
 MATCH_PX = 6.0
@@ -376,6 +377,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
     if not (args.data / "images").is_dir():
         print(f"skipped: {args.data}/images not found (the users' real tiles are not here)")
         return 0

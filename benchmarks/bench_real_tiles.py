@@ -43,6 +43,7 @@ from _common import machine_info  # noqa: E402
 import microbead_config as mcfg  # noqa: E402
 import microbead_io as mio  # noqa: E402
 import microbead_metrics as mm  # noqa: E402
+import runtime  # noqa: E402
 from reporting import fmt  # noqa: E402
 
 MODELS = ("unet", "attention_unet", "attention_resunet")
@@ -275,6 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                         "bench_real_tiles.json"))
     args = p.parse_args(argv)
+    runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -43,6 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from _common import load_average, machine_info  # noqa: E402
 
 import microbead_config as mcfg  # noqa: E402
+import runtime  # noqa: E402
 import train_microbead_optimized as tmo  # noqa: E402
 from reporting import fmt, md_table  # noqa: E402
 
@@ -135,6 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     started = _dt.datetime.now().astimezone()

@@ -38,6 +38,7 @@ def test_classical_baseline_finds_dark_discs():
     assert brt.classical_labels(img, window=31).max() == 3
 
 
+@pytest.mark.slow  # one tiny training + prediction + evaluation: ~20 CPU s
 def test_tiny_run_scores_every_frame_and_the_baseline(tmp_path, capsys):
     out = tmp_path / "bench_real_tiles.json"
     argv = ["--work", str(tmp_path / "work"), "--styles", "rings", "--models", "unet",

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_train  # noqa: E402
@@ -19,6 +21,7 @@ TINY_TRAIN = ("--filters 4 --depth 2 --epochs 1 --steps_per_epoch 2 --batch_size
               "--patch_size 32 --val_split frames")
 
 
+@pytest.mark.slow  # one tiny training: ~15 CPU s, mostly Keras tracing the train step
 def test_tiny_run_reports_the_trained_model_settings_and_machine(tmp_path, capsys):
     import make_synthetic_dataset as syn
 
@@ -48,8 +51,6 @@ def test_tiny_run_reports_the_trained_model_settings_and_machine(tmp_path, capsy
 
 
 def test_unknown_model_is_a_usage_error(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as exc:
         bench_train.parse_args(["--models", "unet,nope"])
     assert exc.value.code == 2 and "nope" in capsys.readouterr().err
