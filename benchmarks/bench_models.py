@@ -42,7 +42,7 @@ import runtime
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_models.json"
 
-logger = logging.getLogger("bench_models")
+logger = logging.getLogger("microbead.bench_models")
 
 
 def time_calls(fn, *, min_time: float, max_repeats: int) -> tuple[list[float], list[float]]:
@@ -163,8 +163,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    with runtime.script_logging():  # stderr, under the "microbead" logger
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(REPO))
     import models

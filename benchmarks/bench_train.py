@@ -137,8 +137,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    with runtime.script_logging():  # stderr, under the "microbead" logger
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     started = _dt.datetime.now().astimezone()
     load_start = load_average()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

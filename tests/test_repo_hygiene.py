@@ -211,14 +211,16 @@ def _heavy_modules() -> set[str]:
     deps = {}
     for p in _top_level_files():
         mods: set[str] = set()
-        for node in _tree(p).body:  # module level only; also inside if/try at module level
-            for sub in ast.walk(node):
-                if isinstance(sub, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                    break
-                if isinstance(sub, ast.Import):
-                    mods |= {a.name.split(".")[0] for a in sub.names}
-                elif isinstance(sub, ast.ImportFrom) and sub.level == 0 and sub.module:
-                    mods.add(sub.module.split(".")[0])
+        stack: list[ast.AST] = list(_tree(p).body)
+        while stack:  # what runs at import: not function bodies (class bodies do run)
+            node = stack.pop()
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                continue
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods.add(node.module.split(".")[0])
+            stack.extend(ast.iter_child_nodes(node))
         deps[p.stem] = mods
     heavy = {m for m, d in deps.items() if d & HEAVY}
     changed = True
