@@ -22,6 +22,9 @@ Prints a table and writes ``benchmarks/results/bench_real_tiles.json``. Asserts 
 Example
     python benchmarks/bench_real_tiles.py --work /tmp/bench_real   # ~25 min on 2 CPU cores
     python benchmarks/bench_real_tiles.py --work /tmp/bench_real --reuse  # skip training
+    python benchmarks/bench_real_tiles.py --work /tmp/t --styles rings --models unet \
+        --n_tiles 6 --n_frames 2 --frame_size 320 256 \
+        --train_args "--filters 4 --depth 2 --epochs 1 --val_split frames"  # plumbing only
 """
 
 from __future__ import annotations
