@@ -28,7 +28,7 @@ Example
 -------
 >>> import argparse
 >>> p = argparse.ArgumentParser(formatter_class=HelpFormatter)
->>> add_option(p, "output_dir", "--out", default="results", help="results folder")
+>>> _ = add_option(p, "output_dir", "--out", default="results", help="results folder")
 >>> p.parse_args(["--out", "x"]).output_dir
 'x'
 """

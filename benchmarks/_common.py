@@ -63,11 +63,23 @@ def accelerators(backend: str) -> list[str]:
     return []
 
 
+def backend_version(backend: str) -> str | None:
+    """Version of the Keras ``backend``'s framework (TensorFlow, JAX, PyTorch), if importable."""
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
+    if module is None:
+        return None
+    try:
+        return __import__(module).__version__
+    except Exception:  # provenance only
+        return None
+
+
 def machine_info(*, keras_backend: bool = False) -> dict:
     """Machine and software facts for a benchmark's JSON.
 
-    ``keras_backend=True`` adds the Keras backend, its version and its accelerators (this
-    imports Keras, so benchmarks of NumPy-only code leave it off).
+    ``keras_backend=True`` adds the Keras version, the backend, the backend framework's
+    version and its accelerators (this imports Keras, so benchmarks of NumPy-only code leave
+    it off).
     """
     import numpy as np
 
@@ -87,6 +99,7 @@ def machine_info(*, keras_backend: bool = False) -> dict:
 
         backend = keras.backend.backend()
         info.update(keras=keras.__version__, backend=backend,
+                    backend_version=backend_version(backend),
                     accelerators=accelerators(backend))
         info["accelerator"] = info["accelerators"][0] if info["accelerators"] else "cpu"
     return info

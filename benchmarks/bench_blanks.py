@@ -24,7 +24,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from _common import machine_info  # noqa: E402
+
+import runtime  # noqa: E402
+from reporting import fmt, md_table  # noqa: E402
 
 #: ``--quick``: two small frames, for a smoke test of the plumbing (seconds).
 QUICK_N, QUICK_SIZE = 2, (256, 192)
@@ -161,6 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
     with tempfile.TemporaryDirectory() as tmp:
         if args.frames:
             frames, source = Path(args.frames), f"--frames {args.frames}"
@@ -173,17 +178,17 @@ def main(argv=None) -> int:
                        batch_size=args.batch_size)
     result.update(source=source, quick=bool(args.quick),
                   date=_dt.datetime.now().isoformat(timespec="seconds"),
-                  machine={"node": platform.node(), "python": platform.python_version(),
-                           "cpus": os.cpu_count()})
+                  machine=machine_info(keras_backend=True))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['n_frames']} blank frame(s) ({source}); model {result['model_note']}")
-    print(f"{'file':<44}{'false beads':>12}{'per MP':>9}{'areas p10/med/p90 px':>24}")
-    for r in result["rows"]:
-        a = r["false_bead_area_px_p10_median_p90"]
-        print(f"{r['file']:<44}{r['false_beads']:>12}{r['false_beads_per_megapixel']:>9.2f}"
-              f"{'/'.join(f'{v:g}' for v in a) if a else '-':>24}")
+    print(md_table(
+        ["file", "false beads", "per MP", "areas p10/med/p90 px"],
+        [[r["file"], r["false_beads"], fmt(r["false_beads_per_megapixel"], 2, style="fixed"),
+          "/".join(fmt(v, big=100) for v in r["false_bead_area_px_p10_median_p90"] or [])
+          or "-"]
+         for r in result["rows"]]))
     print(f"false beads per frame: median {result['false_beads_median']:g}, max "
           f"{result['false_beads_max']}; per 3840x2160 frame (median, area-scaled) "
           f"{result['false_beads_per_3840x2160_median']:g}. JSON: {out}")

@@ -16,7 +16,8 @@ are recorded too, as they depend less on other processes sharing the cores. Timi
 on whatever else runs on the machine; nothing here is asserted.
 
 Inputs: none (synthetic data). Outputs: a table on stdout and a JSON file (``--out``) with
-one record per (architecture, filters) plus the environment (versions, CPU count).
+one record per (architecture, filters) plus the environment
+(``_common.machine_info``: machine, versions, CPUs, load).
 
 Example
 -------
@@ -29,16 +30,19 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from _common import machine_info  # puts the repository on sys.path
+
+import runtime
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_models.json"
 
-logger = logging.getLogger("bench_models")
+logger = logging.getLogger("microbead.bench_models")
 
 
 def time_calls(fn, *, min_time: float, max_repeats: int) -> tuple[list[float], list[float]]:
@@ -72,7 +76,7 @@ def time_calls(fn, *, min_time: float, max_repeats: int) -> tuple[list[float], l
 
 
 def bench_one(arch: str, filters: int, *, size: int, batch_size: int, min_time: float,
-              max_repeats: int, jit_compile) -> dict:
+              max_repeats: int, jit_compile, depth: int | None = None) -> dict:
     """Parameter count and forward / training throughput of one architecture.
 
     Returns
@@ -91,7 +95,8 @@ def bench_one(arch: str, filters: int, *, size: int, batch_size: int, min_time: 
     rng = np.random.default_rng(0)
     x = rng.random((batch_size, size, size, 1), dtype=np.float32)
     y = (rng.random((batch_size, size, size, 1)) > 0.8).astype(np.float32)
-    model = models.build_model(arch, (size, size, 1), filters=filters)
+    kwargs = {"filters": filters} if depth is None else {"filters": filters, "depth": depth}
+    model = models.build_model(arch, (size, size, 1), **kwargs)
     models.compile_model(model, loss="bce_dice", jit_compile=jit_compile)
     forward, forward_cpu = time_calls(lambda: model.predict_on_batch(x), min_time=min_time,
                                       max_repeats=max_repeats)
@@ -113,35 +118,17 @@ def bench_one(arch: str, filters: int, *, size: int, batch_size: int, min_time: 
 
 
 def format_table(records: list[dict]) -> str:
-    """Fixed-width text table of the benchmark records."""
-    lines = [f"{'architecture':<20}{'filters':>8}{'params':>14}{'forward img/s':>15}"
-             f"{'train img/s':>13}{'fwd cpu s/img':>15}{'train cpu s/img':>17}{'repeats':>9}"]
-    for r in records:
-        lines.append(f"{r['arch']:<20}{r['filters']:>8}{r['params']:>14,}"
-                     f"{r['forward_img_s']:>15.2f}{r['train_img_s']:>13.2f}"
-                     f"{r['forward_cpu_s_per_img']:>15.3f}{r['train_cpu_s_per_img']:>17.3f}"
-                     f"{len(r['forward_s']):>5}/{len(r['train_s'])}")
-    return "\n".join(lines)
+    """Markdown table of the benchmark records (``reporting.md_table``)."""
+    from reporting import fmt, md_table
 
-
-def environment() -> dict:
-    """Versions and hardware facts recorded with the numbers."""
-    import keras
-
-    env = {
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if env["backend"] == "tensorflow":
-        import tensorflow as tf
-
-        env["tensorflow"] = tf.__version__
-        env["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
-    return env
+    return md_table(
+        ["architecture", "filters", "params", "forward img/s", "train img/s",
+         "fwd cpu s/img", "train cpu s/img", "repeats"],
+        [[r["arch"], r["filters"], f"{r['params']:,}",
+          fmt(r["forward_img_s"], 2, style="fixed"), fmt(r["train_img_s"], 2, style="fixed"),
+          fmt(r["forward_cpu_s_per_img"], 3, style="fixed"),
+          fmt(r["train_cpu_s_per_img"], 3, style="fixed"),
+          f"{len(r['forward_s'])}/{len(r['train_s'])}"] for r in records])
 
 
 def _jit(value: str):
@@ -158,6 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--filters", nargs="+", type=int, default=[64, 16],
                         help="base widths to benchmark (default: 64 16)")
     parser.add_argument("--size", type=int, default=256, help="tile side in pixels")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="encoder levels (default: each architecture's own)")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=8)
     parser.add_argument("--min_time", "--min-time", type=float, default=10.0,
                         help="seconds of timed calls per measurement before stopping")
@@ -173,8 +162,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
+    with runtime.script_logging():  # stderr, under the "microbead" logger
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(REPO))
     import models
@@ -194,16 +187,17 @@ def main(argv=None) -> int:
             records.append(bench_one(arch, filters, size=args.size,
                                      batch_size=args.batch_size, min_time=args.min_time,
                                      max_repeats=args.max_repeats,
-                                     jit_compile=args.jit_compile))
+                                     jit_compile=args.jit_compile, depth=args.depth))
             logger.info("%s/%d: %.2f img/s forward, %.2f img/s train", arch, filters,
                         records[-1]["forward_img_s"], records[-1]["train_img_s"])
 
     result = {
-        "settings": {"size": args.size, "channels": 1, "batch_size": args.batch_size,
+        "settings": {"size": args.size, "depth": args.depth, "channels": 1,
+                     "batch_size": args.batch_size,
                      "min_time_s": args.min_time, "max_repeats": args.max_repeats,
                      "jit_compile": args.jit_compile, "loss": "bce_dice",
                      "forward": "predict_on_batch", "train": "train_on_batch"},
-        "environment": environment(),
+        "environment": machine_info(keras_backend=True),
         "results": records,
     }
     print(format_table(records))

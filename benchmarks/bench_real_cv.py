@@ -46,10 +46,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import machine_info  # noqa: E402
+
 import bead_filter  # noqa: E402
 import microbead_config as mcfg  # noqa: E402
 import microbead_io as mio  # noqa: E402
 import microbead_metrics as mm  # noqa: E402
+import runtime  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "real_tiles"
 MATCH_PX = 6.0
@@ -374,6 +377,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
     if not (args.data / "images").is_dir():
         print(f"skipped: {args.data}/images not found (the users' real tiles are not here)")
         return 0
@@ -386,7 +390,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     train_args = shlex.split(args.train_args)
     results = {"data": str(args.data), "train_args": train_args, "match_px": args.match_px,
-               "frames": {}, "rows": {}, "machine": {"cpus": os.cpu_count()}}
+               "frames": {}, "rows": {}, "machine": machine_info(keras_backend=True)}
     rng = np.random.default_rng(0)
     for fi, held in enumerate(held_list):
         t0 = time.perf_counter()

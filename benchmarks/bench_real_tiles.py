@@ -22,12 +22,16 @@ Prints a table and writes ``benchmarks/results/bench_real_tiles.json``. Asserts 
 Example
     python benchmarks/bench_real_tiles.py --work /tmp/bench_real   # ~25 min on 2 CPU cores
     python benchmarks/bench_real_tiles.py --work /tmp/bench_real --reuse  # skip training
+    python benchmarks/bench_real_tiles.py --work /tmp/t --styles rings --models unet \
+        --n_tiles 6 --n_frames 2 --frame_size 320 256 \
+        --train_args "--filters 4 --depth 2 --epochs 1 --val_split frames"  # plumbing only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -37,9 +41,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import machine_info  # noqa: E402
+
 import microbead_config as mcfg  # noqa: E402
 import microbead_io as mio  # noqa: E402
 import microbead_metrics as mm  # noqa: E402
+import runtime  # noqa: E402
+from reporting import fmt  # noqa: E402
 
 MODELS = ("unet", "attention_unet", "attention_resunet")
 BORDER = 128
@@ -126,7 +134,13 @@ def val_tile_jaccards(run: Path, name: str, data: Path) -> dict:
             "val_jaccard_vs_exact_labels": float(np.mean(vs_exact))}
 
 
-def run_style(style: str, work: Path, models, reuse: bool) -> dict:
+def run_style(style: str, work: Path, models, reuse: bool, *, n_tiles: int = 73,
+              n_frames: int = 7, frame_size=(3840, 2160), train_args=()) -> dict:
+    """Generate, train, predict and score one synthetic ``style`` (see the module docstring).
+
+    ``n_tiles``, ``n_frames``, ``frame_size`` and ``train_args`` (extra trainer flags after
+    ``--preset cpu``) default to the benchmark's sizes; smaller ones are for smoke tests.
+    """
     import evaluate_predictions
     import make_synthetic_dataset as syn
     import models as mdl
@@ -137,7 +151,8 @@ def run_style(style: str, work: Path, models, reuse: bool) -> dict:
     base_style, _, variant = style.partition("+")
     t0 = time.perf_counter()
     if not (reuse and (data / "dataset.json").is_file()):
-        syn.generate_dataset(data, n=73, seed=0, large=7, style=base_style, overwrite=True,
+        syn.generate_dataset(data, n=n_tiles, seed=0, large=n_frames,
+                             large_size=tuple(frame_size), style=base_style, overwrite=True,
                              label_noise=variant == "label_noise")
     gen_s = time.perf_counter() - t0
     run_file = work / style / "run_dir.txt"
@@ -145,7 +160,7 @@ def run_style(style: str, work: Path, models, reuse: bool) -> dict:
     if not (reuse and run_file.is_file()):
         rc = tmo.main(["--data_dir", str(data), "--output_dir", str(work / style / "runs"),
                        "--models", ",".join(models), "--preset", "cpu",
-                       "--run_dir_file", str(run_file)])
+                       "--run_dir_file", str(run_file), *train_args])
         if rc:
             raise SystemExit(f"training failed ({rc})")
     train_s = time.perf_counter() - t0
@@ -158,8 +173,7 @@ def run_style(style: str, work: Path, models, reuse: bool) -> dict:
     out: dict = {"style": style, "generate_s": round(gen_s, 1), "train_s": round(train_s, 1),
                  "run_dir": str(run), "frames": [f.name for f in frames],
                  "true_beads": true_n.astype(int).tolist(),
-                 "true_dilution_slope": float(np.polyfit(np.log10(dil), np.log10(true_n),
-                                                         1)[0]),
+                 "true_dilution_slope": _slope(dil, true_n),
                  "models": {}}
     cfg = mcfg.read_run_config(run / mcfg.CONFIG_FILE)
     for name in models:
@@ -178,7 +192,8 @@ def run_style(style: str, work: Path, models, reuse: bool) -> dict:
         es = json.loads((ev / "summary.json").read_text())
         rows = {r["file"]: r for r in _csv(pred / "prediction_summary.csv")}
         n_pred = np.array([float(rows[f.name]["beads"]) for f in frames])
-        rel = np.abs(n_pred - true_n) / true_n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.abs(n_pred - true_n) / true_n
         res = {
             "best_val_jacard": float(summary[name]["best_val_jacard"]),
             "predict_rc": rc, "predict_s_per_frame": round(pred_s / len(frames), 2),
@@ -187,7 +202,7 @@ def run_style(style: str, work: Path, models, reuse: bool) -> dict:
             "median_rel_count_error": float(np.median(rel)),
             "f1_at_0.5": float(es["objects"]["f1"]),
             "mean_pixel_jaccard": float(es["pixel"]["mean_per_image"]["jaccard"]),
-            "dilution_slope": float(np.polyfit(np.log10(dil), np.log10(n_pred), 1)[0]),
+            "dilution_slope": _slope(dil, n_pred),
         }
         res.update(val_tile_jaccards(run, name, data))
         res["label_ceiling"] = summary[name].get("label_ceiling")
@@ -201,7 +216,8 @@ def run_style(style: str, work: Path, models, reuse: bool) -> dict:
             res["tile_vs_frame_interior_iou"] = [round(x, 4) for x in ious]
         out["models"][name] = res
         print(f"[{style}] {name}: median count error {100 * res['median_rel_count_error']:.2f} %,"
-              f" F1@0.5 {res['f1_at_0.5']:.3f}, slope {res['dilution_slope']:.3f}"
+              f" F1@0.5 {res['f1_at_0.5']:.3f}, slope "
+              f"{fmt(res['dilution_slope'], 3, style='fixed')}"
               + (f", tile-vs-frame IoU {min(res['tile_vs_frame_interior_iou']):.3f}-"
                  f"{max(res['tile_vs_frame_interior_iou']):.3f}"
                  if "tile_vs_frame_interior_iou" in res else ""), flush=True)
@@ -229,6 +245,16 @@ def run_style(style: str, work: Path, models, reuse: bool) -> dict:
     return out
 
 
+def _slope(dilutions, counts) -> float | None:
+    """Slope of log10 count against log10 dilution (ideal -1); None without two frames of
+    positive counts (a count of 0 has no logarithm)."""
+    dilutions, counts = np.asarray(dilutions, float), np.asarray(counts, float)
+    ok = counts > 0
+    if ok.sum() < 2 or np.unique(dilutions[ok]).size < 2:
+        return None
+    return float(np.polyfit(np.log10(dilutions[ok]), np.log10(counts[ok]), 1)[0])
+
+
 def _csv(path: Path) -> list[dict]:
     import csv
 
@@ -244,17 +270,27 @@ def main(argv=None) -> int:
                         "like the users' and scores against the exact truth")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--reuse", action="store_true", help="reuse data and trained runs in --work")
+    p.add_argument("--n_tiles", type=int, default=73, help="training tiles per style")
+    p.add_argument("--n_frames", type=int, default=7,
+                   help="full frames per style (dilutions: make_synthetic_dataset.large_dilutions)")
+    p.add_argument("--frame_size", type=int, nargs=2, default=(3840, 2160), metavar=("W", "H"))
+    p.add_argument("--train_args", default="",
+                   help="extra trainer flags after --preset cpu (quoted), e.g. '--epochs 1'")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                         "bench_real_tiles.json"))
     args = p.parse_args(argv)
+    runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = {"command": " ".join(["python", "benchmarks/bench_real_tiles.py"]
                                    + (argv if argv is not None else sys.argv[1:])),
-               "styles": {}}
+               "machine": machine_info(keras_backend=True), "styles": {}}
     for style in args.styles.split(","):
-        results["styles"][style] = run_style(style, work, args.models.split(","), args.reuse)
+        results["styles"][style] = run_style(
+            style, work, args.models.split(","), args.reuse, n_tiles=args.n_tiles,
+            n_frames=args.n_frames, frame_size=args.frame_size,
+            train_args=shlex.split(args.train_args))
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

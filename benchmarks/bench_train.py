@@ -13,9 +13,10 @@ models >= 0.80. They are reported, never asserted.
 
 Outputs
     A table on stdout and ``benchmarks/results/bench_train.json`` (``--out``): per-model
-    results, the settings used (from the run's ``config.json``), machine info (CPU count,
-    platform, load average) and the date. Training run folders go to a temporary folder
-    (removed) unless ``--output_dir`` is given.
+    results, the settings used (from the run's ``config.json``), machine info
+    (``_common.machine_info``, plus the load average at the start and the end) and the
+    date. Training run folders go to a temporary folder (removed) unless ``--output_dir``
+    is given.
 
 Example
     python benchmarks/bench_train.py --models unet --out /tmp/bench_train.json
@@ -28,7 +29,7 @@ import datetime as _dt
 import json
 import logging
 import os
-import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -39,43 +40,16 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from _common import load_average, machine_info  # noqa: E402
+
 import microbead_config as mcfg  # noqa: E402
+import runtime  # noqa: E402
 import train_microbead_optimized as tmo  # noqa: E402
+from reporting import fmt, md_table  # noqa: E402
 
 log = logging.getLogger("microbead.bench_train")
 
 TARGETS = {"unet_val_jaccard": 0.85, "unet_minutes": 10.0, "all_models_val_jaccard": 0.80}
-
-
-def machine_info() -> dict:
-    """CPU count, usable CPUs, platform, Python / TensorFlow versions, load average."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-    info = {
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "python": platform.python_version(),
-    }
-    try:
-        import tensorflow as tf
-
-        info["tensorflow"] = tf.__version__
-        info["gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
-    except ImportError:
-        info["tensorflow"] = None
-    return info
-
-
-def load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
 
 
 def ensure_dataset(data: str | None, scratch: Path) -> tuple[Path, bool]:
@@ -100,6 +74,9 @@ def train_model(name: str, data_dir: Path, out_dir: Path, extra=()) -> dict:
     t0 = time.perf_counter()
     rc = tmo.main(argv)
     wall = time.perf_counter() - t0
+    if rc != 0 or not run_file.is_file():
+        raise SystemExit(f"training {name} failed (exit code {rc}): "
+                         f"train_microbead_optimized.py {' '.join(argv)}")
     run_dir = Path(run_file.read_text().strip())
     row = next(r for r in mcfg.read_summary(run_dir / mcfg.SUMMARY_FILE)
                if r["model"] == name)
@@ -146,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dataset folder (default: generate the 73-tile synthetic set)")
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", default=None,
                    help="keep the training run folders here (default: temporary, removed)")
+    p.add_argument("--train_args", "--train-args", dest="train_args", default="",
+                   help="extra trainer flags after --preset cpu (quoted), e.g. '--epochs 1'; "
+                        "the targets are the preset's")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in tmo.MODEL_NAMES]
@@ -156,8 +136,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    runtime.configure_threads()  # OpenCV's pool bounded as the pipeline's entry points do
+    with runtime.script_logging():  # stderr, under the "microbead" logger
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     started = _dt.datetime.now().astimezone()
     load_start = load_average()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -168,7 +152,8 @@ def main(argv=None) -> int:
         results = {}
         for name in args.models:
             log.info("training %s with --preset cpu on %s", name, data_dir)
-            results[name] = train_model(name, data_dir, out_dir)
+            results[name] = train_model(name, data_dir, out_dir,
+                                        shlex.split(args.train_args))
         settings = settings_used(results)
         for r in results.values():
             r.pop("config_training")
@@ -182,7 +167,7 @@ def main(argv=None) -> int:
         "dataset": {"path": None if generated else str(data_dir), "generated": generated,
                     "synthetic": "73 tiles 256x256, seed 0" if generated else None},
         "settings": settings,
-        "machine": {**machine_info(), "load_average_1min_start": load_start,
+        "machine": {**machine_info(keras_backend=True), "load_average_1min_start": load_start,
                     "load_average_1min_end": load_average()},
         "targets": TARGETS,
         "targets_met": {
@@ -198,12 +183,14 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"\n{'model':>18} {'val J':>7} {'reload':>7} {'batchst':>7} {'best ep':>7} "
-          f"{'fit s':>7} {'wall s':>7} {'params':>9}")
-    for name, r in results.items():
-        print(f"{name:>18} {r['best_val_jaccard']:7.4f} {r['best_val_jaccard_reloaded_hdf5']:7.4f}"
-              f" {r['val_jaccard_batchstats']:7.4f} {r['best_epoch']:7d} {r['fit_seconds']:7.1f}"
-              f" {r['wall_seconds']:7.1f} {r['params']:9,d}")
+    print()
+    print(md_table(
+        ["model", "val J", "reload", "batchst", "best ep", "fit s", "wall s", "params"],
+        [[name, *(fmt(r[k], 4, style="fixed") for k in (
+            "best_val_jaccard", "best_val_jaccard_reloaded_hdf5", "val_jaccard_batchstats")),
+          r["best_epoch"], fmt(r["fit_seconds"], 1, style="fixed"),
+          fmt(r["wall_seconds"], 1, style="fixed"), f"{r['params']:,}"]
+         for name, r in results.items()]))
     m = report["machine"]
     print(f"machine: {m['cpu_count']} CPUs ({m['usable_cpus']} usable), {m['platform']}, "
           f"load average {m['load_average_1min_start']} -> {m['load_average_1min_end']}")

@@ -26,11 +26,12 @@ import csv
 import datetime as _dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -48,18 +49,32 @@ def run(cmd: list[str], log_path: Path) -> float:
     return time.perf_counter() - t
 
 
-def machine() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(),
-            "date": _dt.datetime.now().isoformat(timespec="seconds")}
+def commands(work: Path, best_run: str = "") -> dict[str, list[str]]:
+    """Each step's command line (script path and arguments; run with ``sys.executable``).
+
+    ``best_run`` is the training run folder the prediction steps use (known after training).
+    A test parses every command with its script's ``parse_args``, so a renamed flag fails
+    there rather than an hour into a run.
+    """
+    data = work / "dataset_microscope"
+    bench = ROOT / "benchmarks"
+    large = data / "large"
+    return {
+        "generate": ["make_synthetic_dataset.py", "--out", str(data), "--n", "73", "--seed",
+                     "0", "--large", "7"],
+        "bench_train": [str(bench / "bench_train.py"), "--data", str(data), "--out",
+                        str(work / "bench_train.json"), "--output_dir", str(work / "runs")],
+        "bench_pipeline": [str(bench / "bench_pipeline.py"), "--data", str(data), "--out",
+                           str(work / "bench_pipeline.json")],
+        "predict": ["predict_microscope.py", "--model", best_run, "--input_dir",
+                    str(large / "images"), "--output_dir", str(work / "predictions")],
+        "evaluate": ["evaluate_predictions.py", "--pred_dir", str(work / "predictions"),
+                     "--gt_dir", str(large / "masks"), "--gt_labels_dir", str(large / "labels"),
+                     "--output_dir", str(work / "evaluation"), "--no_progress"],
+        "bench_predict": [str(bench / "bench_predict.py"), "--model", best_run, "--out",
+                          str(work / "bench_predict.json"), "--frames", str(large),
+                          "--repeats", "2"],
+    }
 
 
 def main(argv=None) -> int:
@@ -77,41 +92,31 @@ def main(argv=None) -> int:
         work = Path(args.work) / _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
         work.mkdir(parents=True)
     data = work / "dataset_microscope"
-    res: dict = {"machine": machine(), "work": str(work)}
-    bench = ROOT / "benchmarks"
+    res: dict = {"machine": machine_info(), "work": str(work)}
+    cmd = commands(work)
 
     if not args.reuse:
-        res["generate_s"] = round(run([PY, "make_synthetic_dataset.py", "--out", str(data),
-                                       "--n", "73", "--seed", "0", "--large", "7"],
-                                      work / "generate.log"), 1)
-
-    train_json = work / "bench_train.json"
-    if not args.reuse:
-        run([PY, str(bench / "bench_train.py"), "--data", str(data), "--out", str(train_json),
-             "--output_dir", str(work / "runs")], work / "bench_train.log")
-    res["train"] = json.loads(train_json.read_text())
+        res["generate_s"] = round(run([PY, *cmd["generate"]], work / "generate.log"), 1)
+        run([PY, *cmd["bench_train"]], work / "bench_train.log")
+    res["train"] = json.loads((work / "bench_train.json").read_text())
 
     if not args.skip_pipeline:
-        pipe_json = work / "bench_pipeline.json"
-        run([PY, str(bench / "bench_pipeline.py"), "--data", str(data), "--out",
-             str(pipe_json)], work / "bench_pipeline.log")
-        res["pipeline"] = json.loads(pipe_json.read_text())
+        run([PY, *cmd["bench_pipeline"]], work / "bench_pipeline.log")
+        res["pipeline"] = json.loads((work / "bench_pipeline.json").read_text())
 
     # Best model over the trained ones (each bench_train model has its own run folder).
     models = res["train"]["results"]
     best_name = max(models, key=lambda m: models[m]["best_val_jaccard"])
     best_run = models[best_name]["run_dir"]
+    cmd = commands(work, best_run)
     pred, ev = work / "predictions", work / "evaluation"
     for d in (pred, ev):  # a --reuse run redoes these
         if d.exists():
             import shutil
 
             shutil.rmtree(d)
-    t = run([PY, "predict_microscope.py", "--model", best_run, "--input_dir",
-             str(data / "large" / "images"), "--output_dir", str(pred)], work / "predict.log")
-    run([PY, "evaluate_predictions.py", "--pred_dir", str(pred), "--gt_dir",
-         str(data / "large" / "masks"), "--gt_labels_dir", str(data / "large" / "labels"),
-         "--output_dir", str(ev), "--no_progress"], work / "evaluate.log")
+    t = run([PY, *cmd["predict"]], work / "predict.log")
+    run([PY, *cmd["evaluate"]], work / "evaluate.log")
     summary = json.loads((ev / "summary.json").read_text())
     with open(pred / "prediction_summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -138,10 +143,8 @@ def main(argv=None) -> int:
         "dilution_fit_truth": fit_true,
     }
 
-    pb_json = work / "bench_predict.json"
-    run([PY, str(bench / "bench_predict.py"), "--model", best_run, "--out", str(pb_json),
-         "--frames", str(data / "large"), "--repeats", "2"], work / "bench_predict.log")
-    res["predict"] = json.loads(pb_json.read_text())
+    run([PY, *cmd["bench_predict"]], work / "bench_predict.log")
+    res["predict"] = json.loads((work / "bench_predict.json").read_text())
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

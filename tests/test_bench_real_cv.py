@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import microbead_io as mio
 
@@ -83,6 +84,7 @@ def test_absent_data_is_a_clean_skip(tmp_path, capsys):
     assert "skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains one fold in a subprocess
 def test_one_fold_runs_end_to_end(tmp_path):
     _tiny_real_tiles(tmp_path / "data", np.random.default_rng(1))
     out = tmp_path / "res.json"
