@@ -91,11 +91,11 @@ def _check(rc: int, what: str) -> None:
 def run_demo(args) -> dict:
     import analyze_microbead_dataset
     import evaluate_predictions
-    import make_synthetic_dataset
     import microbead_config
     import plot_training_curves
     import predict_microscope
     import quantify_assay
+    import synthetic_dataset
     import train_microbead_optimized
 
     out = Path(args.output_dir)
@@ -103,7 +103,7 @@ def run_demo(args) -> dict:
     times = {}
 
     t = _step("1/7 generate the synthetic dataset")
-    make_synthetic_dataset.generate_dataset(
+    synthetic_dataset.generate_dataset(
         data, n=args.n, size=args.size, seed=args.seed, large=args.large,
         large_size=tuple(args.large_size), style=args.style, blank_frames=args.blank_frames)
     tile_size = json.loads((data / "dataset.json").read_text())["size"]
@@ -149,7 +149,7 @@ def run_demo(args) -> dict:
         summary_eval = json.loads((evaluation / "summary.json").read_text())
 
         # The generator's sample sheet marks the blank frames (concentration 0).
-        sheet = large / make_synthetic_dataset.SAMPLE_SHEET
+        sheet = large / synthetic_dataset.SAMPLE_SHEET
         # A calibration needs >= 3 concentrations; the default 2 frames give 2 dilutions.
         n_dil = quantify_assay.n_concentrations(pred, sheet)
         if n_dil >= 3:

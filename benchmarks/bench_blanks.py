@@ -45,7 +45,7 @@ QUICK_N, QUICK_SIZE = 2, (256, 192)
 def blank_frames_dir(tmp: Path, n: int, size, seed: int) -> Path:
     """Write ``n`` blank microscope-style frames of ``size`` (W, H); returns the folder
     holding ``images/`` (the generator's ``large/``, as the demo's frames are)."""
-    import make_synthetic_dataset as syn
+    import synthetic_dataset as syn
 
     syn.generate_dataset(tmp / "blanks", n=1, seed=seed, blank_frames=n,
                          large_size=tuple(size), log_file=False)

@@ -226,10 +226,10 @@ def main(argv=None) -> int:
                        modes=tuple(args.modes.split(",")), workers=args.workers,
                        engine=args.engine)
     else:
-        import make_synthetic_dataset
+        import synthetic_dataset
 
         with tempfile.TemporaryDirectory() as tmp:
-            make_synthetic_dataset.generate_dataset(Path(tmp) / "d", n=1, large=2, seed=1)
+            synthetic_dataset.generate_dataset(Path(tmp) / "d", n=1, large=2, seed=1)
             result = bench(args.model, Path(tmp) / "d" / "large", tile_size=args.tile_size,
                            overlap=args.overlap, batch_size=args.batch_size,
                            figures=args.figures, repeats=args.repeats,

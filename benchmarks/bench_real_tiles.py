@@ -92,8 +92,8 @@ def found(true_labels, pred_labels, subset=None) -> tuple[int, int]:
 
 def tile_vs_frame(model, cfg: dict, image: np.ndarray, frame_mask: np.ndarray) -> float:
     """Pooled interior IoU of the users' grid tiles predicted alone vs in the frame."""
-    import make_synthetic_dataset as syn
     import predict_microscope as pm
+    import synthetic_render as syn
 
     fn = pm.make_keras_predict_fn(model)
     inter = union = 0
@@ -142,9 +142,9 @@ def run_style(style: str, work: Path, models, reuse: bool, *, n_tiles: int = 73,
     ``--preset cpu``) default to the benchmark's sizes; smaller ones are for smoke tests.
     """
     import evaluate_predictions
-    import make_synthetic_dataset as syn
     import models as mdl
     import predict_microscope
+    import synthetic_dataset as syn
     import train_microbead_optimized as tmo
 
     data = work / style / "data"

@@ -56,7 +56,7 @@ def ensure_dataset(data: str | None, scratch: Path) -> tuple[Path, bool]:
     """Existing ``data`` folder, or a fresh synthetic one (73 tiles, 256 px) in ``scratch``."""
     if data:
         return Path(data), False
-    from make_synthetic_dataset import generate_dataset
+    from synthetic_dataset import generate_dataset
 
     out = scratch / "synthetic_73"
     t0 = time.perf_counter()

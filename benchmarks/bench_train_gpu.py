@@ -660,7 +660,7 @@ def backend_neutral_trainer(policy: str, workers: int):
 
 def generate_data(out: Path, args) -> Path:
     """Synthetic tiles (+ full frames) with the generator's defaults unless flags say else."""
-    from make_synthetic_dataset import generate_dataset
+    from synthetic_dataset import generate_dataset
 
     kwargs = {"n": args.n_tiles, "seed": 0, "large": args.large_frames,
               "large_size": tuple(args.large_size), "log_file": False}
@@ -668,7 +668,7 @@ def generate_data(out: Path, args) -> Path:
         kwargs["size"] = args.tile_size
     if args.style:
         if "style" not in inspect.signature(generate_dataset).parameters:
-            raise SystemExit("error: make_synthetic_dataset.generate_dataset has no 'style' "
+            raise SystemExit("error: synthetic_dataset.generate_dataset has no 'style' "
                              "parameter; drop --style")
         kwargs["style"] = args.style
     t0 = time.perf_counter()

@@ -506,7 +506,7 @@ def test_runs_without_tensorflow(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    gen = pytest.importorskip("make_synthetic_dataset")
+    gen = pytest.importorskip("synthetic_dataset")
     root = tmp_path_factory.mktemp("synthetic")
     gen.generate_dataset(root / "data", n=16, size=256, seed=0, log_file=False, style="rings")
     return root

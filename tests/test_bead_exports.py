@@ -12,7 +12,7 @@ from skimage.draw import polygon2mask
 import bead_exports as be
 import microbead_io as mio
 import predict_microscope as pm
-from make_synthetic_dataset import render_masks, sample_beads
+from synthetic_beads import render_masks, sample_beads
 
 roifile = pytest.importorskip("roifile")
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import bead_filter as bf
-import make_synthetic_dataset as syn
 import microbead_config as mcfg
 import microbead_io as mio
 import predict_microscope as pm
+import synthetic_beads as syn
 
 
 def _scene(seed=0, n_beads=40, n_faint=6, shape=(160, 200)):

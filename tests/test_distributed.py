@@ -33,10 +33,10 @@ SAMPLE_NODEFILE = "r1i0n3\nr1i0n3\nr1i0n7\nr1i0n3\nr1i0n7\nr1i1n0\n\n"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    import make_synthetic_dataset
+    import synthetic_dataset
 
     out = tmp_path_factory.mktemp("dist") / "data"
-    make_synthetic_dataset.generate_dataset(out, n=10, size=64, seed=0, log_file=False,
+    synthetic_dataset.generate_dataset(out, n=10, size=64, seed=0, log_file=False,
                                             style="rings")
     return out
 

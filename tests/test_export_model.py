@@ -10,7 +10,7 @@ import pytest
 import export_model as em
 import microbead_io as mio
 import predict_microscope as pm
-from make_synthetic_dataset import render_masks, sample_beads
+from synthetic_beads import render_masks, sample_beads
 
 keras = pytest.importorskip("keras")
 models = pytest.importorskip("models")

@@ -466,14 +466,15 @@ def test_evaluate_reports_truth_offsets_and_the_ceiling(labelled_dataset, tmp_pa
 def ring_tiles(seed: int, n_tiles: int = 36, n_offset: int = 6, size: int = 128):
     """Ring beads (dark rim, lighter core: the generator's ``rings`` style, ~9 px across)
     with shrunk masks; the first ``n_offset`` masks moved by a planted 2-4 px offset."""
-    import make_synthetic_dataset as syn
+    import synthetic_render as sr
+    import synthetic_scenes as ss
 
     rng = np.random.default_rng(seed)
     tiles = []
     for i in range(n_tiles):
-        ap = syn.sample_appearance(rng, (size, size))
-        sc = syn.make_scene(rng, (size, size), (size, size), int(rng.integers(6, 14)),
-                            appearance=ap, radius_native=4.7)
+        ap = sr.sample_appearance(rng, (size, size))
+        sc = ss.make_scene(rng, (size, size), (size, size), int(rng.integers(6, 14)),
+                           appearance=ap, radius_native=4.7)
         mask, _ = lq.degrade_mask(sc["labels"], rng, shrink_px=(1, 2), drop_fraction=0.0,
                                   offset_prob=0.0)
         planted = (0, 0)

@@ -66,10 +66,10 @@ def fake_bin(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    import make_synthetic_dataset
+    import synthetic_dataset
 
     out = tmp_path_factory.mktemp("pbsdata") / "data"
-    make_synthetic_dataset.generate_dataset(out, n=10, size=64, seed=0, log_file=False,
+    synthetic_dataset.generate_dataset(out, n=10, size=64, seed=0, log_file=False,
                                             style="rings")
     return out
 

@@ -9,7 +9,7 @@ import pytest
 import microbead_io as mio
 import predict_microscope as pm
 import tiling
-from make_synthetic_dataset import render_masks, sample_beads
+from synthetic_beads import render_masks, sample_beads
 
 keras = pytest.importorskip("keras")
 models = pytest.importorskip("models")

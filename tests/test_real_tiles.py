@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 import label_quality as lq
-import make_synthetic_dataset as syn
 import microbead_io as mio
 import microbead_metrics as mm
 import predict_microscope as pm
+import synthetic_beads as sb
+import synthetic_dataset as sd
+import synthetic_render as sr
 import tiling
 import train_microbead_optimized as tmo
 
@@ -26,9 +28,9 @@ import train_microbead_optimized as tmo
 def _micro_window(shape=(512, 987), n=160, seed=0, origin=(549, 950)):
     """A microscope-style RGB window (two neighbouring grid tiles wide) and its beads."""
     rng = np.random.default_rng(seed)
-    ap = syn.sample_microscope_appearance(np.random.default_rng(seed + 100))
-    beads = syn.sample_beads(rng, shape, n, radius=syn.MICRO_RADIUS, radius_sd=0.35)
-    img = syn.render_microscope(rng, beads, shape, appearance=ap, origin=origin) * 255.0
+    ap = sr.sample_microscope_appearance(np.random.default_rng(seed + 100))
+    beads = sb.sample_beads(rng, shape, n, radius=sr.MICRO_RADIUS, radius_sd=0.35)
+    img = sr.render_microscope(rng, beads, shape, appearance=ap, origin=origin) * 255.0
     return mio.to_channels(img, 1), beads
 
 
@@ -53,7 +55,7 @@ def test_flatfield_normalise_then_crop_equals_crop_then_normalise():
 def test_flatfield_evens_out_uneven_illumination():
     frame, beads = _micro_window(n=60)
     norm = mio.apply_normalization(frame, FLAT)[..., 0]
-    mask, _ = syn.render_masks(beads, frame.shape[:2])
+    mask, _ = sb.render_masks(beads, frame.shape[:2])
     far = np.ones_like(mask, bool)
     far[np.nonzero(np.lib.stride_tricks.sliding_window_view(
         np.pad(mask, 6), (13, 13)).max(axis=(2, 3)))] = False
@@ -203,9 +205,9 @@ def test_flag_and_dataset_json_win_over_names(tmp_path):
 
 def test_frame_two_times_off_scale_gets_scale_warning():
     rng = np.random.default_rng(0)
-    beads = syn.sample_beads(rng, (400, 600), 120, radius=4.0, radius_sd=0.3, min_gap=2.0)
-    mask, _ = syn.render_masks(beads, (400, 600))
-    area = float(np.median(np.bincount(syn.render_masks(beads, (400, 600))[1].ravel())[1:]))
+    beads = sb.sample_beads(rng, (400, 600), 120, radius=4.0, radius_sd=0.3, min_gap=2.0)
+    mask, _ = sb.render_masks(beads, (400, 600))
+    area = float(np.median(np.bincount(sb.render_masks(beads, (400, 600))[1].ravel())[1:]))
     # A perfect "network" (probability = mask): at the training scale, no warning.
     res = pm.finish_frame(mask.astype(np.float32), mask.shape, {
         "preprocessing": {"scale": 1.0}, "postprocessing": {"threshold": 0.5,
@@ -226,7 +228,7 @@ def test_frame_two_times_off_scale_gets_scale_warning():
 
 def test_trainer_on_native_grid_tiles_without_dataset_json(tmp_path):
     data = tmp_path / "data"
-    syn.generate_dataset(data, n=8, seed=1, log_file=False, label_noise=True)
+    sd.generate_dataset(data, n=8, seed=1, log_file=False, label_noise=True)
     (data / "dataset.json").unlink()  # as the users' folders: no metadata
     rc = tmo.main(["--data_dir", str(data), "--output_dir", str(tmp_path / "runs"),
                    "--models", "unet", "--filters", "4", "--depth", "2", "--epochs", "1",
@@ -265,7 +267,7 @@ def test_trainer_on_native_grid_tiles_without_dataset_json(tmp_path):
 
 
 def test_label_noise_degrades_masks_but_keeps_exact_labels(tmp_path):
-    summary = syn.generate_dataset(tmp_path / "d", n=10, seed=2, log_file=False,
+    summary = sd.generate_dataset(tmp_path / "d", n=10, seed=2, log_file=False,
                                    label_noise=True)
     assert summary["label_noise"]["enabled"] and len(summary["label_noise"]["tiles"]) == 10
     shrunk = 0

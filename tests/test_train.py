@@ -29,7 +29,7 @@ import microbead_config as mcfg
 import microbead_io as mio
 import microbead_metrics as mm
 import train_microbead_optimized as tmo
-from make_synthetic_dataset import generate_dataset
+from synthetic_dataset import generate_dataset
 
 N_TILES, TILE = 12, 64
 # Tiny U-Net, learning rate high enough to learn something in 30 steps. Runs that only check

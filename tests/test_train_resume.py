@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import train_microbead_optimized as tmo
-from make_synthetic_dataset import generate_dataset
+from synthetic_dataset import generate_dataset
 
 STEPS, EPOCHS = 2, 8
 BASE = ["--models", "unet", "--filters", "4", "--depth", "1", "--image_size", "32",
