@@ -53,34 +53,11 @@ from pathlib import Path
 import numpy as np
 
 import assay_report as ar
+import assay_stats as stats
 import cli
 import microbead_io as mio
 import reporting
 import runtime
-from assay_report import (
-    build_report,
-    extrapolation_warning,
-    fit_summary,
-    lod_warning,
-    residual_flags,
-)
-from assay_stats import (
-    DILUTION_UNIT,
-    FIT_KINDS,
-    RESIDUAL_FLAG_SD,
-    CountErrorModel,
-    Fit,
-    FitError,
-    Replicates,
-    bootstrap_limits,
-    build_replicates,
-    choose_fit,
-    count_sd,
-    detection_limits,
-    fit_calibration,
-    fit_count_error,
-    sample_table,
-)
 
 log = logging.getLogger("microbead.assay")
 
@@ -146,7 +123,7 @@ def parse_concentration(name: str) -> Concentration | None:
         return Concentration(value, unit, blank, rule)
     dil = mio.parse_dilution(Path(name).name)
     if dil:
-        return Concentration(1.0 / dil, DILUTION_UNIT, False,
+        return Concentration(1.0 / dil, stats.DILUTION_UNIT, False,
                              f"file name: {dil}x -> 1/{dil} (relative)")
     return None
 
@@ -478,7 +455,7 @@ def _best_model_of_run(run_dir: Path) -> tuple[str | None, int | None, str]:
 
 
 def load_count_error(run_dir: str | Path, pred_dir: Path | None = None,
-                     ) -> tuple[CountErrorModel | None, str]:
+                     ) -> tuple[stats.CountErrorModel | None, str]:
     """The counting-error model of the model that made the predictions, and a note.
 
     Returns ``(None, reason)`` when ``validation_counts.csv`` or the model's rows are missing
@@ -522,7 +499,7 @@ def load_count_error(run_dir: str | Path, pred_dir: Path | None = None,
             except ValueError:
                 continue
     src = ", ".join(str(f) for f in files)
-    model = fit_count_error(t, p, a)
+    model = stats.fit_count_error(t, p, a)
     if model is None:
         return None, f"{src}: fewer than 2 validation tiles with beads for model {name}"
     model.model, model.source = name, src
@@ -532,13 +509,13 @@ def load_count_error(run_dir: str | Path, pred_dir: Path | None = None,
 # --------------------------------------------------------------------------- figures
 
 
-def _blank_x(reps: Replicates) -> float:
+def _blank_x(reps: stats.Replicates) -> float:
     """Where blanks are drawn on the log axis: a quarter of the lowest concentration."""
     pos = reps.x[reps.x > 0]
     return float(pos.min()) / 4 if pos.size else 1.0
 
 
-def _log_x_axis(ax, reps: Replicates, unit: str) -> None:
+def _log_x_axis(ax, reps: stats.Replicates, unit: str) -> None:
     """Log concentration axis without crowded minor labels; blanks marked at their spot."""
     from matplotlib.ticker import NullFormatter
 
@@ -561,9 +538,9 @@ FIT_STYLES = {
 }
 
 
-def plot_calibration(path: Path, reps: Replicates, fits: dict[str, Fit], chosen: str,
+def plot_calibration(path: Path, reps: stats.Replicates, fits: dict[str, stats.Fit], chosen: str,
                      limits: dict, *, unit: str, density_label: str, title: str = "",
-                     true_fit: Fit | None = None, dpi: int = 110) -> None:
+                     true_fit: stats.Fit | None = None, dpi: int = 110) -> None:
     """Replicates, per-concentration mean ± SD, the chosen fit with its 95 % band, the other
     fits, LoB / LoD / LoQ, and the true curve; log x, linear and log y panels."""
     import matplotlib
@@ -622,7 +599,7 @@ def plot_calibration(path: Path, reps: Replicates, fits: dict[str, Fit], chosen:
     plt.close(fig)
 
 
-def plot_residuals(path: Path, reps: Replicates, fits: dict[str, Fit], chosen: str, *,
+def plot_residuals(path: Path, reps: stats.Replicates, fits: dict[str, stats.Fit], chosen: str, *,
                    unit: str, dpi: int = 110) -> None:
     """Standardised residuals ``(y - fit) / sd`` vs concentration, one panel per fit."""
     import matplotlib
@@ -630,7 +607,8 @@ def plot_residuals(path: Path, reps: Replicates, fits: dict[str, Fit], chosen: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [k for k in FIT_KINDS if k in fits and fits[k].converged]
+    ok = [k for k in stats.FIT_KINDS if k in fits and fits[k].converged]
+    flag = stats.RESIDUAL_FLAG_SD
     xb = _blank_x(reps)
     xp = np.where(reps.x > 0, reps.x, xb)
     fig, axes = plt.subplots(1, max(1, len(ok)), figsize=(4.5 * max(1, len(ok)), 3.8),
@@ -640,13 +618,13 @@ def plot_residuals(path: Path, reps: Replicates, fits: dict[str, Fit], chosen: s
         r = (reps.y - fits[k].predict(reps.x)) / sd
         good = np.isfinite(r)
         ax.scatter(xp[good], r[good], s=14, color="tab:red" if k == chosen else "tab:blue")
-        far = good & (np.abs(np.where(good, r, 0)) > RESIDUAL_FLAG_SD)
+        far = good & (np.abs(np.where(good, r, 0)) > flag)
         if far.any():
             ax.scatter(xp[far], r[far], s=70, facecolors="none", edgecolors="k", lw=1,
-                       label=f"beyond ±{RESIDUAL_FLAG_SD:g} SD" + (" (listed in the report)"
-                                                                 if k == chosen else ""))
+                       label=f"beyond ±{flag:g} SD" + (" (listed in the report)"
+                                                       if k == chosen else ""))
             ax.legend(fontsize=8, loc="best")
-        for v, ls in ((0, "-"), (RESIDUAL_FLAG_SD, ":"), (-RESIDUAL_FLAG_SD, ":")):
+        for v, ls in ((0, "-"), (flag, ":"), (-flag, ":")):
             ax.axhline(v, color="k", lw=0.8, ls=ls)
         _log_x_axis(ax, reps, unit)
         ax.set(ylabel="(y - fit) / SD",
@@ -654,7 +632,7 @@ def plot_residuals(path: Path, reps: Replicates, fits: dict[str, Fit], chosen: s
     if not ok:
         axes[0][0].text(0.5, 0.5, "no fit converged", ha="center")
     fig.suptitle("Standardised residuals (y - fit) / SD, SD = Poisson + model counting error; "
-                 f"dotted: ±{RESIDUAL_FLAG_SD:g} SD", fontsize=10)
+                 f"dotted: ±{flag:g} SD", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -681,7 +659,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="training run folder: validation_counts.csv gives the model's counting error")
     add("truth", default=None, help="CSV of true counts (file, and n_true, n_beads or true_count: "
              "evaluate_predictions.py's per_image_metrics.csv works as it is)")
-    add("fit", choices=("auto",) + FIT_KINDS, default="auto",
+    add("fit", choices=("auto",) + stats.FIT_KINDS, default="auto",
         help="calibration model (auto: lowest AIC)")
     add("low_range", type=int, default=3,
         help="lowest non-blank concentrations (plus blanks) in the ICH low-range line")
@@ -801,7 +779,7 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
         n = r["beads"]
         bias, spread, extra = err_model.at(n, area_px) if err_model else (0.0, 0.0, False)
         n_extrapolated += extra
-        sd_n = float(count_sd(n, spread))
+        sd_n = float(stats.count_sd(n, spread))
         n_true = truth.get(mio.stem_key(r["file"])) if truth is not None else None
         images.append({
             "file": r["file"], "concentration": c.value, "unit": unit, "blank": c.blank,
@@ -817,23 +795,24 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
         })
     checks = err_model.warnings() if err_model else []
     if n_extrapolated:
-        checks.append(extrapolation_warning(n_extrapolated, err_model))
+        checks.append(ar.extrapolation_warning(n_extrapolated, err_model))
 
-    reps = build_replicates(images)
-    per_sample = sample_table(reps, unit)
-    fits = {k: fit_calibration(k, reps.x, reps.y, reps.area, reps.spread) for k in FIT_KINDS}
+    reps = stats.build_replicates(images)
+    per_sample = stats.sample_table(reps, unit)
+    fits = {k: stats.fit_calibration(k, reps.x, reps.y, reps.area, reps.spread)
+            for k in stats.FIT_KINDS}
     for k, f in fits.items():
         if f.message:  # why a fit failed, or a caveat of one that converged
             log.warning("%s fit: %s", k, f.message)
     try:
-        chosen, why = choose_fit(fits, args.fit)
-    except FitError as exc:
+        chosen, why = stats.choose_fit(fits, args.fit)
+    except stats.FitError as exc:
         raise AssayError(str(exc)) from None
     log.info("calibration: %s chosen by %s", chosen, why)
-    limits = detection_limits(reps, chosen, n_low=args.low_range, fit=fits[chosen])
+    limits = stats.detection_limits(reps, chosen, n_low=args.low_range, fit=fits[chosen])
     boot = None
     if args.n_boot > 0:
-        boot = bootstrap_limits(reps, chosen, n_boot=args.n_boot, seed=args.seed,
+        boot = stats.bootstrap_limits(reps, chosen, n_boot=args.n_boot, seed=args.seed,
                                 n_low=args.low_range, start=fits[chosen].p)
         if boot is None:
             log.warning("bootstrap skipped: no concentration has 2 replicates (CIs n/a)")
@@ -846,17 +825,17 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
         note = (f"True counts from `{args.truth}` for {n_img_true} of {len(images)} images.")
         if np.unique(reps.x[have & (reps.x > 0)]).size >= 3:
             t = reps.subset(np.flatnonzero(have))
-            true_fit = fit_calibration(chosen, t.x, t.y_true, t.area)
+            true_fit = stats.fit_calibration(chosen, t.x, t.y_true, t.area)
             if not true_fit.converged:
                 note += f" True curve not fitted: {true_fit.message}."
         else:
             note += " Fewer than 3 concentrations have true counts: no true curve."
         truth_res = {"note": note, "n_images": n_img_true,
-                     "fit": fit_summary(true_fit) if true_fit and true_fit.converged
+                     "fit": ar.fit_summary(true_fit) if true_fit and true_fit.converged
                      else None}
 
-    checks += residual_flags(reps, fits[chosen])
-    lod_check = lod_warning(limits["lod"], reps, unit)
+    checks += ar.residual_flags(reps, fits[chosen])
+    lod_check = ar.lod_warning(limits["lod"], reps, unit)
     if lod_check:
         checks.append(lod_check)
     for line in checks:
@@ -870,9 +849,9 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
         "unit": unit,
         "density_unit": density_unit,
         "density_heading": heading,
-        "fit": fit_summary(fits[chosen]),
+        "fit": ar.fit_summary(fits[chosen]),
         "fit_choice": why,
-        "fits": {k: fit_summary(f) for k, f in fits.items()},
+        "fits": {k: ar.fit_summary(f) for k, f in fits.items()},
         "lob": limits["lob_conc"] if reps.blank.any() else None,
         "lod": limits["lod"],
         "loq": limits["loq_ich"],
@@ -912,7 +891,7 @@ def _quantify(args: argparse.Namespace, summary_path: Path, out: Path) -> int:
     plot_residuals(out / FIG_RESIDUALS, reps, fits, chosen, unit=unit, dpi=args.dpi)
     figures = [FIG_CALIBRATION, FIG_RESIDUALS]
     mio.atomic_write_json(out / RESULTS_NAME, res)
-    (out / REPORT_NAME).write_text(build_report(res, figures), encoding="utf-8")
+    (out / REPORT_NAME).write_text(ar.build_report(res, figures), encoding="utf-8")
     log.info("%d image(s), %d concentration(s): %s fit R² %s; LoD %s %s (%s), CI %s; LoQ %s",
              len(images), len(levels), chosen, reporting.fmt(fits[chosen].r2, 4),
              reporting.fmt(res["lod"], 4), unit, limits["lod_method"],

@@ -52,7 +52,7 @@ def pm_series(seed=0, levels=(0, 1, 2, 4, 8), reps=3, a=3.0, b=25.0):
 
 def test_concentration_from_file_names():
     c = qa.parse_concentration("160x_2025-05-16_12-00-00_101.png")
-    assert (c.value, c.unit, c.blank) == (1 / 160, qa.DILUTION_UNIT, False)
+    assert (c.value, c.unit, c.blank) == (1 / 160, stats.DILUTION_UNIT, False)
     assert "160x" in c.rule
     c = qa.parse_concentration("1.5625pM_well3_r1.tif")
     assert (c.value, c.unit, c.blank) == (1.5625, "pM", False)
@@ -270,7 +270,7 @@ def test_dilution_names_one_image_each_like_the_demo(tmp_path, caplog):
                     "--truth", str(truth), "--model", str(run)]) == 0
     assert "validation_counts.csv not found" in caplog.text
     res = json.loads((out / qa.RESULTS_NAME).read_text())
-    assert res["unit"] == qa.DILUTION_UNIT and res["lob"] is None
+    assert res["unit"] == stats.DILUTION_UNIT and res["lob"] is None
     assert res["lod_method"].startswith("ICH Q2") and res["lod_ci95"] is None
     assert res["count_error"]["note"].startswith("Poisson only")
     assert res["truth"]["n_images"] == 3 and res["truth"]["fit"]["model"] == res["fit"]["model"]
@@ -314,7 +314,7 @@ def test_bad_inputs_exit_2_naming_the_file(tmp_path, caplog, case):
     else:  # fatal messages also land in the run's log file
         assert named in (out / qa.LOG_NAME).read_text()
     if case == "mixed_units":
-        assert "pM" in caplog.text and qa.DILUTION_UNIT in caplog.text
+        assert "pM" in caplog.text and stats.DILUTION_UNIT in caplog.text
 
 
 def test_failed_rows_are_listed_and_exit_1(tmp_path):
