@@ -1,7 +1,9 @@
 """Number formats and markdown tables for every report the pipeline writes.
 
 One place for how a number looks in ``*_REPORT.md`` files, so the reports agree and a
-change of style is one edit. CSV files go through :func:`microbead_io.atomic_write_csv`.
+change of style is one edit. CSV files go through :func:`microbead_io.atomic_write_csv`;
+:func:`csv_rows` gives it rows whose floats are written the one CSV way (``.6g``, NaN and
+inf as empty cells).
 
 Each report keeps its own precision through the arguments:
 
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["fmt", "md_table", "md_dict_table"]
+__all__ = ["fmt", "md_table", "md_dict_table", "csv_cell", "csv_rows"]
 
 
 def fmt(value, digits: int = 3, *, style: str = "sig", missing: str = "n/a",
@@ -89,3 +91,25 @@ def md_dict_table(rows: Iterable[dict], cols: Sequence[tuple[str, str]], formatt
     ``formatter(row.get(key))``."""
     return md_table([h for _, h in cols],
                     ([formatter(r.get(k)) for k, _ in cols] for r in rows))
+
+
+def csv_cell(value, digits: int = 6):
+    """``value`` as a CSV cell: a float (NumPy ``float64`` too) with ``digits`` significant
+    digits, NaN and inf as ``""``; any other value unchanged (the csv module writes ``str``).
+
+    >>> csv_cell(0.1234567), csv_cell(float("nan")), csv_cell(3), csv_cell(True)
+    ('0.123457', '', 3, True)
+    """
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else ""
+    return value
+
+
+def csv_rows(rows: Iterable[dict], digits: int = 6) -> tuple[list[dict], list[str]]:
+    """Dict rows with every value through :func:`csv_cell`, and their columns: the keys of
+    all rows in order of first appearance (for :func:`microbead_io.atomic_write_csv`)."""
+    out = [{k: csv_cell(v, digits) for k, v in r.items()} for r in rows]
+    columns: dict[str, None] = {}
+    for r in out:
+        columns.update(dict.fromkeys(r))
+    return out, list(columns)

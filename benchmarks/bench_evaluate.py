@@ -6,11 +6,12 @@ shifted, resized, dropped and false positives added), then times
 
 * evaluating ``--n_images`` pairs of ``--size``^2 pixels end to end (``main()``), with and
   without figures;
-* one 3840x2160 pair with about ``--n_beads`` beads of ~276 px (the native bead area):
-  ``label_beads`` on each mask, ``object_metrics`` at 10 IoU thresholds, ``pixel_metrics``,
-  and the whole ``main()`` on that pair.
+* one 3840x2160 pair (``--frame_shape``) with about ``--n_beads`` beads of ~276 px (the
+  native bead area): ``label_beads`` on each mask, ``object_metrics`` at 10 IoU thresholds,
+  ``pixel_metrics``, and the whole ``main()`` on that pair.
 
-Prints a table and writes ``benchmarks/results/bench_evaluate.json`` (``--output``).
+Prints a table and writes ``benchmarks/results/bench_evaluate.json`` (``--output``) with the
+machine facts of ``_common.machine_info``.
 
 Example
 -------
@@ -22,21 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import RESULTS, load_average, machine_info  # puts the repository on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import evaluate_predictions as ev  # noqa: E402
-import microbead_io as mio  # noqa: E402
-import microbead_metrics as mm  # noqa: E402
+import evaluate_predictions as ev
+import microbead_io as mio
+import microbead_metrics as mm
 
 log = logging.getLogger("microbead.bench_evaluate")
 
@@ -91,8 +88,8 @@ def bench_folder(tmp: Path, rng, n_images: int, size: int) -> dict:
     }
 
 
-def bench_frame(tmp: Path, rng, n_beads: int) -> dict:
-    shape = (2160, 3840)
+def bench_frame(tmp: Path, rng, n_beads: int, shape=(2160, 3840)) -> dict:
+    shape = tuple(int(v) for v in shape)
     radius = float(np.sqrt(276 / np.pi))
     truth, pred = random_pair(rng, shape, n_beads, radius)
     area, t_area = _timed(mm.estimate_bead_area, truth)
@@ -127,10 +124,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_images", "--n-images", dest="n_images", type=int, default=100)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--n_beads", "--n-beads", dest="n_beads", type=int, default=3000,
-                   help="beads drawn on the 3840x2160 frame")
+                   help="beads drawn on the frame")
+    p.add_argument("--frame_shape", "--frame-shape", dest="frame_shape", type=int, nargs=2,
+                   default=[2160, 3840], metavar=("H", "W"),
+                   help="height and width of the frame pair (small for a smoke test)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
-                                           "bench_evaluate.json"))
+    p.add_argument("--output", default=str(RESULTS / "bench_evaluate.json"))
     return p.parse_args(argv)
 
 
@@ -141,17 +140,24 @@ def main(argv=None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # evaluate_predictions logs its own lines to stderr
+    try:
+        return _bench(args)
+    finally:
+        log.removeHandler(handler)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    machine = machine_info()
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         folder = bench_folder(tmp, rng, args.n_images, args.size)
-        frame = bench_frame(tmp, rng, args.n_beads)
+        frame = bench_frame(tmp, rng, args.n_beads, args.frame_shape)
+    h, w = frame["shape"]
     result = {
         "benchmark": "evaluate_predictions",
-        "python": platform.python_version(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "numpy": np.__version__,
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        "tiles": folder, "frame_3840x2160": frame,
+        "machine": machine, "load_average_1min_at_end": load_average(),
+        "tiles": folder, f"frame_{w}x{h}": frame,
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +166,7 @@ def main(argv=None) -> int:
              folder["n_images"], folder["size"], folder["seconds_with_figures"],
              folder["seconds_without_figures"], folder["ms_per_image_without_figures"])
     fs = frame["seconds"]
-    log.info("3840x2160 pair, %d true / %d predicted beads:", frame["true_instances"],
+    log.info("%dx%d pair, %d true / %d predicted beads:", w, h, frame["true_instances"],
              frame["pred_instances"])
     for k, v in fs.items():
         log.info("  %-30s %7.3f s", k, v)

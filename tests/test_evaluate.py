@@ -306,3 +306,23 @@ def test_headline_numbers_reach_the_terminal(tmp_path, caplog):
             f"({total:+.1f} % in total") in caplog.text
     assert f"F1 {s['objects']['f1']:.3f}" in caplog.text
     assert "quantify_assay.py --truth takes as it is" in caplog.text
+
+
+def test_per_image_csv_cells_and_an_empty_table(tmp_path):
+    """Columns in order of first appearance, floats .6g, NaN empty; no rows: an empty file
+    (what a run whose every pair failed writes)."""
+    ev.write_csv(tmp_path / "t.csv", [{"file": "a", "x": 1 / 3, "y": float("nan")},
+                                      {"file": "b", "x": np.float64(2.0), "z": True}])
+    assert (tmp_path / "t.csv").read_bytes() == (b"file,x,y,z\r\na,0.333333,,\r\n"
+                                                 b"b,2,,True\r\n")
+    ev.write_csv(tmp_path / "e.csv", [])
+    assert (tmp_path / "e.csv").read_bytes() == b""
+
+
+def test_report_tables_keep_three_decimals_and_n_a():
+    import evaluation_report as er
+
+    text = er._table([{"f": "a.png", "j": 0.5, "n": 3, "m": float("nan"), "o": None}],
+                     [("f", "file"), ("j", "IoU"), ("n", "N"), ("m", "M"), ("o", "O")])[0]
+    assert text.splitlines() == ["| file | IoU | N | M | O |", "|---|---|---|---|---|",
+                                 "| a.png | 0.500 | 3 | n/a | n/a |"]

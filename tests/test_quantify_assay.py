@@ -1,4 +1,5 @@
-"""quantify_assay.py: concentration rules, count error, fits, detection limits, CLI contract."""
+"""quantify_assay.py (concentration rules, CLI contract), assay_stats.py (count error, fits,
+detection limits) and assay_report.py (warnings)."""
 
 import csv
 import json
@@ -7,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+import assay_report as ar
+import assay_stats as stats
 import quantify_assay as qa
 
 SUMMARY_FIELDS = ("file", "width", "height", "dilution", "beads", "n_components",
@@ -49,7 +52,7 @@ def pm_series(seed=0, levels=(0, 1, 2, 4, 8), reps=3, a=3.0, b=25.0):
 
 def test_concentration_from_file_names():
     c = qa.parse_concentration("160x_2025-05-16_12-00-00_101.png")
-    assert (c.value, c.unit, c.blank) == (1 / 160, qa.DILUTION_UNIT, False)
+    assert (c.value, c.unit, c.blank) == (1 / 160, stats.DILUTION_UNIT, False)
     assert "160x" in c.rule
     c = qa.parse_concentration("1.5625pM_well3_r1.tif")
     assert (c.value, c.unit, c.blank) == (1.5625, "pM", False)
@@ -96,16 +99,16 @@ def test_sample_sheet_glob_exact_and_unmatched(tmp_path, caplog):
 
 def test_ep17_limits_hand_computed_on_six_numbers():
     blank, low = [2.0, 4.0, 6.0], [10.0, 12.0, 14.0]  # means 4 and 12, both SDs 2
-    r = qa.ep17_limits(blank, low)
+    r = stats.ep17_limits(blank, low)
     assert r["lob"] == pytest.approx(4 + 1.645 * 2)  # 7.29
     assert r["lod"] == pytest.approx(4 + 1.645 * 2 + 1.645 * 2)  # 10.58
     # The same six numbers as replicates (areas of 1): detection_limits finds them.
     x = np.array([0, 0, 0, 1, 1, 1, 2, 2, 4, 4], float)
     y = np.array(blank + low + [20, 21, 40, 41])
-    reps = qa.Replicates(x, y, y.copy(), np.ones_like(x), np.zeros_like(x), x == 0,
+    reps = stats.Replicates(x, y, y.copy(), np.ones_like(x), np.zeros_like(x), x == 0,
                          np.ones(x.size, int), np.full(x.size, np.nan),
                          [str(i) for i in range(x.size)])
-    d = qa.detection_limits(reps, "linear")
+    d = stats.detection_limits(reps, "linear")
     assert d["lob"] == pytest.approx(7.29) and d["lod_density"] == pytest.approx(10.58)
     assert d["low_concentration"] == 1 and d["lod_method"] == "CLSI EP17"
     assert d["lod_conc_ep17"] == pytest.approx(float(d["fit"].invert(10.58)))
@@ -113,25 +116,25 @@ def test_ep17_limits_hand_computed_on_six_numbers():
 
 def test_ich_limits_hand_computed():
     # OLS through (0,0) (0,2) (1,2) (1,4): slope 2, residuals +-1, sigma = sqrt(4 / 2).
-    r = qa.ich_limits([0, 0, 1, 1], [0, 2, 2, 4])
+    r = stats.ich_limits([0, 0, 1, 1], [0, 2, 2, 4])
     assert r["slope"] == pytest.approx(2) and r["sigma"] == pytest.approx(math.sqrt(2))
     assert r["lod"] == pytest.approx(3.3 * math.sqrt(2) / 2)
     assert r["loq"] == pytest.approx(10 * math.sqrt(2) / 2)
 
 
 def test_dispersion_test_hand_computed():
-    chi2, df, p = qa.dispersion_test([10, 20], [1, 1])  # lambda 15: (25 + 25) / 15
+    chi2, df, p = stats.dispersion_test([10, 20], [1, 1])  # lambda 15: (25 + 25) / 15
     assert (chi2, df) == (pytest.approx(50 / 15), 1)
     assert p == pytest.approx(0.0679, abs=1e-3)
-    assert qa.dispersion_test([10, 20], [1, 2])[0] == pytest.approx(0)  # same rate
-    assert math.isnan(qa.dispersion_test([5], [1])[2])
+    assert stats.dispersion_test([10, 20], [1, 2])[0] == pytest.approx(0)  # same rate
+    assert math.isnan(stats.dispersion_test([5], [1])[2])
 
 
 def test_four_pl_recovers_noiseless_parameters():
     x = np.array([0, 0.5, 1, 2, 5, 10, 20, 50, 100, 500], float)
     a, b, c, d = 2.0, 1.5, 10.0, 100.0
-    y = qa._f_4pl(x, (a, b, math.log10(c), d))
-    fit = qa.fit_4pl(x, y, np.ones_like(x))
+    y = stats._f_4pl(x, (a, b, math.log10(c), d))
+    fit = stats.fit_4pl(x, y, np.ones_like(x))
     assert fit.converged, fit.message
     got = {k: v["value"] for k, v in fit.params().items()}
     for k, v in {"a": a, "b": b, "c": c, "d": d}.items():
@@ -139,7 +142,7 @@ def test_four_pl_recovers_noiseless_parameters():
     assert fit.r2 == pytest.approx(1.0)
     assert fit.invert(fit.predict([3.0, 40.0])) == pytest.approx([3.0, 40.0], rel=1e-6)
     # Too few concentrations: a failed fit that says why, not an exception.
-    bad = qa.fit_4pl([1, 2, 3], [1, 2, 3], [1, 1, 1])
+    bad = stats.fit_4pl([1, 2, 3], [1, 2, 3], [1, 1, 1])
     assert not bad.converged and "4 distinct" in bad.message
 
 
@@ -151,7 +154,7 @@ def test_slope_ci_covers_the_true_slope_in_90_of_100_seeds():
     covered = 0
     for seed in range(100):
         counts = np.random.default_rng(seed).poisson(5 + 20 * conc)
-        fit = qa.fit_calibration("linear", conc, counts / area, area)
+        fit = stats.fit_calibration("linear", conc, counts / area, area)
         lo, hi = fit.params()["slope"]["ci95"]
         covered += lo <= 20 <= hi
     print(f"slope CI coverage {covered}/100")
@@ -164,7 +167,7 @@ def test_slope_ci_covers_the_true_slope_in_90_of_100_seeds():
 def test_count_error_model_bins_and_scaling():
     t = np.array([10] * 5 + [100] * 5)
     p = np.array([11, 9, 10, 12, 8, 90, 92, 88, 91, 89])  # bias 0 then -10 %
-    m = qa.fit_count_error(t, p, np.full(10, 512 * 512), min_per_bin=5)
+    m = stats.fit_count_error(t, p, np.full(10, 512 * 512), min_per_bin=5)
     assert m.bias == pytest.approx([0.0, -0.10])
     assert m.spread[0] == pytest.approx(np.std([0.1, -0.1, 0, 0.2, -0.2], ddof=1))
     bias, spread, extra = m.at(100, 512 * 512)  # dense bin, one tile: unscaled
@@ -172,8 +175,8 @@ def test_count_error_model_bins_and_scaling():
     assert not extra
     _, spread4, extra4 = m.at(4000, 4 * 512 * 512)  # 4 tiles: spread / 2; denser: flagged
     assert spread4 == pytest.approx(m.spread[1] / 2) and extra4
-    assert qa.fit_count_error([0, 5], [1, 5], [1, 1]) is None  # one tile with beads
-    assert qa.count_sd(0) == 1 and qa.count_sd(100, 0.1) == pytest.approx(math.sqrt(200))
+    assert stats.fit_count_error([0, 5], [1, 5], [1, 1]) is None  # one tile with beads
+    assert stats.count_sd(0) == 1 and stats.count_sd(100, 0.1) == pytest.approx(math.sqrt(200))
 
 
 def test_count_error_rows_of_the_predicting_model(tmp_path):
@@ -267,7 +270,7 @@ def test_dilution_names_one_image_each_like_the_demo(tmp_path, caplog):
                     "--truth", str(truth), "--model", str(run)]) == 0
     assert "validation_counts.csv not found" in caplog.text
     res = json.loads((out / qa.RESULTS_NAME).read_text())
-    assert res["unit"] == qa.DILUTION_UNIT and res["lob"] is None
+    assert res["unit"] == stats.DILUTION_UNIT and res["lob"] is None
     assert res["lod_method"].startswith("ICH Q2") and res["lod_ci95"] is None
     assert res["count_error"]["note"].startswith("Poisson only")
     assert res["truth"]["n_images"] == 3 and res["truth"]["fit"]["model"] == res["fit"]["model"]
@@ -311,7 +314,7 @@ def test_bad_inputs_exit_2_naming_the_file(tmp_path, caplog, case):
     else:  # fatal messages also land in the run's log file
         assert named in (out / qa.LOG_NAME).read_text()
     if case == "mixed_units":
-        assert "pM" in caplog.text and qa.DILUTION_UNIT in caplog.text
+        assert "pM" in caplog.text and stats.DILUTION_UNIT in caplog.text
 
 
 def test_failed_rows_are_listed_and_exit_1(tmp_path):
@@ -372,16 +375,16 @@ def test_count_error_bin_without_spread_is_never_used_silently():
     # The dense bin's 5 tiles were all counted exactly: its own spread is 0.
     t = np.array([10] * 5 + [100] * 5)
     p = np.array([11, 9, 10, 12, 8] + [100] * 5)
-    m = qa.fit_count_error(t, p, np.full(10, 512 * 512), min_per_bin=5)
+    m = stats.fit_count_error(t, p, np.full(10, 512 * 512), min_per_bin=5)
     pooled = np.std((p - t) / t, ddof=1)
     assert m.spread[1] == pytest.approx(pooled) and m.pooled_spread_bins == (1,)
     (msg,) = m.warnings()
     assert "1 density bin(s)" in msg and "instead of 0" in msg
     assert m.bins()[1]["spread_note"].startswith("pooled")
     # Every tile exact: no spread anywhere, said so.
-    exact = qa.fit_count_error(t, t, np.full(10, 512 * 512), min_per_bin=5)
+    exact = stats.fit_count_error(t, t, np.full(10, 512 * 512), min_per_bin=5)
     assert any("no spread" in w and "equals the Poisson CV" in w for w in exact.warnings())
-    assert "no model error is known there" in qa.extrapolation_warning(5, m)
+    assert "no model error is known there" in ar.extrapolation_warning(5, m)
 
 
 def _images(rows):
@@ -392,23 +395,23 @@ def _images(rows):
 
 
 def test_lod_above_the_lowest_counted_concentration_is_called_out():
-    reps = qa.build_replicates(_images([(1 / 10240, 25), (1 / 5120, 60), (1 / 320, 1000)]))
-    assert qa.lowest_counted_concentration(reps) == pytest.approx(1 / 10240)
-    msg = qa.lod_warning(0.000215, reps, "1/dilution")
+    reps = stats.build_replicates(_images([(1 / 10240, 25), (1 / 5120, 60), (1 / 320, 1000)]))
+    assert stats.lowest_counted_concentration(reps) == pytest.approx(1 / 10240)
+    msg = ar.lod_warning(0.000215, reps, "1/dilution")
     assert msg.startswith("LoD 0.000215 1/dilution is above 9.766e-05 1/dilution")
-    assert qa.lod_warning(1 / 20000, reps, "1/dilution") is None
+    assert ar.lod_warning(1 / 20000, reps, "1/dilution") is None
     # A level with 3 beads per image is not "reliably counted".
-    sparse = qa.build_replicates(_images([(1e-4, 3), (1e-3, 40)]))
-    assert qa.lowest_counted_concentration(sparse) == pytest.approx(1e-3)
+    sparse = stats.build_replicates(_images([(1e-4, 3), (1e-3, 40)]))
+    assert stats.lowest_counted_concentration(sparse) == pytest.approx(1e-3)
 
 
 def test_residuals_beyond_two_sd_are_flagged():
     conc = np.array([1.0, 2.0, 4.0, 8.0])
-    reps = qa.build_replicates(_images([(c, 100 * c) for c in conc]))
-    good = qa.fit_calibration("linear", reps.x, reps.y, reps.area)
-    assert qa.residual_flags(reps, good) == []  # exact line: no residual at all
-    scattered = qa.build_replicates(_images([(1.0, 100), (2.0, 400), (4.0, 200), (8.0, 900)]))
-    fit = qa.fit_calibration("linear", scattered.x, scattered.y, scattered.area)
-    flags = qa.residual_flags(scattered, fit)
+    reps = stats.build_replicates(_images([(c, 100 * c) for c in conc]))
+    good = stats.fit_calibration("linear", reps.x, reps.y, reps.area)
+    assert ar.residual_flags(reps, good) == []  # exact line: no residual at all
+    scattered = stats.build_replicates(_images([(1.0, 100), (2.0, 400), (4.0, 200), (8.0, 900)]))
+    fit = stats.fit_calibration("linear", scattered.x, scattered.y, scattered.area)
+    flags = ar.residual_flags(scattered, fit)
     assert flags and flags[0].startswith("residual: ")
     assert all("SD from the linear curve" in f for f in flags[1:])
