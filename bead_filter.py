@@ -9,7 +9,9 @@ confirm, and drops the objects that look like none of them.
 * :func:`object_features`: area, mean / max probability, and the contrast of the object
   against a ring of background around it in the normalised input the network saw, absolute
   and in units of that ring's own noise (a local signal-to-noise ratio: dividing by a dark
-  background amplifies noise, so the same absolute darkness is weaker evidence there);
+  background amplifies noise, so the same absolute darkness is weaker evidence there),
+  and, given the frame in colour, the shift of its chromaticity against that ring: the
+  users' beads are dyed blue-purple, while debris, smudges and noise are grey;
 * :func:`match_centres`: one-to-one matching of object centres within a distance;
 * :func:`calibrate`: from the validation tiles' predicted objects that match a labelled
   bead, lower limits at half the value 99 % of them exceed (recall cost bounded by
@@ -27,12 +29,14 @@ import math
 import numpy as np
 from scipy import ndimage
 
-#: Features a rule may bound from below (``min_<feature>``).
-FEATURES = ("area_px", "mean_prob", "contrast", "snr")
+#: Features a rule may bound from below (``min_<feature>``). ``colour`` is the object's
+#: chromaticity shift against its ring, projected on the confirmed beads' own direction
+#: (:func:`colour_values`); it needs the frame in colour.
+FEATURES = ("area_px", "mean_prob", "contrast", "snr", "colour")
 #: Features a calibrated rule bounds by default. Mean probability is left out: on the users'
 #: tiles (leave-one-frame-out) objects the labels miss had the same probabilities as
 #: confirmed beads, and bounding it cost recall on every frame.
-CALIBRATED = ("area_px", "contrast", "snr")
+CALIBRATED = ("area_px", "contrast", "snr", "colour")
 #: The bound is ``MARGIN`` x the ``DEFAULT_QUANTILE`` quantile of the confirmed beads: frames
 #: differ (on the users' 320x frame beads were half the area and ~15 % lower in contrast than
 #: on the validation tiles), so a bound at the quantile itself rejected a fifth of that
@@ -47,7 +51,8 @@ MATCH_RADII = 1.5
 RING_GAP, RING_WIDTH = 2, 3
 
 
-def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | None) -> dict:
+def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | None,
+                    colour: np.ndarray | None = None) -> dict:
     """Per-object evidence for labels ``1..n``.
 
     Parameters
@@ -56,12 +61,17 @@ def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | No
     prob : float ``(H, W)`` probabilities in [0, 1]
     image : float ``(H, W)`` normalised network input (beads dark, background ~ bright), or
         None (then ``contrast`` and ``snr`` are NaN)
+    colour : float ``(H, W, 3)`` the frame in RGB at the same scale (any positive value
+        range: only chromaticity is used), or None (then ``chroma_shift`` is NaN)
 
     Returns
     -------
     dict of float arrays of length ``n``: ``area_px``, ``mean_prob``, ``max_prob``,
     ``contrast`` (ring mean minus object mean: positive for dark objects), ``snr``
-    (contrast / ring standard deviation), ``cy``, ``cx`` (centroids).
+    (contrast / ring standard deviation), ``cy``, ``cx`` (centroids), and
+    ``chroma_shift`` ``(n, 3)``: mean chromaticity ``rgb / (r + g + b)`` inside minus in the
+    ring (dyed beads shift towards their dye's colour; grey debris, smudges and noise do
+    not).
     """
     labels = np.asarray(labels)
     n = int(labels.max(initial=0))
@@ -78,7 +88,19 @@ def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | No
     yy, xx = np.indices(labels.shape)
     out["cy"] = np.bincount(flat, weights=yy.ravel(), minlength=n + 1)[1:] / safe
     out["cx"] = np.bincount(flat, weights=xx.ravel(), minlength=n + 1)[1:] / safe
-    if image is None or n == 0:
+    out["chroma_shift"] = np.full((n, 3), np.nan)
+    if (image is None and colour is None) or n == 0:
+        out["contrast"] = np.full(n, np.nan)
+        out["snr"] = np.full(n, np.nan)
+        return out
+    near = ndimage.maximum_filter(labels, size=2 * RING_GAP + 1) > 0
+    owner = ndimage.maximum_filter(labels, size=2 * (RING_GAP + RING_WIDTH) + 1)
+    ring = (~near) & (owner > 0)
+    rid = np.where(ring, owner, 0).ravel()
+    cnt = np.bincount(rid, minlength=n + 1)[1:].astype(np.float64)
+    if colour is not None:
+        out["chroma_shift"] = _chroma_shift(labels, colour, flat, safe, rid, cnt, n)
+    if image is None:
         out["contrast"] = np.full(n, np.nan)
         out["snr"] = np.full(n, np.nan)
         return out
@@ -86,11 +108,6 @@ def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | No
     if img.shape != labels.shape:
         raise ValueError(f"image shape {img.shape} != labels shape {labels.shape}")
     inside = np.bincount(flat, weights=img.ravel(), minlength=n + 1)[1:] / safe
-    near = ndimage.maximum_filter(labels, size=2 * RING_GAP + 1) > 0
-    owner = ndimage.maximum_filter(labels, size=2 * (RING_GAP + RING_WIDTH) + 1)
-    ring = (~near) & (owner > 0)
-    rid = np.where(ring, owner, 0).ravel()
-    cnt = np.bincount(rid, minlength=n + 1)[1:].astype(np.float64)
     s1 = np.bincount(rid, weights=img.ravel(), minlength=n + 1)[1:]
     s2 = np.bincount(rid, weights=img.ravel() ** 2, minlength=n + 1)[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -106,6 +123,32 @@ def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | No
     snr[cnt == 0] = np.inf
     out["contrast"], out["snr"] = contrast, snr
     return out
+
+
+def _chroma_shift(labels, colour, flat, safe, rid, cnt, n) -> np.ndarray:
+    """``(n, 3)`` mean chromaticity inside each object minus in its ring (NaN: no ring)."""
+    rgb = np.asarray(colour, np.float64)
+    if rgb.shape != labels.shape + (3,):
+        raise ValueError(f"colour shape {rgb.shape} != labels shape {labels.shape} + (3,)")
+    chroma = rgb / np.maximum(rgb.sum(axis=-1, keepdims=True), 1e-9)
+    shift = np.empty((n, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for c in range(3):
+            ch = chroma[..., c].ravel()
+            inside = np.bincount(flat, weights=ch, minlength=n + 1)[1:] / safe
+            ring = np.bincount(rid, weights=ch, minlength=n + 1)[1:] / cnt
+            shift[:, c] = inside - ring
+    shift[cnt == 0] = np.nan
+    return shift
+
+
+def colour_values(features: dict, direction) -> np.ndarray:
+    """Each object's chromaticity shift projected on the unit vector ``direction`` (the
+    confirmed beads' median shift): how far it moves towards the beads' colour. NaN without
+    colour."""
+    u = np.asarray(direction, float)
+    return np.asarray(features.get("chroma_shift", np.full((len(features["area_px"]), 3),
+                                                             np.nan)), float) @ u
 
 
 def match_centres(truth: np.ndarray, pred: np.ndarray, max_dist: float
@@ -184,11 +227,38 @@ def calibrate(features: dict, matched: np.ndarray, *, quantile: float = DEFAULT_
     rule: dict = {"quantile": float(quantile), "margin": float(margin),
                   "n_matched": int(matched.sum())}
     for key in features_used:
+        if key == "colour":
+            rule.update(_calibrate_colour(features, matched, quantile, margin))
+            continue
         v = np.asarray(features[key], float)[matched]
         v = v[np.isfinite(v)]
         if v.size >= MIN_MATCHED:
             rule[f"min_{key}"] = float(margin * np.quantile(v, quantile))
     return rule
+
+
+def _calibrate_colour(features: dict, matched: np.ndarray, quantile: float, margin: float
+                      ) -> dict:
+    """The colour bound, only where the confirmed beads have a colour: their median
+    chromaticity shift gives the direction, and the bound is set like the others on the
+    projections; none when the ``quantile`` projection is not positive (grey beads, or
+    frames without colour), so colour never rejects beads that have none."""
+    shift = np.asarray(features.get("chroma_shift", np.zeros((0, 3))), float)
+    if shift.ndim != 2 or shift.shape[0] != matched.size:
+        return {}
+    s = shift[matched]
+    s = s[np.isfinite(s).all(axis=1)]
+    if len(s) < MIN_MATCHED:
+        return {}
+    med = np.median(s, axis=0)
+    norm = float(np.linalg.norm(med))
+    if norm == 0.0:
+        return {}
+    u = med / norm
+    q = float(np.quantile(s @ u, quantile))
+    if not q > 0:
+        return {}
+    return {"min_colour": float(margin * q), "colour_direction": [float(v) for v in u]}
 
 
 def accepted(features: dict, rule: dict | None) -> np.ndarray:
@@ -201,8 +271,11 @@ def accepted(features: dict, rule: dict | None) -> np.ndarray:
         bound = rule.get(f"min_{key}")
         if bound is None:
             continue
-        v = np.asarray(features[key], float)
-        keep &= ~(v < bound)  # NaN (no image) never rejects
+        if key == "colour":
+            v = colour_values(features, rule["colour_direction"])
+        else:
+            v = np.asarray(features[key], float)
+        keep &= ~(v < bound)  # NaN (no image, no colour) never rejects
     return keep
 
 

@@ -183,3 +183,69 @@ def test_per_model_calibration_round_trips_and_old_runs_still_load(tmp_path):
     bad["postprocessing"]["object_filtre"] = rule
     with pytest.raises(mcfg.ConfigError, match="object_filtre"):
         mcfg.save_run_config(tmp_path / "bad.json", bad)
+
+
+def _colour_scene(bead_rgb, debris_rgb, seed=1, n_beads=40, n_debris=8, shape=(160, 200)):
+    """RGB frame (grey background ~0.8) with ``n_beads`` discs of ``bead_rgb`` (labelled)
+    and ``n_debris`` discs of ``debris_rgb`` (not labelled); labels of all, truth mask."""
+    rng = np.random.default_rng(seed)
+    rgb = np.full(shape + (3,), 0.8) + rng.normal(0, 0.01, shape + (3,))
+    labels = np.zeros(shape, np.int32)
+    truth = np.zeros(shape, np.uint8)
+    yy, xx = np.indices(shape)
+    centres = []
+    while len(centres) < n_beads + n_debris:
+        c = rng.uniform(8, np.array(shape) - 8)
+        if all(np.hypot(*(c - d)) > 12 for d in centres):
+            centres.append(c)
+    for k, (cy, cx) in enumerate(centres, 1):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
+        labels[disc] = k
+        rgb[disc] = bead_rgb if k <= n_beads else debris_rgb
+        truth[disc] = k <= n_beads
+    return rgb.astype(np.float32), labels, truth
+
+
+def test_colour_bound_drops_grey_debris_as_dark_as_the_dyed_beads():
+    # Blue-purple beads and grey debris of the same luminance: contrast cannot tell them
+    # apart, the chromaticity shift against the ring can (dye vs no dye).
+    rgb, labels, truth = _colour_scene(bead_rgb=(0.30, 0.16, 0.55), debris_rgb=(0.25, 0.25, 0.25))
+    lum = rgb @ np.array([0.299, 0.587, 0.114])
+    prob = (labels > 0).astype(np.float32) * 0.9
+    f = bf.object_features(labels, prob, lum, colour=rgb)
+    assert f["chroma_shift"].shape == (48, 3)
+    assert np.allclose(f["chroma_shift"].sum(axis=1), 0, atol=1e-9)  # chromaticities sum to 1
+    conf = bf.match_centres(bf.component_centres(truth),
+                            np.stack([f["cy"], f["cx"]], 1), 3.0)[1]
+    assert conf.sum() == 40
+    rule = bf.calibrate(f, conf)
+    assert rule["colour_direction"][2] > 0.5  # towards blue
+    keep = bf.accepted(f, rule)
+    assert keep[:40].all() and not keep[40:].any()
+    # Without the colour bound the grey debris passes: it is as dark as the beads.
+    grey_blind = bf.calibrate(f, conf, features_used=("area_px", "contrast", "snr"))
+    assert bf.accepted(f, grey_blind)[40:].all()
+    assert "colour" in bf.describe(rule)
+
+
+def test_no_colour_bound_for_grey_beads_or_without_colour():
+    # Undyed (grey) beads have no consistent colour: no bound, nothing rejected by colour.
+    rgb, labels, truth = _colour_scene(bead_rgb=(0.2, 0.2, 0.2), debris_rgb=(0.3, 0.2, 0.5))
+    prob = (labels > 0).astype(np.float32) * 0.9
+    f = bf.object_features(labels, prob, rgb.mean(-1), colour=rgb)
+    conf = bf.match_centres(bf.component_centres(truth),
+                            np.stack([f["cy"], f["cx"]], 1), 3.0)[1]
+    rule = bf.calibrate(f, conf)
+    assert "min_colour" not in rule and "colour_direction" not in rule
+    # A colour rule meeting a frame given without colour (NaN) rejects nothing by colour.
+    blue, labels2, truth2 = _colour_scene(bead_rgb=(0.30, 0.16, 0.55), debris_rgb=(0.25,) * 3)
+    prob2 = (labels2 > 0).astype(np.float32) * 0.9
+    f2 = bf.object_features(labels2, prob2, blue.mean(-1), colour=blue)
+    conf2 = bf.match_centres(bf.component_centres(truth2),
+                             np.stack([f2["cy"], f2["cx"]], 1), 3.0)[1]
+    rule2 = bf.calibrate(f2, conf2, features_used=("colour",))
+    g = bf.object_features(labels2, prob2, blue.mean(-1))
+    assert np.isnan(g["chroma_shift"]).all()
+    assert bf.accepted(g, rule2).all()
+    with pytest.raises(ValueError, match="colour shape"):
+        bf.object_features(labels2, prob2, None, colour=blue[..., :2])
