@@ -23,13 +23,14 @@ Two parts, both on any Keras backend (TensorFlow, or JAX on a machine without Te
    ``--isolate`` runs each configuration in its own process, so peak memory is per
    configuration and an out-of-memory error costs one row only.
 
-2. Recipe (``--recipes default,cpu``). Runs ``train_microbead_optimized.main`` itself (all of
-   its callbacks, checkpoints, history and summary) per recipe on a generated dataset for a
-   fixed budget (``--epochs`` x ``--steps_per_epoch``), then ``predict_microscope.main`` with
-   each best model on the dataset's full frames (``--large_frames``, 3840x2160) and compares
-   the bead counts with the generator's truth. Records per model the val Jaccard curve,
-   s/epoch, time to come within 0.02 of the curve's best, and a projection of the full
-   (100-epoch) job. The trainer runs unchanged on every backend (nothing is patched).
+2. Recipe (``--recipes default,cpu``). Runs ``train_microbead_optimized.py`` itself (all of
+   its callbacks, checkpoints, history and summary; in its own process) per recipe on a
+   generated dataset for a fixed budget (``--epochs`` x ``--steps_per_epoch``), then
+   ``predict_microscope.py`` with each best model on the dataset's full frames
+   (``--large_frames``, 3840x2160) and compares the bead counts with the generator's truth.
+   Records per model the val Jaccard curve, s/epoch, time to come within 0.02 of the curve's
+   best, and a projection of the full (100-epoch) job. The trainer runs unchanged on every
+   backend (nothing is patched).
 
 Nothing is asserted; timings depend on the machine. Settings, versions and device names go
 into the JSON with the numbers.
@@ -449,18 +450,24 @@ def curve_summary(val_jaccard: list[float], epoch_s: list[float], tol: float) ->
     return out
 
 
+def _run_script(script: str, argv: list[str]) -> int:
+    """Exit status of one of the project's entry points run in its own process (the
+    environment, KERAS_BACKEND included, is inherited)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *argv], check=False).returncode
+
+
 def count_frames(model_path: Path, data_dir: Path, out_dir: Path) -> dict:
-    """Predict the full frames with ``predict_microscope.main``; bead count vs truth."""
+    """Predict the full frames with ``predict_microscope.py``; bead count vs truth."""
     import microbead_metrics
-    import predict_microscope as pm
 
     frames = data_dir / "large" / "images"
     truth = {r["stem"]: int(r["n_beads"]) for r in _read_csv(data_dir / "large" / "counts.csv")}
     if not frames.is_dir() or not truth:
         return {"error": f"{frames}: no full frames (generate with --large_frames > 0)"}
     t0 = time.perf_counter()
-    rc = pm.main(["--model", str(model_path), "--input_dir", str(frames), "--output_dir",
-                  str(out_dir), "--no_figures", "--overwrite"])
+    rc = _run_script("predict_microscope.py", ["--model", str(model_path), "--input_dir",
+                                               str(frames), "--output_dir", str(out_dir),
+                                               "--no_figures", "--overwrite"])
     wall = time.perf_counter() - t0
     rows = []
     for r in _read_csv(out_dir / "prediction_summary.csv"):
@@ -478,12 +485,11 @@ def count_frames(model_path: Path, data_dir: Path, out_dir: Path) -> dict:
 
 
 def run_recipe(recipe: str, data_dir: Path, work: Path, args, max_minutes: float = 0.0) -> dict:
-    """One ``train_microbead_optimized.main`` call for ``recipe`` and its per-model results.
+    """One trainer run for ``recipe`` (``train_microbead_optimized.py`` in its own process,
+    on this process's Keras backend) and its per-model results.
 
     ``max_minutes`` (0 = none) is passed as the trainer's per-model ``--max_minutes``.
     """
-    import train_microbead_optimized as tmo
-
     out = work / f"runs_{recipe}"
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / "run_dir.txt"
@@ -501,13 +507,9 @@ def run_recipe(recipe: str, data_dir: Path, work: Path, args, max_minutes: float
     result = {"argv": argv, "input_pipeline": "training_data PyDataset (the trainer's own)",
               "policy_if_mixed": "mixed_float16 (trainer)"}
     t0 = time.perf_counter()
-    try:
-        result["exit_code"] = tmo.main(argv)
-    except SystemExit as exc:  # argparse's own usage errors
-        result["exit_code"], result["error"] = 2, str(exc)
-    except Exception as exc:
-        log.exception("recipe %s failed", recipe)
-        result["exit_code"], result["error"] = 1, f"{type(exc).__name__}: {exc}"
+    result["exit_code"] = _run_script("train_microbead_optimized.py", argv)
+    if result["exit_code"]:
+        result["error"] = f"train_microbead_optimized.py exited {result['exit_code']}"
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if not run_file.is_file():
         return result

@@ -102,3 +102,31 @@ def test_prediction_with_the_jax_trained_model_without_tensorflow(jax_run):
     assert res["predict_rc"] == 0, jax_run["log"][-3000:]
     assert not res["tensorflow_loaded"]
     assert (jax_run["tmp"] / "pred" / "prediction_summary.csv").is_file()
+
+
+def test_two_jax_devices_train_data_parallel(tmp_path):
+    """Several local JAX devices: keras.distribution.DataParallel, one replica per device
+    (two CPU devices stand in for GPUs); validation batches split evenly over them."""
+    pytest.importorskip("jax")
+    from make_synthetic_dataset import generate_dataset
+
+    data = tmp_path / "ds"
+    generate_dataset(data, n=5, size=32, seed=1, radius=8.0, log_file=False, style="rings")
+    hide = tmp_path / "hide_tf"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(HIDE_TENSORFLOW)
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.pathsep.join([str(hide), str(ROOT)]))
+    code = ("import sys, train_microbead_optimized as t; sys.exit(t.main(sys.argv[1:]))")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--data_dir", str(data), "--output_dir",
+         str(tmp_path / "runs"), "--models", "unet", "--filters", "4", "--depth", "1",
+         "--image_size", "32", "--batch_size", "2", "--epochs", "1", "--steps_per_epoch", "2",
+         "--verbose", "0", "--val_split", "frames"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run,) = (tmp_path / "runs").glob("microbead_training_*")
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["environment"]["replicas"] == 2
+    assert (run / "best_unet_model.hdf5").is_file()
