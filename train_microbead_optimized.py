@@ -51,21 +51,13 @@ log = logging.getLogger("microbead.train")
 # Options, defaults and presets live in microbead_config (analysis and hpc_tools need them
 # without importing the trainer).
 DEFAULTS = mcfg.TRAINING_DEFAULTS
-
-
 PRESETS = mcfg.TRAINING_PRESETS
-
-
 # Options that --resume takes from the command line instead of the saved config.json: they
 # say how long and how verbosely to run, not what is trained. Every other option is restored;
 # an explicit flag that contradicts the saved value is refused (see ``resume_options``).
 RESUME_OVERRIDES = frozenset({"epochs", "max_minutes", "verbose", "logical_cpus"})
-
-
 # Never compared with the saved run: where to resume from, and where to report the folder.
 RESUME_IGNORED = frozenset({"resume", "run_dir_file"})
-
-
 # Paths compared after resolving (the same folder typed two ways is not a conflict).
 RESUME_PATH_OPTIONS = frozenset({"data_dir", "output_dir", "config"})
 
@@ -261,7 +253,8 @@ class _DropLegacyH5Advice(logging.Filter):
 
 
 def setup_logging(run_dir: Path) -> list:
-    """Log to stderr and to the run's ``training_console.log``; returns the handlers.
+    """Log to stderr and to the run's ``training_console.log``; returns both handlers
+    (the stderr one None when the root logger already writes to a stream).
 
     On the root logger, so TensorFlow's and Keras' own messages land in the log file too.
     """
@@ -448,11 +441,15 @@ def _main(argv=None) -> int:
     except (SystemExit, TrainingError) as exc:  # into training_console.log too
         return _fatal_exit(exc)
     finally:
-        runtime.remove_log_handlers(handlers, logger="")
-        # A folder announced through --run_dir_file is kept: the job script that asked for
-        # it writes its own log there (pbs_microbead_optimized.sh).
-        if not resume_dir and rc != cli.EXIT_OK and not args.run_dir_file:
-            _remove_if_unused(run_dir, out if made_out else None)
+        stderr_handler, file_handler = handlers
+        runtime.remove_log_handlers([file_handler], logger="")
+        try:
+            # A folder announced through --run_dir_file is kept: the job script that asked
+            # for it writes its own log there (pbs_microbead_optimized.sh).
+            if not resume_dir and rc != cli.EXIT_OK and not args.run_dir_file:
+                _remove_if_unused(run_dir, out if made_out else None)  # says so on stderr
+        finally:
+            runtime.remove_log_handlers([stderr_handler], logger="")
 
 
 def _remove_if_unused(run_dir: Path, made_out: Path | None) -> None:

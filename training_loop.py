@@ -56,25 +56,17 @@ def auto_bn_momentum(steps_per_epoch: int) -> float:
 
 # Early stopping, LR reduction and best-model selection all follow this value.
 MONITOR = "val_jacard_coef"
-
-
 # The resume state travels inside the checkpoint archive (an extra member Keras ignores): the
 # weights, the optimizer and the state that says which epoch they are are one file, committed
 # by one rename, so they can never disagree (see ``save_checkpoint``).
 RESUME_STATE_MEMBER = "microbead_resume_state.json"
-
-
 RESUME_STATE_VERSION = 1
-
-
 # Counters of the monitoring callbacks carried across a resume (Keras resets them in
 # ``on_train_begin``).
 CALLBACK_STATE = {
     "early_stopping": ("wait", "best", "best_epoch", "stopped_epoch"),
     "lr_plateau": ("wait", "best", "cooldown_counter"),
 }
-
-
 # Why training stopped before --epochs (a resumed run does not continue after any of them).
 STOP_EARLY_STOPPING, STOP_TIME_LIMIT, STOP_NAN = "early_stopping", "max_minutes", "nan_loss"
 

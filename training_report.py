@@ -41,18 +41,12 @@ SUMMARY_COLUMNS = (
 #: settings, on the 2-core development machine: 8-filter runs took 1.1-1.2x (Attention U-Net)
 #: and 1.1-1.9x (Attention ResUNet) the U-Net's time (README "Measured", 2026-11/12).
 MODEL_COST = {"unet": 1.0, "attention_unet": 1.2, "attention_resunet": 1.5}
-
-
 #: ``--preset cpu`` on one core of that machine: one training step (16 crops of 128 px, 8
 #: filters, depth 3, U-Net) and one megapixel of validation forward pass, in core-seconds.
 PRESET_CPU_STEP_CORE_S = 1.7
 PRESET_CPU_VAL_CORE_S_PER_MPX = 4.3
-
-
 #: Per epoch outside the steps: checkpoint, history row, best-model save.
 EPOCH_OVERHEAD_S = 3.0
-
-
 #: Above this estimate the CPU notice is a warning.
 CPU_WARN_SECONDS = 3600.0
 
@@ -221,8 +215,6 @@ def calibrate_on_validation(prob, x_val, y_val, threshold: float, median_area: f
 
 
 VALIDATION_COUNTS = "validation_counts.csv"
-
-
 VALIDATION_COUNT_COLUMNS = ("model", "file", "n_true", "n_pred", "area_px")
 
 
