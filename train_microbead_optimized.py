@@ -76,11 +76,15 @@ def run_folder_name(now: _dt.datetime | None = None) -> str:
 
 def read_config_file(path) -> dict:
     """Training options from a JSON file (``microbead_config.read_options``: unknown keys
-    are an error naming the key and the file)."""
+    are an error naming the key and the file).
+
+    A bad file is a usage error of this command line, like argparse's own: SystemExit
+    (``main`` logs it and returns 2; callers of :func:`parse_args` get argparse's contract).
+    """
     try:
         return mcfg.read_options(path)
     except mcfg.ConfigError as exc:
-        raise TrainingError(f"{exc}") from None
+        raise SystemExit(f"error: {exc}") from None
 
 
 
