@@ -15,10 +15,11 @@ when the result would be flat or mostly saturated (never an all-zero training im
 Batch ``i`` of the training stream depends only on ``(seed, i)``: a run is reproducible
 whatever the number of workers, and a resumed run continues the stream where it stopped.
 
-There is no ``tf.data`` twin: on TensorFlow the PyDataset fed as fast as the former
-``tf.data`` pipeline (loader alone, 256-px tiles, batch 16, 2-core development machine,
-2026-12: 110-112 images/s with 1-2 workers against 109 for ``tf.data``), and that pipeline's
-parallel map was not deterministic.
+There is no ``tf.data`` twin: on TensorFlow it was not measurably faster (2-core development
+machine, 2026-12: loader alone, 256-px tiles, batch 16: 110-112 images/s with 1-2 workers
+against 109 for ``tf.data``; ``benchmarks/bench_pipeline.py`` with ``--preset cpu``, two runs
+each on a loaded machine: fit 101-104 images/s against 105-194, CPU 10-12 ms per image
+against 9), and its parallel map was not deterministic.
 """
 
 from __future__ import annotations
