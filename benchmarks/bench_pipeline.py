@@ -49,10 +49,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench_train import ensure_dataset, load_average, machine_info  # noqa: E402
+from _common import load_average, machine_info  # noqa: E402
+from bench_train import ensure_dataset  # noqa: E402
 
+import microbead_config as mcfg  # noqa: E402
 import microbead_metrics as mm  # noqa: E402
-import train_microbead_optimized as tmo  # noqa: E402
+import train_microbead_optimized as tmo  # noqa: E402  (parse_args: the trainer's options)
+import training_data  # noqa: E402
+import training_loop  # noqa: E402
+import training_split  # noqa: E402
 
 log = logging.getLogger("microbead.bench_pipeline")
 
@@ -108,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dataset folder (default: generate the 73-tile synthetic set)")
     p.add_argument("--out", "--output", dest="out",
                    default=str(ROOT / "benchmarks" / "results" / "bench_pipeline.json"))
-    p.add_argument("--model", default="unet", choices=tmo.MODEL_NAMES)
+    p.add_argument("--model", default="unet", choices=mcfg.MODEL_NAMES)
     p.add_argument("--steps", type=int, default=0,
                    help="steps per measured epoch (0: the preset's steps_per_epoch)")
     p.add_argument("--epochs", type=int, default=2,
@@ -130,20 +135,20 @@ def main(argv=None) -> int:
         data_dir, generated = ensure_dataset(args.data, Path(tmp))
         targs = tmo.parse_args(["--data_dir", str(data_dir), "--preset", "cpu",
                                 "--models", args.model, *args.train_args.split()])
-        data = tmo.load_training_data(targs)
+        data = training_data.load_training_data(targs)
     strata = mm.density_strata(data["counts"], targs.density_bins)
-    train_idx, val_idx = tmo.stratified_split(strata, targs.val_fraction, targs.seed)
-    tf_facts, _ = tmo.setup_tensorflow(targs)
+    train_idx, val_idx = training_split.stratified_split(strata, targs.val_fraction, targs.seed)
+    tf_facts, _ = training_loop.setup_backend(targs)
 
     import tensorflow as tf
 
     import models
 
-    steps = args.steps or targs.steps_per_epoch or tmo.auto_steps_per_epoch(
+    steps = args.steps or targs.steps_per_epoch or training_loop.auto_steps_per_epoch(
         len(train_idx), targs.batch_size)
-    bn_m = targs.bn_momentum or tmo.auto_bn_momentum(steps)
-    train_ds, _ = tmo.make_datasets(data["images"], data["masks"], train_idx, val_idx, targs,
-                                    targs.seed)
+    bn_m = targs.bn_momentum or training_loop.auto_bn_momentum(steps)
+    train_ds, _ = training_data.make_datasets(data["images"], data["masks"], train_idx,
+                                              val_idx, targs, targs.seed)
     model = models.build_model(
         args.model, (None, None, targs.channels), filters=targs.filters, depth=targs.depth,
         dropout=targs.dropout, batch_norm=True, bn_momentum=bn_m)
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
     # In-memory batches: drawn once from the same pipeline, so the bare step sees the same
     # shapes and value statistics.
     t0 = time.perf_counter()
-    pairs = [(x.numpy(), y.numpy()) for x, y in train_ds.take(steps)]
+    pairs = [train_ds[i] for i in range(steps)]
     materialize_s = time.perf_counter() - t0
     xb = np.stack([x for x, _ in pairs])
     yb = np.stack([y for _, y in pairs])

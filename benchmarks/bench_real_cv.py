@@ -261,9 +261,9 @@ def train_fold(data: Path, held: str, frames: dict, work: Path, train_args: list
             if calibrate_missing and not (run / "calibration_unet.json").is_file():
                 # A run trained before the object filter: the trainer's own calibration on
                 # the run's own validation windows (weights unchanged).
-                import train_microbead_optimized as tmo
+                import training_outputs
 
-                tmo.recalibrate_run(run, fold / "data")
+                training_outputs.recalibrate_run(run, fold / "data")
             return run
     ds = fold / "data"
     for sub in ("images", "masks"):
@@ -363,7 +363,7 @@ def parse_args(argv=None):
     ap.add_argument("--reuse", action="store_true", help="reuse finished fold runs")
     ap.add_argument("--calibrate_missing", action="store_true",
                     help="with --reuse: calibrate the object filter of runs trained without one "
-                         "(train_microbead_optimized.recalibrate_run)")
+                         "(training_outputs.recalibrate_run)")
     ap.add_argument("--match_px", type=float, default=MATCH_PX)
     ap.add_argument("--no_rows", action="store_true", help="skip the stitched rows")
     ap.add_argument("--time_frame", action="store_true",

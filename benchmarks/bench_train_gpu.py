@@ -10,12 +10,9 @@ Two parts, both on any Keras backend (TensorFlow, or JAX on a machine without Te
 
    - ``in_memory``: batches augmented once beforehand and replayed (only the host-to-device
      copy remains): the cost of the model step alone;
-   - ``tfdata``: the trainer's own ``tf.data`` pipeline (``make_datasets``); needs
-     TensorFlow importable;
-   - ``numpy``: the same augmentations (flips, 90-degree turns, +-15 degree rotation with
-     reflect padding, crop, gamma / contrast / brightness / noise with the never-blank
-     fallback) in NumPy / OpenCV in a ``keras.utils.PyDataset`` with ``--workers`` threads:
-     the input pipeline a JAX or PyTorch backend can use.
+   - ``numpy``: the trainer's own input pipeline (``training_data.make_datasets``: NumPy /
+     OpenCV augmentation in a ``keras.utils.PyDataset`` with ``--workers`` threads, the
+     same on every backend).
 
    The first timed epoch is dropped (pipeline fill). Recorded per configuration: images/s
    (median and best epoch), pipeline / in-memory ratio (1.0 = the loader costs nothing),
@@ -26,16 +23,14 @@ Two parts, both on any Keras backend (TensorFlow, or JAX on a machine without Te
    ``--isolate`` runs each configuration in its own process, so peak memory is per
    configuration and an out-of-memory error costs one row only.
 
-2. Recipe (``--recipes default,cpu``). Runs ``train_microbead_optimized.main`` itself (all of
-   its callbacks, checkpoints, history and summary) per recipe on a generated dataset for a
-   fixed budget (``--epochs`` x ``--steps_per_epoch``), then ``predict_microscope.main`` with
-   each best model on the dataset's full frames (``--large_frames``, 3840x2160) and compares
-   the bead counts with the generator's truth. Records per model the val Jaccard curve,
-   s/epoch, time to come within 0.02 of the curve's best, and a projection of the full
-   (100-epoch) job. Where TensorFlow is not the backend, the trainer's two TensorFlow-only
-   functions (``setup_tensorflow``: distribution strategy; ``make_datasets``: ``tf.data``)
-   are swapped for the backend-neutral ones below for the duration of the call; the JSON
-   says so.
+2. Recipe (``--recipes default,cpu``). Runs ``train_microbead_optimized.py`` itself (all of
+   its callbacks, checkpoints, history and summary; in its own process) per recipe on a
+   generated dataset for a fixed budget (``--epochs`` x ``--steps_per_epoch``), then
+   ``predict_microscope.py`` with each best model on the dataset's full frames
+   (``--large_frames``, 3840x2160) and compares the bead counts with the generator's truth.
+   Records per model the val Jaccard curve, s/epoch, time to come within 0.02 of the curve's
+   best, and a projection of the full (100-epoch) job. The trainer runs unchanged on every
+   backend (nothing is patched).
 
 Nothing is asserted; timings depend on the machine. Settings, versions and device names go
 into the JSON with the numbers.
@@ -57,14 +52,12 @@ import argparse
 import contextlib
 import csv
 import datetime as _dt
-import functools
 import gc
 import inspect
 import json
 import logging
 import math
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -78,16 +71,22 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from _common import machine_info  # noqa: E402
+
+import microbead_config as mcfg  # noqa: E402
+import training_data  # noqa: E402  (imports no Keras: the backend is chosen in main)
 
 log = logging.getLogger("microbead.bench_train_gpu")
 
 ARCHS = ("unet", "attention_unet", "attention_resunet")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-PIPELINES = ("in_memory", "numpy", "tfdata")
+PIPELINES = ("in_memory", "numpy")
 RECIPES = ("default", "cpu")
 # Shares of a --max_seconds budget: the 64-filter default recipe needs far more than --preset cpu.
 RECIPE_WEIGHT = {"default": 3.0, "cpu": 1.0}
@@ -101,169 +100,6 @@ TARGETS = {"unet_256_bf16_images_per_s": 600.0, "pipeline_overhead_pct": 5.0,
 FULL_JOB_EPOCHS = 100  # the trainer's default --epochs (what qsub runs)
 
 
-# ----------------------------------------------------------------------------- augmentation
-
-
-def augment_pair_np(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *,
-                    patch_size: int = 0, rotation: float = 15.0, intensity: bool = True,
-                    elastic: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy / OpenCV twin of ``train_microbead_optimized.augment_pair``.
-
-    Geometric transforms act on image and mask stacked along channels (the mask follows its
-    image by construction) and the mask is re-binarized at 0.5 afterwards; intensity
-    transforms touch the image only and fall back to the un-augmented image when the result
-    would be flat or mostly saturated. Rotation is bilinear with reflect padding
-    (``cv2.BORDER_REFLECT``, TensorFlow's ``REFLECT``).
-
-    Parameters
-    ----------
-    image : float32 ``(H, W, C)`` in [0, 1]
-    mask : float32 or uint8 ``(H, W, 1)`` or ``(H, W)`` in {0, 1}
-    rng : numpy Generator (one per sample; makes the result reproducible and thread-safe)
-    patch_size : random crop edge (0 = whole tile)
-
-    Returns
-    -------
-    (image float32 ``(P, P, C)``, mask float32 ``(P, P, 1)`` in {0, 1}), P = patch_size or H.
-    """
-    import cv2
-
-    image = np.asarray(image, np.float32)
-    c = image.shape[-1]
-    m = np.asarray(mask, np.float32).reshape(image.shape[:2] + (1,))
-    x = np.concatenate([image, m], axis=-1)
-    if rng.random() < 0.5:
-        x = x[:, ::-1]
-    if rng.random() < 0.5:
-        x = x[::-1]
-    x = np.ascontiguousarray(np.rot90(x, int(rng.integers(4)), axes=(0, 1)))
-    h, w = x.shape[:2]
-    if rotation:
-        angle = float(rng.uniform(-rotation, rotation))
-        rot = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), angle, 1.0)
-        x = cv2.warpAffine(x, rot, (w, h), flags=cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_REFLECT).reshape(h, w, c + 1)
-    if elastic:
-        x = _elastic_np(x, rng)
-    if patch_size:
-        top = int(rng.integers(h - patch_size + 1))
-        left = int(rng.integers(w - patch_size + 1))
-        x = x[top:top + patch_size, left:left + patch_size]
-    img = np.ascontiguousarray(x[..., :c])
-    msk = (x[..., c:] > 0.5).astype(np.float32)
-    if intensity:
-        img = _intensity_np(img, rng)
-    return img, msk
-
-
-def _intensity_np(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Gamma, contrast, brightness, gaussian noise; the original if the result is unusable."""
-    orig = np.clip(img, 0.0, 1.0)
-    gamma = math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
-    out = np.power(orig + 1e-6, gamma)
-    mean = float(out.mean())
-    out = (out - mean) * rng.uniform(0.8, 1.2) + mean + rng.uniform(-0.08, 0.08)
-    out = out + rng.standard_normal(out.shape, dtype=np.float32) * rng.uniform(0.0, 0.03)
-    out = np.clip(out, 0.0, 1.0).astype(np.float32)
-    saturated = float(np.mean((out <= 0.0) | (out >= 1.0)))
-    return out if (out.std() > 0.02 and saturated < 0.5) else orig
-
-
-def _elastic_np(x: np.ndarray, rng: np.random.Generator, alpha: float = 6.0,
-                grid: int = 8) -> np.ndarray:
-    """Smooth random displacement (coarse grid, bicubic upsampling), bilinear resampling."""
-    import cv2
-
-    h, w = x.shape[:2]
-    coarse = (rng.standard_normal((grid, grid, 2)) * alpha).astype(np.float32)
-    flow = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    map_y = np.clip(yy + flow[..., 0], 0, h - 1)
-    map_x = np.clip(xx + flow[..., 1], 0, w - 1)
-    return cv2.remap(x, map_x, map_y, cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_REPLICATE).reshape(x.shape)
-
-
-def make_numpy_datasets(images, masks, train_idx, val_idx, args, seed: int, *,
-                        workers: int | None = None):
-    """Backend-neutral stand-in for ``train_microbead_optimized.make_datasets``.
-
-    Training: an endless ``keras.utils.PyDataset`` with the semantics of the ``tf.data``
-    pipeline (a fresh permutation of the training set per pass, ``shuffle + repeat +
-    batch(drop_remainder)``, each sample augmented by :func:`augment_pair_np`), produced by
-    ``workers`` threads ahead of the model. Batch ``i`` depends only on ``(seed, i)``.
-    Validation: a finite ``PyDataset`` of the un-augmented validation tiles in order, last
-    batch partial.
-
-    Parameters
-    ----------
-    images : float32 ``(N, H, W, C)``;  masks : ``(N, H, W)`` in {0, 1}
-    train_idx, val_idx : int arrays indexing ``images``
-    args : namespace with ``batch_size, patch_size, rotation, intensity_aug, elastic``
-    workers : threads (default: usable CPUs, at most 16)
-
-    Returns
-    -------
-    (train PyDataset yielding float32 ``(B, P, P, C)``, ``(B, P, P, 1)``; val PyDataset)
-    """
-    import keras
-
-    x = np.asarray(images, np.float32)
-    y = np.asarray(masks, np.float32)[..., None]
-    train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
-    batch = int(args.batch_size)
-    workers = int(workers or default_workers())
-    opts = {"patch_size": int(args.patch_size or 0), "rotation": float(args.rotation),
-            "intensity": bool(args.intensity_aug), "elastic": bool(args.elastic)}
-
-    @functools.lru_cache(maxsize=8)
-    def permutation(n_pass: int) -> np.ndarray:
-        return np.random.default_rng([seed, 0, n_pass]).permutation(train_idx)
-
-    class AugmentedTiles(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=workers, use_multiprocessing=False,
-                             max_queue_size=max(10, 2 * workers))
-
-        @property
-        def num_batches(self):
-            return None  # endless, like .repeat(); fit's steps_per_epoch ends an epoch
-
-        def __getitem__(self, index):
-            xs, ys = [], []
-            for pos in range(index * batch, (index + 1) * batch):
-                n_pass, k = divmod(pos, len(train_idx))
-                i = permutation(n_pass)[k]
-                img, msk = augment_pair_np(x[i], y[i], np.random.default_rng([seed, 1, pos]),
-                                           **opts)
-                xs.append(img)
-                ys.append(msk)
-            return np.stack(xs), np.stack(ys)
-
-    val_batch = max(1, min(batch, len(val_idx)))
-
-    class ValidationTiles(keras.utils.PyDataset):
-        def __len__(self):
-            return math.ceil(len(val_idx) / val_batch)
-
-        def __getitem__(self, index):
-            sel = val_idx[index * val_batch:(index + 1) * val_batch]
-            return x[sel], y[sel]
-
-    return AugmentedTiles(), ValidationTiles()
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def default_workers() -> int:
-    return max(1, min(16, usable_cpus()))
-
-
 # ----------------------------------------------------------------------------- environment
 
 
@@ -273,42 +109,17 @@ def backend_name() -> str:
     return keras.backend.backend()
 
 
-def accelerators() -> list[str]:
-    """Names of the accelerators the backend sees (empty on a CPU-only machine)."""
-    backend = backend_name()
-    if backend == "jax":
-        import jax
-
-        return [f"{d.platform}:{d.id} {d.device_kind}" for d in jax.devices()
-                if d.platform != "cpu"]
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return [d.name for d in tf.config.list_physical_devices("GPU")]
-    if backend == "torch":
-        import torch
-
-        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return []
-
-
 def environment() -> dict:
-    """Backend, versions, devices and CPU count recorded with the numbers."""
-    import cv2
-    import keras
+    """Machine, backend, versions and devices recorded with the numbers
+    (``_common.machine_info`` plus the backend's own facts)."""
+    import importlib.util
 
-    env = {
-        "backend": backend_name(),
-        "keras": keras.__version__,
-        "numpy": np.__version__,
-        "opencv": cv2.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable_cpus(),
-        "accelerators": accelerators(),
-        "tensorflow_importable": _importable("tensorflow"),
-    }
+    import cv2
+
+    env = machine_info(keras_backend=True)
+    env["opencv"] = cv2.__version__
+    env["tensorflow_importable"] = importlib.util.find_spec("tensorflow") is not None
+    env["device"] = env["accelerator"]
     if env["backend"] == "jax":
         import jax
 
@@ -320,16 +131,7 @@ def environment() -> dict:
         import tensorflow as tf
 
         env["tensorflow"] = tf.__version__
-        env["device"] = env["accelerators"][0] if env["accelerators"] else "cpu"
-    else:
-        env["device"] = env["accelerators"][0] if env["accelerators"] else "cpu"
     return env
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def peak_memory() -> dict:
@@ -470,15 +272,6 @@ def loader_only_images_per_s(dataset, n_batches: int, workers: int, batch: int) 
     return n_batches * batch / (time.perf_counter() - t0)
 
 
-def tfdata_only_images_per_s(dataset, n_batches: int, batch: int) -> float:
-    it = iter(dataset)
-    next(it)
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        next(it)
-    return n_batches * batch / (time.perf_counter() - t0)
-
-
 def make_pipeline(kind: str, images, masks, train_idx, aug_args, seed: int, workers: int,
                   prebatched=None):
     """Training dataset of one kind (see the module docstring)."""
@@ -500,12 +293,8 @@ def make_pipeline(kind: str, images, masks, train_idx, aug_args, seed: int, work
 
         return Replay(workers=1)
     if kind == "numpy":
-        return make_numpy_datasets(images, masks, train_idx, train_idx[:1], aug_args, seed,
-                                   workers=workers)[0]
-    if kind == "tfdata":
-        import train_microbead_optimized as tmo
-
-        return tmo.make_datasets(images, masks, train_idx, train_idx[:1], aug_args, seed)[0]
+        return training_data.make_datasets(images, masks, train_idx, train_idx[:1], aug_args,
+                                           seed, workers=workers)[0]
     raise ValueError(f"unknown pipeline {kind!r}; choose from {', '.join(PIPELINES)}")
 
 
@@ -526,7 +315,6 @@ def bench_config(arch: str, size: int, precision: str, args, data_dir: Path) -> 
     import keras
 
     import models
-    import train_microbead_optimized as tmo
 
     record = {"arch": arch, "size": size, "precision": precision, "filters": args.filters,
               "depth": args.depth, "batch_size": args.batch_size, "loss": args.loss,
@@ -534,12 +322,13 @@ def bench_config(arch: str, size: int, precision: str, args, data_dir: Path) -> 
     images, masks = load_tiles(data_dir, size)
     train_idx = np.arange(len(images))
     aug_args = argparse.Namespace(
-        batch_size=args.batch_size, patch_size=0, rotation=tmo.DEFAULTS["rotation"],
-        intensity_aug=tmo.DEFAULTS["intensity_aug"], elastic=tmo.DEFAULTS["elastic"])
+        batch_size=args.batch_size, patch_size=0, rotation=mcfg.TRAINING_DEFAULTS["rotation"],
+        intensity_aug=mcfg.TRAINING_DEFAULTS["intensity_aug"],
+        elastic=mcfg.TRAINING_DEFAULTS["elastic"])
     # In-memory batches come from the NumPy augmentation, so every pipeline feeds the same
     # shapes, dtypes and value statistics; enough distinct batches that nothing is cached.
-    src = make_numpy_datasets(images, masks, train_idx, train_idx[:1], aug_args, 0,
-                              workers=1)[0]
+    src = training_data.make_datasets(images, masks, train_idx, train_idx[:1], aug_args, 0,
+                                      workers=1)[0]
     n_pre = max(2, min(args.steps, 8))
     pre = [src[i] for i in range(n_pre)]
     prebatched = (np.stack([b[0] for b in pre]), np.stack([b[1] for b in pre]))
@@ -582,9 +371,6 @@ def bench_config(arch: str, size: int, precision: str, args, data_dir: Path) -> 
                 res["workers"] = args.workers
                 res["loader_only_images_per_s"] = round(loader_only_images_per_s(
                     ds, max(4, args.steps // 2), args.workers, args.batch_size), 1)
-            elif kind == "tfdata":
-                res["loader_only_images_per_s"] = round(tfdata_only_images_per_s(
-                    ds, max(4, args.steps // 2), args.batch_size), 1)
             if kind == "in_memory":
                 baseline = res
             elif baseline is not None:
@@ -609,53 +395,6 @@ def bench_config(arch: str, size: int, precision: str, args, data_dir: Path) -> 
 
 
 # ----------------------------------------------------------------------------- recipe
-
-
-class _SingleDevice:
-    """What the trainer needs of a ``tf.distribute`` strategy, for one device, any backend."""
-
-    num_replicas_in_sync = 1
-
-    def scope(self):
-        return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def backend_neutral_trainer(policy: str, workers: int):
-    """Run ``train_microbead_optimized`` without TensorFlow for the duration of the block.
-
-    Replaces its two TensorFlow-only functions: ``setup_tensorflow`` (seed, mixed precision
-    with ``policy`` when an accelerator is present and ``--mixed_precision auto``, one-device
-    "strategy") and ``make_datasets`` (:func:`make_numpy_datasets`). Restored on exit.
-    """
-    import train_microbead_optimized as tmo
-
-    original = tmo.setup_tensorflow, tmo.make_datasets
-
-    def setup(args):
-        import keras
-
-        keras.utils.set_random_seed(args.seed)
-        gpus = accelerators()
-        mp = args.mixed_precision == "on" or (args.mixed_precision == "auto" and bool(gpus))
-        keras.mixed_precision.set_global_policy(policy if mp else "float32")
-        return {"gpus": gpus, "mixed_precision": mp}, _SingleDevice()
-
-    def datasets(images, masks, train_idx, val_idx, args, seed, *rest, **kwargs):
-        if rest or kwargs:
-            log.warning("make_datasets got arguments this stand-in ignores: %s %s", rest,
-                        sorted(kwargs))
-        return make_numpy_datasets(images, masks, train_idx, val_idx, args, seed,
-                                   workers=workers)
-
-    tmo.setup_tensorflow, tmo.make_datasets = setup, datasets
-    try:
-        yield
-    finally:
-        tmo.setup_tensorflow, tmo.make_datasets = original
-        import keras
-
-        keras.mixed_precision.set_global_policy("float32")
 
 
 def generate_data(out: Path, args) -> Path:
@@ -711,18 +450,24 @@ def curve_summary(val_jaccard: list[float], epoch_s: list[float], tol: float) ->
     return out
 
 
+def _run_script(script: str, argv: list[str]) -> int:
+    """Exit status of one of the project's entry points run in its own process (the
+    environment, KERAS_BACKEND included, is inherited)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *argv], check=False).returncode
+
+
 def count_frames(model_path: Path, data_dir: Path, out_dir: Path) -> dict:
-    """Predict the full frames with ``predict_microscope.main``; bead count vs truth."""
+    """Predict the full frames with ``predict_microscope.py``; bead count vs truth."""
     import microbead_metrics
-    import predict_microscope as pm
 
     frames = data_dir / "large" / "images"
     truth = {r["stem"]: int(r["n_beads"]) for r in _read_csv(data_dir / "large" / "counts.csv")}
     if not frames.is_dir() or not truth:
         return {"error": f"{frames}: no full frames (generate with --large_frames > 0)"}
     t0 = time.perf_counter()
-    rc = pm.main(["--model", str(model_path), "--input_dir", str(frames), "--output_dir",
-                  str(out_dir), "--no_figures", "--overwrite"])
+    rc = _run_script("predict_microscope.py", ["--model", str(model_path), "--input_dir",
+                                               str(frames), "--output_dir", str(out_dir),
+                                               "--no_figures", "--overwrite"])
     wall = time.perf_counter() - t0
     rows = []
     for r in _read_csv(out_dir / "prediction_summary.csv"):
@@ -740,12 +485,11 @@ def count_frames(model_path: Path, data_dir: Path, out_dir: Path) -> dict:
 
 
 def run_recipe(recipe: str, data_dir: Path, work: Path, args, max_minutes: float = 0.0) -> dict:
-    """One ``train_microbead_optimized.main`` call for ``recipe`` and its per-model results.
+    """One trainer run for ``recipe`` (``train_microbead_optimized.py`` in its own process,
+    on this process's Keras backend) and its per-model results.
 
     ``max_minutes`` (0 = none) is passed as the trainer's per-model ``--max_minutes``.
     """
-    import train_microbead_optimized as tmo
-
     out = work / f"runs_{recipe}"
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / "run_dir.txt"
@@ -760,23 +504,12 @@ def run_recipe(recipe: str, data_dir: Path, work: Path, args, max_minutes: float
     if max_minutes:
         argv += ["--max_minutes", f"{max_minutes:.3f}"]
     argv += shlex.split(args.train_args)
-    neutral = backend_name() != "tensorflow"
-    result = {"argv": argv, "input_pipeline": "numpy PyDataset (backend-neutral stand-in)"
-              if neutral else "tf.data (the trainer's own)",
-              "trainer_functions_replaced": ["setup_tensorflow", "make_datasets"]
-              if neutral else [], "policy_if_mixed": args.recipe_policy if neutral else
-              "mixed_float16 (trainer)"}
-    ctx = (backend_neutral_trainer(args.recipe_policy, args.workers) if neutral
-           else contextlib.nullcontext())
+    result = {"argv": argv, "input_pipeline": "training_data PyDataset (the trainer's own)",
+              "policy_if_mixed": "mixed_float16 (trainer)"}
     t0 = time.perf_counter()
-    try:
-        with ctx:
-            result["exit_code"] = tmo.main(argv)
-    except SystemExit as exc:  # the trainer reports fatal problems this way
-        result["exit_code"], result["error"] = 2, str(exc)
-    except Exception as exc:
-        log.exception("recipe %s failed", recipe)
-        result["exit_code"], result["error"] = 1, f"{type(exc).__name__}: {exc}"
+    result["exit_code"] = _run_script("train_microbead_optimized.py", argv)
+    if result["exit_code"]:
+        result["error"] = f"train_microbead_optimized.py exited {result['exit_code']}"
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if not run_file.is_file():
         return result
@@ -890,8 +623,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--sizes", type=_csv_list(cast=int), default=[256, 512])
     g.add_argument("--precisions", type=_csv_list(PRECISIONS),
                    default=["float32", "mixed_bfloat16"])
-    g.add_argument("--pipelines", type=_csv_list(PIPELINES), default=None,
-                   help="default: in_memory plus tfdata on TensorFlow, numpy otherwise")
+    g.add_argument("--pipelines", type=_csv_list(PIPELINES), default=list(PIPELINES))
     g.add_argument("--configs", type=_configs, default=None,
                    help="explicit ARCH:SIZE:PRECISION list, run in this order (overrides "
                         "--archs/--sizes/--precisions)")
@@ -905,7 +637,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--jit_compile", "--jit-compile", type=_jit, default="auto")
     g.add_argument("--steps_per_execution", "--steps-per-execution", type=int, default=1)
     g.add_argument("--workers", type=int, default=0,
-                   help="threads of the NumPy pipeline (0: usable CPUs, at most 16)")
+                   help="threads of the trainer's input pipeline (0: usable CPUs, at most 16)")
     g.add_argument("--xla_flops", "--xla-flops", type=_jit, default="auto",
                    help="XLA cost analysis of the FLOPs (auto: on under JAX)")
     g.add_argument("--peak_tflops", "--peak-tflops", type=float, default=PEAK_TFLOPS_BF16,
@@ -926,10 +658,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="trainer's per-model time cap (0: none)")
     r.add_argument("--train_args", "--train-args", default="",
                    help='extra trainer flags, e.g. "--lr 1e-3 --lr_schedule cosine"')
-    r.add_argument("--recipe_policy", "--recipe-policy", default="mixed_float16",
-                   choices=("mixed_float16", "mixed_bfloat16"),
-                   help="mixed-precision policy when not on TensorFlow (the trainer's is "
-                        "mixed_float16)")
     r.add_argument("--large_frames", "--large-frames", type=int, default=2,
                    help="full frames to generate and count (0: no count check)")
     r.add_argument("--large_size", "--large-size", type=int, nargs=2, default=[3840, 2160],
@@ -1028,12 +756,7 @@ def main(argv=None) -> int:
     import keras  # noqa: F401  (after the backend is chosen)
 
     backend = backend_name()
-    args.workers = args.workers or default_workers()
-    if args.pipelines is None:
-        args.pipelines = ["in_memory", "tfdata" if backend == "tensorflow" else "numpy"]
-    if "tfdata" in args.pipelines and not _importable("tensorflow"):
-        log.warning("tfdata pipeline skipped: TensorFlow is not importable here")
-        args.pipelines = [k for k in args.pipelines if k != "tfdata"]
+    args.workers = args.workers or training_data.default_workers()
     if args.xla_flops == "auto":
         args.xla_flops = backend == "jax"
     started = time.perf_counter()

@@ -23,7 +23,7 @@ TINY_TRAIN = ("--filters 4 --depth 2 --epochs 1 --steps_per_epoch 2 --batch_size
 
 @pytest.mark.slow  # one tiny training: ~15 CPU s, mostly Keras tracing the train step
 def test_tiny_run_reports_the_trained_model_settings_and_machine(tmp_path, capsys):
-    import make_synthetic_dataset as syn
+    import synthetic_dataset as syn
 
     data = tmp_path / "data"
     syn.generate_dataset(data, n=6, size=64, seed=0, style="rings", log_file=False)

@@ -1,43 +1,25 @@
-"""benchmarks/bench_train_gpu.py: the NumPy augmentation's traps and a 2-step smoke run."""
+"""benchmarks/bench_train_gpu.py: a 2-step smoke run through the trainer's own input
+pipeline (the augmentation's traps are tested on ``training_data`` itself,
+tests/test_training_data.py)."""
 
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_train_gpu as bench  # noqa: E402
 
-
-def _asymmetric_pair(size=32):
-    mask = np.zeros((size, size), np.float32)
-    mask[4:24, 4:9] = 1  # an L: no flip or rotation maps it onto itself
-    mask[19:24, 4:20] = 1
-    image = 0.2 + 0.6 * mask[..., None]
-    return image.astype(np.float32), mask
+import training_data  # noqa: E402
 
 
-def test_mask_follows_image_through_every_augmentation():
-    image, mask = _asymmetric_pair()
-    for seed in range(20):
-        rng = np.random.default_rng(seed)
-        img, msk = bench.augment_pair_np(image, mask, rng, patch_size=24, rotation=15.0,
-                                         intensity=False)
-        assert img.shape == (24, 24, 1) and msk.shape == (24, 24, 1)
-        assert set(np.unique(msk)) <= {0.0, 1.0}
-        bright = img[..., 0] > 0.5
-        inter = np.logical_and(bright, msk[..., 0] > 0).sum()
-        union = np.logical_or(bright, msk[..., 0] > 0).sum()
-        assert union == 0 or inter / union > 0.8, seed
-
-
-def test_no_augmentation_returns_an_all_zero_image():
-    image, mask = _asymmetric_pair()
-    for seed in range(50):
-        img, _ = bench.augment_pair_np(image, mask, np.random.default_rng(seed))
-        assert img.max() > 0 and img.std() > 0.02
+def test_benchmark_uses_the_trainers_pipeline_and_patches_nothing():
+    source = Path(bench.__file__).read_text()
+    assert bench.training_data is training_data
+    # No re-typed augmentation constants and no assignment into the trainer's modules.
+    for needle in ("0.8), math.log(1.25)", "tmo.make_datasets =", "tmo.setup_tensorflow ="):
+        assert needle not in source
+    assert len(source.splitlines()) < 1000
 
 
 def test_smoke_run_writes_expected_json(tmp_path):

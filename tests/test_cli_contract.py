@@ -413,12 +413,13 @@ def test_failed_training_run_leaves_no_empty_run_folder(tmp_path, caplog):
 
 def test_train_duplicate_stems_say_which_file_is_used(tmp_path, caplog):
     import train_microbead_optimized as tr
+    import training_data
 
     data = _dataset(tmp_path / "d", ["a.png", "b.png", "c.png"])
     mio.write_image(data / "images" / "a.tif", np.full((32, 32), 9, np.uint8))
     args = tr.parse_args(["--data_dir", str(data), "--preset", "cpu", "--pixel_scale", "1",
                           "--normalization", "percentile", "--patch_size", "0"])
-    loaded = tr.load_training_data(args)
+    loaded = training_data.load_training_data(args)
     assert [f for f in loaded["files"] if f.startswith("a.")] == ["a.png"]  # the pair used
     assert not [r for r in caplog.records if r.getMessage().startswith("skipped: a:")]
     assert f"skipped: {data / 'images' / 'a.tif'}: same stem as " \

@@ -199,7 +199,7 @@ def test_max_minutes_stop_is_agreed_across_replicas():
         "cpu = tf.config.list_physical_devices('CPU')[0]\n"
         "tf.config.set_logical_device_configuration(\n"
         "    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        "import train_microbead_optimized as t\n"
+        "import training_loop as t\n"
         "s = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])\n"
         "rid = lambda: tf.distribute.get_replica_context().replica_id_in_sync_group\n"
         "print(t.any_replica(s, lambda: tf.equal(rid(), 1)), t.any_replica(s, lambda: False),"

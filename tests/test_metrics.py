@@ -402,7 +402,7 @@ def test_threshold_rule_at_exactly_t_keras_numpy_trainer_and_predictor_agree(t):
     from keras import ops
 
     import predict_microscope as pm
-    import train_microbead_optimized as tr
+    import training_outputs as tr
 
     t32 = float(np.float32(t))
     prob = np.full((16, 16), 0.05, np.float32)

@@ -23,6 +23,8 @@ import synthetic_dataset as sd
 import synthetic_render as sr
 import tiling
 import train_microbead_optimized as tmo
+import training_data
+import training_split
 
 
 def _micro_window(shape=(512, 987), n=160, seed=0, origin=(549, 950)):
@@ -142,11 +144,11 @@ def test_no_frame_on_both_sides_of_the_split_or_any_fold():
     assert len(set(groups)) == 9
     strata = mm.density_strata(counts)
     for seed in range(5):
-        tr, va = tmo.stratified_split(strata, 0.15, seed, groups=groups)
+        tr, va = training_split.stratified_split(strata, 0.15, seed, groups=groups)
         assert va.size and tr.size and np.intersect1d(tr, va).size == 0
         assert not {groups[i] for i in tr} & {groups[i] for i in va}
         assert len(tr) + len(va) == len(names)
-    folds = tmo.stratified_kfold(strata, 3, 0, groups=groups)
+    folds = training_split.stratified_kfold(strata, 3, 0, groups=groups)
     seen = np.concatenate([va for _, va in folds])
     assert sorted(seen.tolist()) == list(range(len(names)))
     for tr, va in folds:
@@ -165,7 +167,7 @@ def test_frame_group_rules():
 def test_one_frame_cannot_be_split_and_says_why():
     names, counts = _grid_names(n_frames=1)
     with pytest.raises(ValueError, match="group"):
-        tmo.stratified_split(mm.density_strata(counts), 0.15, 0,
+        training_split.stratified_split(mm.density_strata(counts), 0.15, 0,
                              groups=[mio.frame_group(n) for n in names])
 
 
@@ -186,21 +188,21 @@ def _dataset(root, names, meta=None):
 
 def test_native_grid_tiles_resolve_scale_one_and_say_why(tmp_path):
     names = _dataset(tmp_path, [f"160x_a_001_grid_r0_c{c}.png" for c in range(3)])
-    value, source = tmo.resolve_pixel_scale(tmp_path, None, names)
+    value, source = training_data.resolve_pixel_scale(tmp_path, None, names)
     assert value == 1.0 and "grid" in source
 
 
 def test_no_clue_stops_with_an_error_naming_the_flag(tmp_path):
     names = _dataset(tmp_path, ["a.png", "b.png"])
-    with pytest.raises(tmo.ScaleError, match="--pixel_scale"):
-        tmo.resolve_pixel_scale(tmp_path, None, names)
+    with pytest.raises(training_data.ScaleError, match="--pixel_scale"):
+        training_data.resolve_pixel_scale(tmp_path, None, names)
 
 
 def test_flag_and_dataset_json_win_over_names(tmp_path):
     names = _dataset(tmp_path, ["x_grid_r0_c0.png"], meta={"pixel_scale": 0.5})
-    assert tmo.resolve_pixel_scale(tmp_path, None, names) == (0.5, str(tmp_path /
+    assert training_data.resolve_pixel_scale(tmp_path, None, names) == (0.5, str(tmp_path /
                                                                        "dataset.json"))
-    assert tmo.resolve_pixel_scale(tmp_path, 0.25, names) == (0.25, "--pixel_scale")
+    assert training_data.resolve_pixel_scale(tmp_path, 0.25, names) == (0.25, "--pixel_scale")
 
 
 def test_frame_two_times_off_scale_gets_scale_warning():
@@ -294,19 +296,20 @@ def test_within_frame_validation_spans_every_frame_and_the_density_range():
             counts.append(int(1300 * 160 / dil) + c)
     groups = [mio.frame_group(n) for n in names]
     strata = mm.density_strata(np.array(counts))
-    assert tmo.choose_val_split("auto", names, groups)[0] == "tiles"
-    tr, va = tmo.within_frame_split(strata, groups, 0.15, seed=3)
+    assert training_split.choose_val_split("auto", names, groups)[0] == "tiles"
+    tr, va = training_split.within_frame_split(strata, groups, 0.15, seed=3)
     assert np.intersect1d(tr, va).size == 0 and len(tr) + len(va) == len(names)
     assert sorted({groups[i] for i in va}) == sorted(set(groups))  # every frame, once
     assert min(counts[i] for i in va) < 30 and max(counts[i] for i in va) > 1000
     # Fewer tiles than frames in the quota: spread over the density order, both ends kept.
-    tr, va = tmo.within_frame_split(strata, groups, 3 / 49, seed=0)
+    tr, va = training_split.within_frame_split(strata, groups, 3 / 49, seed=0)
     dil = sorted(mio.parse_dilution(names[i]) for i in va)
     assert len(va) == 3 and dil[0] == 160 and dil[-1] == 10240
     # Many frames, or names without grid cells: whole frames validate, as before.
-    assert tmo.choose_val_split("auto", names, [f"f{i}" for i in range(25)])[0] == "frames"
-    assert tmo.choose_val_split("auto", ["a.png", "b.png"], ["a", "b"])[0] == "frames"
-    assert tmo.choose_val_split("frames", names, groups)[0] == "frames"
+    many = [f"f{i}" for i in range(25)]
+    assert training_split.choose_val_split("auto", names, many)[0] == "frames"
+    assert training_split.choose_val_split("auto", ["a.png", "b.png"], ["a", "b"])[0] == "frames"
+    assert training_split.choose_val_split("frames", names, groups)[0] == "frames"
 
 
 def test_validation_windows_share_no_pixel_with_training_tiles(tmp_path):
@@ -331,7 +334,7 @@ def test_validation_windows_share_no_pixel_with_training_tiles(tmp_path):
     ov = [(o.first, o.second, o.side, o.width) for o in overlaps]
     for val in ([2], [0, 7], [3, 4]):
         train = np.setdiff1d(np.arange(10), val)
-        wins = tmo.validation_windows(ov, train, np.array(val), (tile, tile), 4)
+        wins = training_split.validation_windows(ov, train, np.array(val), (tile, tile), 4)
         assert len({(y1 - y0, x1 - x0) for y0, y1, x0, x1 in wins}) == 1  # one size
         for v, (y0, y1, x0, x1) in zip(val, wins):
             assert (y1 - y0) % 4 == 0 and (x1 - x0) % 4 == 0 and x1 > x0
@@ -342,6 +345,6 @@ def test_validation_windows_share_no_pixel_with_training_tiles(tmp_path):
                 if ty == fy:  # same row: no frame column may be in both
                     assert not cols & set(range(tx, tx + tile)), (val, v, t)
     # The middle tile of a row loses both shared strips: 48 - 2 * 11 = 26 -> 24 px.
-    wins = tmo.validation_windows(ov, np.setdiff1d(np.arange(10), [2]), np.array([2]),
+    wins = training_split.validation_windows(ov, np.setdiff1d(np.arange(10), [2]), np.array([2]),
                                   (tile, tile), 4)
     assert wins[0][3] - wins[0][2] == 24

@@ -1,4 +1,5 @@
-"""Tests of train_microbead_optimized.py: augmentation, split, BatchNorm momentum, end-to-end runs.
+"""Tests of train_microbead_optimized.py and its modules (training_data, training_split,
+training_loop, training_outputs): augmentation, split, BatchNorm momentum, end-to-end runs.
 
 Everything is tiny and seeded: one synthetic dataset of 12 tiles of 64x64 px (beads of radius
 2 px) is generated once per module; end-to-end runs train a 4-filter depth-2 U-Net for a few
@@ -29,6 +30,10 @@ import microbead_config as mcfg
 import microbead_io as mio
 import microbead_metrics as mm
 import train_microbead_optimized as tmo
+import training_data
+import training_loop
+import training_outputs
+import training_split
 from synthetic_dataset import generate_dataset
 
 N_TILES, TILE = 12, 64
@@ -104,17 +109,10 @@ def iou(a, b) -> float:
 
 
 def run_augment(n: int, seed: int, image=None, mask=None, **kw):
-    import tensorflow as tf
-
     m = asymmetric_pattern() if mask is None else mask
     img = m[..., None] if image is None else image
-    tf.random.set_seed(seed)
-    out = []
-    for _ in range(n):
-        a, b = tmo.augment_pair(tf.constant(img, tf.float32), tf.constant(m[..., None],
-                                tf.float32), **kw)
-        out.append((a.numpy(), b.numpy()))
-    return out
+    rng = np.random.default_rng(seed)
+    return [training_data.augment_pair(img, m[..., None], rng, **kw) for _ in range(n)]
 
 
 def assert_mask_follows(outs, min_iou=0.97, require_foreground=True):
@@ -194,13 +192,16 @@ def test_all_augmentations_together_keep_mask_on_image():
 
 
 def augment_in_pipeline(img, mask, n: int, seed: int, **kw) -> list:
-    """``n`` augmentations through ``tf.data.map`` (graph mode, as in the trainer)."""
-    import tensorflow as tf
+    """``n`` augmentations through the trainer's own batch stream (``make_datasets``)."""
+    import argparse
 
-    tf.random.set_seed(seed)
-    ds = (tf.data.Dataset.from_tensors((img, mask[..., None].astype(np.float32))).repeat(n)
-          .map(lambda a, b: tmo.augment_pair(a, b, **kw)))
-    return [(a.numpy(), b.numpy()) for a, b in ds]
+    args = argparse.Namespace(batch_size=1, patch_size=kw.get("patch_size", 0),
+                              rotation=kw.get("rotation", 15.0),
+                              intensity_aug=kw.get("intensity", True),
+                              elastic=kw.get("elastic", False))
+    train, _ = training_data.make_datasets(img[None], mask[None], [0], [0], args, seed,
+                                           workers=1)
+    return [(a[0], b[0]) for a, b in (train[i] for i in range(n))]
 
 
 @pytest.mark.parametrize("dilution", ["160x", "5120x"])  # dense; sparse and bright (mean 0.92)
@@ -228,7 +229,7 @@ def test_intensity_augmentation_never_blanks_an_image(dataset, dilution):
 
 def test_stratified_split_counts_and_proportions():
     strata = np.repeat([0, 1, 2, 3], [20, 10, 6, 4])
-    train, val = tmo.stratified_split(strata, 0.25, seed=0)
+    train, val = training_split.stratified_split(strata, 0.25, seed=0)
     assert len(val) == 10 and len(train) == 30
     assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(40))
     # quotas 5, 2.5, 1.5, 1 -> floors 5, 2, 1, 1; the one left goes to the larger of the two
@@ -236,27 +237,27 @@ def test_stratified_split_counts_and_proportions():
     assert np.bincount(strata[val], minlength=4).tolist() == [5, 3, 1, 1]
 
     balanced = np.repeat(np.arange(4), 10)
-    _, v = tmo.stratified_split(balanced, 0.2, seed=3)
+    _, v = training_split.stratified_split(balanced, 0.2, seed=3)
     assert np.bincount(balanced[v]).tolist() == [2, 2, 2, 2]
 
 
 def test_stratified_split_reproducible_and_seed_dependent():
     strata = np.repeat(np.arange(4), 10)
-    a = tmo.stratified_split(strata, 0.2, seed=42)
-    b = tmo.stratified_split(strata, 0.2, seed=42)
-    c = tmo.stratified_split(strata, 0.2, seed=7)
+    a = training_split.stratified_split(strata, 0.2, seed=42)
+    b = training_split.stratified_split(strata, 0.2, seed=42)
+    c = training_split.stratified_split(strata, 0.2, seed=7)
     assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
     assert not np.array_equal(a[1], c[1])
 
 
 def test_stratified_split_six_images_has_validation():
     strata = mm.density_strata([3, 8, 20, 25, 60, 90])
-    train, val = tmo.stratified_split(strata, 0.15, seed=42)
+    train, val = training_split.stratified_split(strata, 0.15, seed=42)
     assert len(val) == 1 and len(train) == 5  # round(0.9) = 1, never 0
-    _, val2 = tmo.stratified_split([0, 0], 0.15, seed=0)
+    _, val2 = training_split.stratified_split([0, 0], 0.15, seed=0)
     assert len(val2) == 1
     with pytest.raises(ValueError, match="at least 2"):
-        tmo.stratified_split([0], 0.15, seed=0)
+        training_split.stratified_split([0], 0.15, seed=0)
 
 
 def test_stratified_split_stratum_with_one_image_still_gives_validation():
@@ -265,19 +266,19 @@ def test_stratified_split_stratum_with_one_image_still_gives_validation():
     for strata, frac, n_val in (([0, 1], 0.5, 1), ([0, 1, 2], 0.3, 1),
                                 ([0, 1, 1, 1, 2], 0.2, 1), ([0, 0, 0, 1, 2, 2, 2], 0.3, 2)):
         for seed in range(5):
-            train, val = tmo.stratified_split(strata, frac, seed=seed)
+            train, val = training_split.stratified_split(strata, frac, seed=seed)
             assert len(val) == n_val and len(train) == len(strata) - n_val, (strata, seed)
             assert np.array_equal(np.sort(np.concatenate([train, val])),
                                   np.arange(len(strata)))
     # Strata without a single-image one split exactly as before (same seed, same indices).
     strata = np.repeat([0, 1, 2, 3], [20, 10, 6, 4])
-    assert np.bincount(strata[tmo.stratified_split(strata, 0.25, seed=0)[1]],
+    assert np.bincount(strata[training_split.stratified_split(strata, 0.25, seed=0)[1]],
                        minlength=4).tolist() == [5, 3, 1, 1]
 
 
 def test_stratified_kfold_partitions_every_index():
     strata = np.repeat([0, 1, 2], [7, 5, 8])
-    folds = tmo.stratified_kfold(strata, 3, seed=0)
+    folds = training_split.stratified_kfold(strata, 3, seed=0)
     assert len(folds) == 3
     vals = np.concatenate([v for _, v in folds])
     assert np.array_equal(np.sort(vals), np.arange(20))  # each index validates exactly once
@@ -290,33 +291,33 @@ def test_stratified_kfold_partitions_every_index():
     sizes = [len(v) for _, v in folds]
     assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError):
-        tmo.stratified_kfold(strata, 1, seed=0)
+        training_split.stratified_kfold(strata, 1, seed=0)
     with pytest.raises(ValueError):
-        tmo.stratified_kfold(strata, 21, seed=0)
+        training_split.stratified_kfold(strata, 21, seed=0)
 
 
 # --------------------------------------------------------------------------- steps / BatchNorm
 
 
 def test_auto_steps_per_epoch():
-    assert tmo.auto_steps_per_epoch(62, 32) == 50  # one pass would be 2 steps (old: 1)
-    assert tmo.auto_steps_per_epoch(62, 32) >= 50
-    assert tmo.auto_steps_per_epoch(10_000, 32) == 313  # at least one full pass
-    assert tmo.auto_steps_per_epoch(0, 32) == 50
-    assert tmo.auto_steps_per_epoch(62, 0) == 62
+    assert training_loop.auto_steps_per_epoch(62, 32) == 50  # one pass would be 2 steps (old: 1)
+    assert training_loop.auto_steps_per_epoch(62, 32) >= 50
+    assert training_loop.auto_steps_per_epoch(10_000, 32) == 313  # at least one full pass
+    assert training_loop.auto_steps_per_epoch(0, 32) == 50
+    assert training_loop.auto_steps_per_epoch(62, 0) == 62
 
 
 def test_auto_bn_momentum():
-    assert tmo.auto_bn_momentum(25) == pytest.approx(0.8)
-    assert tmo.auto_bn_momentum(50) == pytest.approx(0.9)
-    assert tmo.auto_bn_momentum(250) == pytest.approx(0.98)
-    assert tmo.auto_bn_momentum(1) == pytest.approx(0.8)  # clipped
-    assert tmo.auto_bn_momentum(0) == pytest.approx(0.8)
-    assert tmo.auto_bn_momentum(100_000) == pytest.approx(0.99)
+    assert training_loop.auto_bn_momentum(25) == pytest.approx(0.8)
+    assert training_loop.auto_bn_momentum(50) == pytest.approx(0.9)
+    assert training_loop.auto_bn_momentum(250) == pytest.approx(0.98)
+    assert training_loop.auto_bn_momentum(1) == pytest.approx(0.8)  # clipped
+    assert training_loop.auto_bn_momentum(0) == pytest.approx(0.8)
+    assert training_loop.auto_bn_momentum(100_000) == pytest.approx(0.99)
     # Within one epoch the initial moving statistics (mean 0, var 1) have decayed to < 1 %;
     # with Keras' default 0.99 they would still weigh 60 % after 50 steps (the trap).
     for steps in (25, 50, 100, 250, 1000):
-        assert tmo.auto_bn_momentum(steps) ** steps < 0.01
+        assert training_loop.auto_bn_momentum(steps) ** steps < 0.01
 
 
 def test_auto_bn_momentum_lets_a_real_batchnorm_catch_up_in_one_epoch():
@@ -333,7 +334,7 @@ def test_auto_bn_momentum_lets_a_real_batchnorm_catch_up_in_one_epoch():
             bn(x, training=True)
         return float(keras.ops.convert_to_numpy(bn.moving_mean)[0])
 
-    assert moving_mean_after(tmo.auto_bn_momentum(50), 50) > 5.0 * 0.99
+    assert moving_mean_after(training_loop.auto_bn_momentum(50), 50) > 5.0 * 0.99
     assert moving_mean_after(0.99, 50) == pytest.approx(5.0 * (1 - 0.99 ** 50), rel=1e-3)
 
 
@@ -350,10 +351,10 @@ def test_batchstat_jaccard_exposes_stale_moving_statistics():
     y = np.zeros((2, 8, 8, 1), np.float32)
     y[:, :, :4] = 1  # left half foreground
     # Moving statistics (0, 1): background maps to sigmoid(1) > 0.5 -> all foreground, IoU 1/2.
-    infer = tmo.per_image_jaccard(model.predict(y, verbose=0), y, 0.5)
+    infer = training_outputs.per_image_jaccard(model.predict(y, verbose=0), y, 0.5)
     assert infer.tolist() == pytest.approx([0.5, 0.5])
     # Batch statistics: mean 0.5, sd 0.5 -> BN gives -1 / +1 -> sigmoid(50 x + 1) is exact.
-    assert tmo.batchstat_jaccard(model, y, y, 0.5) == pytest.approx(1.0)
+    assert training_loop.batchstat_jaccard(model, y, y, 0.5) == pytest.approx(1.0)
 
 
 def test_batchstat_jaccard_runs_the_validation_set_in_training_size_chunks():
@@ -372,16 +373,19 @@ def test_batchstat_jaccard_runs_the_validation_set_in_training_size_chunks():
         calls.append((len(batch), training))
         return model(batch, training=training)
 
-    value = tmo.batchstat_jaccard(spy, xs, ys, 0.5, batch_size=3)
+    value = training_loop.batchstat_jaccard(spy, xs, ys, 0.5, batch_size=3)
     assert calls == [(3, True), (2, True), (2, True)]  # ceil(7 / 3) near-equal chunks
     # Each chunk normalised by its own statistics, per-image scores averaged over all 7.
     expected = np.mean(np.concatenate([
-        tmo.per_image_jaccard(keras.ops.convert_to_numpy(model(xs[i], training=True)),
-                              ys[i], 0.5) for i in (slice(0, 3), slice(3, 5), slice(5, 7))]))
+        training_outputs.per_image_jaccard(
+            keras.ops.convert_to_numpy(model(xs[i], training=True)), ys[i], 0.5)
+        for i in (slice(0, 3), slice(3, 5), slice(5, 7))]))
     assert value == pytest.approx(expected)
     calls.clear()  # batch_size >= N: the one-batch value, in one call
-    one = tmo.per_image_jaccard(keras.ops.convert_to_numpy(model(xs, training=True)), ys, 0.5)
-    assert tmo.batchstat_jaccard(spy, xs, ys, 0.5, batch_size=32) == pytest.approx(one.mean())
+    one = training_outputs.per_image_jaccard(
+        keras.ops.convert_to_numpy(model(xs, training=True)), ys, 0.5)
+    assert training_loop.batchstat_jaccard(spy, xs, ys, 0.5, batch_size=32) == \
+        pytest.approx(one.mean())
     assert calls == [(7, True)]
 
 
@@ -391,7 +395,8 @@ def test_per_image_jaccard_hand_values():
     pred[0, :2] = 1  # 8 px
     truth[0, 1:3] = 1  # 8 px, overlap 4 -> 4 / 12
     truth[2, 0, 0] = 1  # image 1 both empty -> 1; image 2 prediction empty -> 0
-    assert tmo.per_image_jaccard(pred, truth).tolist() == pytest.approx([1 / 3, 1.0, 0.0])
+    assert training_outputs.per_image_jaccard(pred, truth).tolist() == \
+        pytest.approx([1 / 3, 1.0, 0.0])
 
 
 # --------------------------------------------------------------------------- options
@@ -416,25 +421,26 @@ def test_config_file_between_preset_and_flags(tmp_path):
 
 
 def test_cpu_estimate_from_a_measured_step():
+    tr = training_outputs
     # 10 steps of 2 s, plus 3 validation tiles 4x a crop's pixels at 1/3 of a step per
     # pixel-batch: 3 * 2 * 4 / (3 * 2) = 4 s, plus the per-epoch overhead; 5 epochs.
-    one = tmo.estimate_training_seconds(2.0, steps=10, epochs=5, models=["unet"], batch=2,
+    one = tr.estimate_training_seconds(2.0, steps=10, epochs=5, models=["unet"], batch=2,
                                         train_px=64 * 64, val_px=128 * 128, n_val=3)
-    assert one == pytest.approx(5 * (20 + 4 + tmo.EPOCH_OVERHEAD_S))
-    three = tmo.estimate_training_seconds(2.0, steps=10, epochs=5, models=list(tmo.MODEL_COST),
+    assert one == pytest.approx(5 * (20 + 4 + tr.EPOCH_OVERHEAD_S))
+    three = tr.estimate_training_seconds(2.0, steps=10, epochs=5, models=list(tr.MODEL_COST),
                                           batch=2, train_px=64 * 64, val_px=128 * 128, n_val=3,
                                           folds=2)
-    assert three == pytest.approx(one * sum(tmo.MODEL_COST.values()) * 2)
+    assert three == pytest.approx(one * sum(tr.MODEL_COST.values()) * 2)
     # The preset's constants scale with the cores.
-    p1 = tmo.preset_cpu_seconds(models=["unet"], n_val=7, val_px=512 * 512, cores=1)
-    p2 = tmo.preset_cpu_seconds(models=["unet"], n_val=7, val_px=512 * 512, cores=2)
-    overhead = tmo.PRESETS["cpu"]["epochs"] * tmo.EPOCH_OVERHEAD_S
+    p1 = tr.preset_cpu_seconds(models=["unet"], n_val=7, val_px=512 * 512, cores=1)
+    p2 = tr.preset_cpu_seconds(models=["unet"], n_val=7, val_px=512 * 512, cores=2)
+    overhead = tmo.PRESETS["cpu"]["epochs"] * tr.EPOCH_OVERHEAD_S
     assert p1 - overhead == pytest.approx(2 * (p2 - overhead))
-    assert tmo.format_duration(40) == "40 s" and tmo.format_duration(720) == "12 min"
-    assert tmo.format_duration(26.4 * 3600) == "26.4 h"
-    assert tmo.cpu_notice(26.4 * 3600, 720) == ("no GPU found; this configuration needs about "
+    assert tr.format_duration(40) == "40 s" and tr.format_duration(720) == "12 min"
+    assert tr.format_duration(26.4 * 3600) == "26.4 h"
+    assert tr.cpu_notice(26.4 * 3600, 720) == ("no GPU found; this configuration needs about "
                                                 "26.4 h here; `--preset cpu` takes about 12 min")
-    assert tmo.cpu_notice(720, None) == ("no GPU found; this configuration (--preset cpu) "
+    assert tr.cpu_notice(720, None) == ("no GPU found; this configuration (--preset cpu) "
                                          "needs about 12 min here")
 
 
@@ -494,12 +500,12 @@ def test_run_writes_every_output(main_run, dataset):
     assert main_run["run_file"].read_text().strip() == str(run.resolve())
 
     cols, hist = read_csv(run / "unet_history.csv")
-    assert cols == list(tmo.HISTORY_COLUMNS)
+    assert cols == list(mcfg.HISTORY_COLUMNS)
     assert [int(r["epoch"]) for r in hist] == [1, 2]
     assert all(0 <= float(r["val_jacard_coef"]) <= 1 for r in hist)
 
     cols, rows = read_csv(run / "training_summary.csv")
-    assert cols == list(tmo.SUMMARY_COLUMNS)
+    assert cols == list(training_outputs.SUMMARY_COLUMNS)
     assert [r["model"] for r in rows] == ["unet"]
     assert int(rows[0]["epochs_run"]) == 2
     best = max(float(r["val_jacard_coef"]) for r in hist)
@@ -547,7 +553,7 @@ def test_config_has_what_prediction_needs(main_run, dataset):
     assert cfg["models"]["unet"]["filters"] == 4 and cfg["models"]["unet"]["depth"] == 2
     tr = cfg["training"]
     assert tr["epochs"] == 2 and tr["steps_per_epoch_used"] == 15
-    assert tmo.auto_bn_momentum(15) == pytest.approx(0.8)  # 1 - 5/15 clipped to 0.8
+    assert training_loop.auto_bn_momentum(15) == pytest.approx(0.8)  # 1 - 5/15 clipped to 0.8
     assert tr["bn_momentum_used"] == pytest.approx(0.8)
 
 
@@ -677,11 +683,11 @@ def test_explicit_patch_size_larger_than_the_tiles_is_an_error(small_dataset, tm
 
 
 def test_fit_patch_size():
-    assert tmo.fit_patch_size(128, 64, 3) == 64
-    assert tmo.fit_patch_size(128, 72, 3) == 72
-    assert tmo.fit_patch_size(120, 256, 4) == 112
-    assert tmo.fit_patch_size(48, 64, 4) == 48
-    assert tmo.fit_patch_size(0, 32, 3) == 0
+    assert training_data.fit_patch_size(128, 64, 3) == 64
+    assert training_data.fit_patch_size(128, 72, 3) == 72
+    assert training_data.fit_patch_size(120, 256, 4) == 112
+    assert training_data.fit_patch_size(48, 64, 4) == 48
+    assert training_data.fit_patch_size(0, 32, 3) == 0
 
 
 class SimulatedKill(Exception):
@@ -690,7 +696,7 @@ class SimulatedKill(Exception):
 
 def test_kfold_writes_folds_and_resumes_after_interruption(small_dataset, tmp_path,
                                                             monkeypatch):
-    real = tmo.train_one_model
+    real = training_loop.train_one_model
     calls = []
 
     def interrupted(*a, **k):
@@ -699,7 +705,7 @@ def test_kfold_writes_folds_and_resumes_after_interruption(small_dataset, tmp_pa
             raise SimulatedKill("job killed during fold 2")
         return real(*a, **k)
 
-    monkeypatch.setattr(tmo, "train_one_model", interrupted)
+    monkeypatch.setattr(training_loop, "train_one_model", interrupted)
     args = ["--data_dir", str(small_dataset), "--output_dir", str(tmp_path), *TINY,
             "--depth", "1", "--kfold", "2", "--epochs", "1", "--steps_per_epoch", "2"]
     with pytest.raises(SimulatedKill):
@@ -709,7 +715,7 @@ def test_kfold_writes_folds_and_resumes_after_interruption(small_dataset, tmp_pa
     assert (run / "fold_01" / "final_unet_model.hdf5").is_file()
     assert not (run / "fold_02" / "final_unet_model.hdf5").exists()
 
-    monkeypatch.setattr(tmo, "train_one_model", real)
+    monkeypatch.setattr(training_loop, "train_one_model", real)
     assert tmo.main(["--resume", str(run)]) == 0
     assert "unet: already finished" in (run / "training_console.log").read_text()
     vals = []
@@ -723,7 +729,7 @@ def test_kfold_writes_folds_and_resumes_after_interruption(small_dataset, tmp_pa
     assert not set(vals[0]) & set(vals[1])
 
     cols, rows = read_csv(run / "training_summary.csv")
-    assert cols == ["fold", *tmo.SUMMARY_COLUMNS]
+    assert cols == ["fold", *training_outputs.SUMMARY_COLUMNS]
     assert [int(r["fold"]) for r in rows] == [1, 2]
     _, ksum = read_csv(run / "kfold_summary.csv")
     assert ksum[0]["model"] == "unet" and int(ksum[0]["folds"]) == 2
@@ -739,9 +745,9 @@ def test_val_batches_split_evenly_over_replicas():
     for replicas in (2, 3, 4):
         for n_val in range(1, 40):
             for batch in (1, 2, 4, 8, 16, 32):
-                b, pad = tmo.val_layout(n_val, batch, replicas)
+                b, pad = training_data.val_layout(n_val, batch, replicas)
                 total = n_val + pad
                 assert b % replicas == 0 and total % replicas == 0 and pad < replicas
                 assert b <= max(replicas, batch) and (total % b) % replicas == 0
-    assert tmo.val_layout(5, 4, replicas=1) == (4, 0)  # one replica: as before
-    assert tmo.val_layout(3, 4, replicas=2) == (4, 1)
+    assert training_data.val_layout(5, 4, replicas=1) == (4, 0)  # one replica: as before
+    assert training_data.val_layout(3, 4, replicas=2) == (4, 1)

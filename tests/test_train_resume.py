@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 
 import train_microbead_optimized as tmo
+import training_loop
+import training_outputs
 from synthetic_dataset import generate_dataset
 
 STEPS, EPOCHS = 2, 8
@@ -88,7 +90,7 @@ class Trace:
     def install(self, mp):
         import keras
 
-        trace, real = self, tmo.make_callbacks
+        trace, real = self, training_loop.make_callbacks
 
         class Script(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
@@ -102,7 +104,7 @@ class Trace:
                     raise Kill("mid-epoch")
 
             def on_epoch_end(self, epoch, logs=None):
-                logs[tmo.MONITOR] = SCRIPT[epoch]
+                logs[training_loop.MONITOR] = SCRIPT[epoch]
                 trace.weights[epoch + 1] = self.model.get_weights()
 
         class Last(keras.callbacks.Callback):
@@ -110,7 +112,8 @@ class Trace:
                 if epoch + 1 == trace.kill_epoch_end_at:
                     raise Kill("after the epoch's last callback")
 
-        mp.setattr(tmo, "make_callbacks", lambda *a, **k: [Script(), *real(*a, **k), Last()])
+        mp.setattr(training_loop, "make_callbacks",
+                   lambda *a, **k: [Script(), *real(*a, **k), Last()])
 
 
 def run_dir_of(out: Path) -> Path:
@@ -157,21 +160,21 @@ def _kill_in_save_model(mp, trace, epoch, predicate):
 
 
 def _kill_history_write(mp, trace, epoch):
-    real = tmo.write_history
+    real = training_loop.write_history
 
     def write_history(path, rows):
         if trace.epoch == epoch:
             raise Kill("while writing the history")
         return real(path, rows)
 
-    mp.setattr(tmo, "write_history", write_history)
+    mp.setattr(training_loop, "write_history", write_history)
 
 
 def _kill_summary_write(mp, trace):
     def write_summary(*a, **k):
         raise Kill("while writing the summary")
 
-    mp.setattr(tmo, "write_summary", write_summary)
+    mp.setattr(training_outputs, "write_summary", write_summary)
 
 
 # name: (install the kill, last epoch committed when it strikes)
@@ -205,8 +208,8 @@ def test_kill_then_resume_matches_uninterrupted_run(point, dataset, reference, t
         with pytest.raises(Kill):
             tmo.main(["--data_dir", str(dataset), "--output_dir", str(tmp_path), *BASE])
     run = run_dir_of(tmp_path)
-    ckpt = tmo.checkpoint_path(run, "unet")
-    assert tmo.read_checkpoint_state(ckpt)["epoch"] == committed
+    ckpt = training_loop.checkpoint_path(run, "unet")
+    assert training_loop.read_checkpoint_state(ckpt)["epoch"] == committed
     before = read_rows(run / "unet_history.csv")
 
     resumed = Trace()
@@ -249,9 +252,9 @@ def test_kill_then_resume_matches_uninterrupted_run(point, dataset, reference, t
 def test_history_best_ignores_nan():
     rows = [{"epoch": 1, "val_jacard_coef": math.nan}, {"epoch": 2, "val_jacard_coef": 0.4},
             {"epoch": 3, "val_jacard_coef": None}, {"epoch": 4, "val_jacard_coef": 0.4}]
-    assert tmo.history_best(rows) == (0.4, 2)  # first epoch reaching the maximum
-    assert tmo.history_best(rows[:1]) == (-math.inf, None)
-    assert tmo.history_best([]) == (-math.inf, None)
+    assert training_loop.history_best(rows) == (0.4, 2)  # first epoch reaching the maximum
+    assert training_loop.history_best(rows[:1]) == (-math.inf, None)
+    assert training_loop.history_best([]) == (-math.inf, None)
 
 
 def _two_epoch_run(dataset, out: Path) -> Path:
@@ -319,7 +322,7 @@ def test_resume_gives_a_compiled_model_where_keras_cannot_deserialize(dataset, t
 def test_write_summary_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "training_summary.csv"
     rows = [{"model": "unet", "best_epoch": 3, "best_val_jacard": 0.6}]
-    tmo.write_summary(path, rows)
+    training_outputs.write_summary(path, rows)
     old = path.read_bytes()
 
     def dies(self, rows):
@@ -327,6 +330,6 @@ def test_write_summary_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(csv.DictWriter, "writerows", dies)
     with pytest.raises(Kill):
-        tmo.write_summary(path, rows * 2)
+        training_outputs.write_summary(path, rows * 2)
     assert path.read_bytes() == old  # a reader never sees a header-only or half file
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
