@@ -440,6 +440,31 @@ def validation_arrays(images, masks, val_idx, windows=None) -> tuple[np.ndarray,
     return xs, ys[..., None].astype(np.float32)
 
 
+def colour_tiles(paths, image_size: int | None, windows=None) -> np.ndarray | None:
+    """The validation tiles in RGB at model scale, cropped like :func:`validation_arrays`:
+    the object filter's colour evidence (``bead_filter``), which the luminance network
+    input no longer holds.
+
+    Returns float32 ``(n, h, w, 3)`` in the stored value range (resized like the network
+    input, area interpolation), or None when a file cannot be read. Grayscale files come
+    back with three equal channels, which give no colour bound.
+    """
+    out = []
+    for i, path in enumerate(paths):
+        try:
+            rgb = mio.read_image(path, 3)
+        except mio.ImageReadError as exc:
+            log.warning("no colour evidence for the object filter: %s", exc)
+            return None
+        if image_size:
+            rgb = mio.resize_image(rgb, int(image_size))
+        if windows:
+            y0, y1, x0, x1 = windows[i]
+            rgb = rgb[y0:y1, x0:x1]
+        out.append(np.asarray(rgb, np.float32))
+    return np.stack(out) if out else None
+
+
 def augmented_batch(x, y, train_idx, index: int, *, batch_size: int, seed: int,
                     **augment) -> tuple[np.ndarray, np.ndarray]:
     """Batch ``index`` of the endless training stream (a pure function of its arguments).

@@ -610,8 +610,11 @@ def train_one_model(name, data, train_idx, val_idx, args, out_dir: Path, strateg
     training_outputs.save_snapshot(out_dir / f"validation_snapshot_{name}.png", name, x_val,
                                   y_val, prob, [data["files"][i] for i in val_idx],
                                   args.threshold)
+    images_dir = training_data.dataset_dirs(args.data_dir)[0]
+    rgb_val = training_data.colour_tiles([images_dir / data["files"][i] for i in val_idx],
+                                         args.image_size, data.get("val_windows"))
     calib, pred_labels = training_outputs.calibrate_on_validation(
-        prob, x_val, y_val, args.threshold, data["median_area_px"])
+        prob, x_val, y_val, args.threshold, data["median_area_px"], colour=rgb_val)
     mio.atomic_write_json(out_dir / training_outputs.calibration_file(name), calib)
     log.info("%s: %s", name, bead_filter.describe(calib["object_filter"]))
     v = calib["validation"]

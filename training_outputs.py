@@ -157,15 +157,17 @@ def calibration_file(name: str) -> str:
 
 
 def calibrate_on_validation(prob, x_val, y_val, threshold: float, median_area: float,
-                            quantile: float = bead_filter.DEFAULT_QUANTILE
-                            ) -> tuple[dict, list[np.ndarray]]:
+                            quantile: float = bead_filter.DEFAULT_QUANTILE,
+                            colour=None) -> tuple[dict, list[np.ndarray]]:
     """The model's object filter and its own bead size, from its validation predictions.
 
     Each validation tile's prediction is split into beads as ``predict_microscope`` does;
     every object gets :func:`bead_filter.object_features` (against the normalised input);
     objects whose centre lies within :func:`bead_filter.match_radius` of a labelled
     object's are *confirmed*. :func:`bead_filter.calibrate` sets lower bounds that keep all
-    but ``quantile`` of the confirmed objects per feature. ``predicted_bead_area_px`` is the
+    but ``quantile`` of the confirmed objects per feature; with ``colour`` (the tiles in RGB
+    at model scale, :func:`training_data.colour_tiles`) also a colour bound when the
+    confirmed beads have a colour. ``predicted_bead_area_px`` is the
     median 8-connected component area of the kept objects (model scale): the scale check's
     reference (the masks' own beads may be shrunk).
 
@@ -175,13 +177,14 @@ def calibrate_on_validation(prob, x_val, y_val, threshold: float, median_area: f
     ``predicted_bead_area_px`` (None without objects) and ``validation`` counts.
     """
     labels, feats, matched = [], [], []
-    for p, x in zip(prob, x_val):
+    colours = [None] * len(x_val) if colour is None else colour
+    for p, x, rgb in zip(prob, x_val, colours):
         p2 = np.asarray(p, np.float32)[..., 0]
         lab = microbead_metrics.label_beads(
             microbead_metrics.above_threshold(p2, threshold).astype(np.uint8),
             median_area=median_area, prob=p2)
         img = np.asarray(x, np.float32).mean(axis=-1)
-        f = bead_filter.object_features(lab, p2, img)
+        f = bead_filter.object_features(lab, p2, img, colour=rgb)
         labels.append(lab)
         feats.append(f)
     all_area = np.concatenate([f["area_px"] for f in feats]) if feats else np.zeros(0)
@@ -431,13 +434,16 @@ def recalibrate_run(run_dir, data_dir=None, models_=None) -> dict:
         ys.append(m)
     x_val = np.stack(xs)
     y_val = np.stack(ys)[..., None].astype(np.float32)
+    rgb_val = training_data.colour_tiles([images_dir / n for n in split["val"]],
+                                         pre["input_size"][0], split.get("val_windows"))
     for name in models_ or list(cfg["models"]):
         path = run_dir / f"best_{name}_model.hdf5"
         if not path.is_file():
             continue
         prob = models.load_model(path).predict(x_val, batch_size=4, verbose=0)
         calib, _ = calibrate_on_validation(prob, x_val, y_val, float(post["threshold"]),
-                                           float(post["median_bead_area_px"]))
+                                           float(post["median_bead_area_px"]),
+                                           colour=rgb_val)
         mio.atomic_write_json(run_dir / calibration_file(name), calib)
         log.info("%s: %s", name, bead_filter.describe(calib["object_filter"]))
     cfg["postprocessing"]["per_model"] = read_calibrations(run_dir, list(cfg["models"]))

@@ -249,3 +249,32 @@ def test_no_colour_bound_for_grey_beads_or_without_colour():
     assert bf.accepted(g, rule2).all()
     with pytest.raises(ValueError, match="colour shape"):
         bf.object_features(labels2, prob2, None, colour=blue[..., :2])
+
+
+def test_training_calibration_uses_the_validation_tiles_colour(tmp_path):
+    # The trainer's calibration sees the validation tiles in colour (read from the files at
+    # model scale, cut to their windows): grey debris as dark as the beads gets no vote.
+    import training_data
+    import training_outputs
+
+    rgb, labels, truth = _colour_scene(bead_rgb=(0.30, 0.16, 0.55), debris_rgb=(0.25,) * 3)
+    path = tmp_path / "tile.png"
+    mio.write_image(path, np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8))
+    window = (0, 160, 0, 200)
+    colour = training_data.colour_tiles([path], None, [window])
+    assert colour.shape == (1, 160, 200, 3)
+    assert np.allclose(colour[0] / 255.0, rgb, atol=0.5 / 255 + 1e-6)
+    lum = (colour[0] / 255.0) @ np.array([0.299, 0.587, 0.114])
+    prob = ((labels > 0) * 0.9).astype(np.float32)[None, ..., None]
+    x_val = lum[None, ..., None].astype(np.float32)
+    y_val = truth[None, ..., None].astype(np.float32)
+    with_colour, kept = training_outputs.calibrate_on_validation(
+        prob, x_val, y_val, 0.5, 50.0, colour=colour)
+    without, _ = training_outputs.calibrate_on_validation(prob, x_val, y_val, 0.5, 50.0)
+    assert "min_colour" in with_colour["object_filter"]
+    assert "min_colour" not in without["object_filter"]
+    assert with_colour["validation"]["dropped_unmatched"] == 8
+    assert without["validation"]["dropped_unmatched"] == 0
+    assert with_colour["validation"]["dropped_matched"] == 0
+    assert int(kept[0].max()) == 40
+    assert training_data.colour_tiles([tmp_path / "missing.png"], 160) is None
