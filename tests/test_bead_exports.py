@@ -12,6 +12,7 @@ from skimage.draw import polygon2mask
 import bead_exports as be
 import microbead_io as mio
 import predict_microscope as pm
+import prediction_pipeline
 from make_synthetic_dataset import render_masks, sample_beads
 
 roifile = pytest.importorskip("roifile")
@@ -117,9 +118,9 @@ def _predicted_frame(tmp_path, exports, pipelined=True, name="640x_frame_001.png
                              "pad_multiple": 4},
            "postprocessing": {"threshold": 0.5, "median_bead_area_px": np.pi * 2.25 ** 2}}
     out = tmp_path / ("pipe" if pipelined else "seq")
-    rows = pm.predict_files([inp / name], lambda b: b[..., 0], cfg, out, tile_size=64,
-                            overlap=16, batch_size=2, figures=False, pipelined=pipelined,
-                            exports=frozenset(exports))
+    rows = prediction_pipeline.predict_files(
+        [inp / name], lambda b: b[..., 0], cfg, out, tile_size=64, overlap=16, batch_size=2,
+        figures=False, pipelined=pipelined, exports=frozenset(exports))
     assert rows[0]["status"] == "ok", rows[0]["status"]
     return out, inp / name
 
