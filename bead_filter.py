@@ -65,34 +65,40 @@ def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | No
     """
     labels = np.asarray(labels)
     n = int(labels.max(initial=0))
+    # Every sum runs over the object pixels only, in raster order: the same additions in the
+    # same order as over the whole frame (whose other pixels only fed bin 0), a few % of
+    # the pixels on a sparse frame and no frame-sized float64 / index arrays.
     flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    fg = np.flatnonzero(flat)
+    ids = flat[fg]
+    area = np.bincount(ids, minlength=n + 1)[1:].astype(np.float64)
     safe = np.maximum(area, 1.0)
-    p = np.asarray(prob, np.float64).ravel()
+    p = np.asarray(prob, np.float64).ravel()[fg]
     out = {
         "area_px": area,
-        "mean_prob": np.bincount(flat, weights=p, minlength=n + 1)[1:] / safe,
-        "max_prob": ndimage.maximum(p.reshape(labels.shape), labels, np.arange(1, n + 1))
-        if n else np.zeros(0),
+        "mean_prob": np.bincount(ids, weights=p, minlength=n + 1)[1:] / safe,
+        "max_prob": _object_max(ids, p, n),
     }
-    yy, xx = np.indices(labels.shape)
-    out["cy"] = np.bincount(flat, weights=yy.ravel(), minlength=n + 1)[1:] / safe
-    out["cx"] = np.bincount(flat, weights=xx.ravel(), minlength=n + 1)[1:] / safe
+    rows, cols = np.divmod(fg, labels.shape[1])
+    out["cy"] = np.bincount(ids, weights=rows, minlength=n + 1)[1:] / safe
+    out["cx"] = np.bincount(ids, weights=cols, minlength=n + 1)[1:] / safe
     if image is None or n == 0:
         out["contrast"] = np.full(n, np.nan)
         out["snr"] = np.full(n, np.nan)
         return out
-    img = np.asarray(image, np.float64)
+    img = np.asarray(image)
     if img.shape != labels.shape:
         raise ValueError(f"image shape {img.shape} != labels shape {labels.shape}")
-    inside = np.bincount(flat, weights=img.ravel(), minlength=n + 1)[1:] / safe
-    near = ndimage.maximum_filter(labels, size=2 * RING_GAP + 1) > 0
-    owner = ndimage.maximum_filter(labels, size=2 * (RING_GAP + RING_WIDTH) + 1)
-    ring = (~near) & (owner > 0)
-    rid = np.where(ring, owner, 0).ravel()
+    img = img.ravel()
+    inside = np.bincount(ids, weights=img[fg].astype(np.float64), minlength=n + 1)[1:] / safe
+    near = _max_filter(labels > 0, 2 * RING_GAP + 1)
+    owner = _max_filter(labels, 2 * (RING_GAP + RING_WIDTH) + 1).ravel()
+    ring = np.flatnonzero(~near.ravel() & (owner > 0))
+    rid = owner[ring]
+    vals = img[ring].astype(np.float64)
     cnt = np.bincount(rid, minlength=n + 1)[1:].astype(np.float64)
-    s1 = np.bincount(rid, weights=img.ravel(), minlength=n + 1)[1:]
-    s2 = np.bincount(rid, weights=img.ravel() ** 2, minlength=n + 1)[1:]
+    s1 = np.bincount(rid, weights=vals, minlength=n + 1)[1:]
+    s2 = np.bincount(rid, weights=vals ** 2, minlength=n + 1)[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = s1 / cnt
         sd = np.sqrt(np.maximum(s2 / cnt - mean ** 2, 0.0))
@@ -106,6 +112,33 @@ def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | No
     snr[cnt == 0] = np.inf
     out["contrast"], out["snr"] = contrast, snr
     return out
+
+
+def _object_max(ids: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Per object ``1..n``: the largest of its ``values`` (``ids`` > 0, one per pixel);
+    0 for an id without pixels (as ``scipy.ndimage.maximum`` gives)."""
+    if n == 0:
+        return np.zeros(0)
+    out = np.full(n + 1, -np.inf)
+    np.maximum.at(out, ids, values)
+    out = out[1:]
+    out[np.isneginf(out)] = 0.0
+    return out
+
+
+def _max_filter(a: np.ndarray, size: int) -> np.ndarray:
+    """``scipy.ndimage.maximum_filter(a, size)`` (its default ``reflect`` border) for a
+    bool or non-negative integer image, by OpenCV's dilation: a reflected pixel lies inside
+    the window anyway, so both are the maximum over the window's pixels in the image.
+    Integers pass through float32 (exact below 2**24); larger ids take SciPy's filter."""
+    import cv2
+
+    kernel = np.ones((size, size), np.uint8)
+    if a.dtype == bool:
+        return cv2.dilate(a.view(np.uint8), kernel).view(bool)
+    if int(a.max(initial=0)) >= 2 ** 24 or a.min(initial=0) < 0:
+        return ndimage.maximum_filter(a, size=size)
+    return cv2.dilate(a.astype(np.float32), kernel).astype(a.dtype)
 
 
 def match_centres(truth: np.ndarray, pred: np.ndarray, max_dist: float

@@ -296,8 +296,11 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
         lut = np.zeros(present.size, labels.dtype)
         lut[present] = np.arange(1, n + 1, dtype=labels.dtype)
         labels = lut[labels]
-    ratio = bead_area_ratio(mask_small, reference_bead_area(post))
-    n_comp = microbead_metrics.count_components(mask)
+    areas = microbead_metrics.component_areas(mask_small)
+    ratio = _area_ratio(areas, reference_bead_area(post))
+    # At scale 1 the native mask is the model-scale mask: its components are counted.
+    n_comp = int(areas.size) if mask.shape == mask_small.shape \
+        else microbead_metrics.count_components(mask)
     fg = int(mask.sum())
     return {
         "prob": prob, "mask": mask, "labels": labels, "beads": n, "n_components": n_comp,
@@ -328,7 +331,11 @@ def bead_area_ratio(mask_small: np.ndarray, median_area: float) -> float:
     """
     import microbead_metrics
 
-    areas = microbead_metrics.component_areas(mask_small)
+    return _area_ratio(microbead_metrics.component_areas(mask_small), median_area)
+
+
+def _area_ratio(areas: np.ndarray, median_area: float) -> float:
+    """:func:`bead_area_ratio` from the component areas."""
     if areas.size < MIN_BEADS_FOR_SCALE or not median_area > 0:
         return float("nan")
     return float(np.median(areas) / median_area)
