@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench_train import ensure_dataset, load_average, machine_info  # noqa: E402
+from _common import load_average, machine_info  # noqa: E402
+from bench_train import ensure_dataset  # noqa: E402
 
 import microbead_metrics as mm  # noqa: E402
 import train_microbead_optimized as tmo  # noqa: E402
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
             "intensity_aug": targs.intensity_aug, "elastic": targs.elastic,
             "bn_momentum": bn_m, "mixed_precision": tf_facts["mixed_precision"],
         },
-        "machine": {**machine_info(), "load_average_1min_start": load_start,
+        "machine": {**machine_info(keras_backend=True), "load_average_1min_start": load_start,
                     "load_average_1min_end": load_average()},
         "seconds_per_epoch": {k: [round(v, 3) for v in t] for k, t in times.items()},
         "cpu_seconds_per_epoch": {k: [round(v, 3) for v in t] for k, t in cpu.items()},
