@@ -7,8 +7,8 @@ default: the next frame is read and the previous one finished while the current 
 the network) and sequential, and reports seconds per frame for each, the time of ONE pure
 forward pass of the same model over a whole model-scale frame (warm, as a single tensor;
 sampled before and between the passes), their ratio, the peak resident memory of the
-process and, on Linux, of the predictor passes alone (``pass_peak_rss_mb``: the whole-frame
-reference pass takes far more memory than the tiled predictor)
+process and, on Linux, of the predictor alone (``predictor_peak_rss_mb``, measured before any
+whole-frame tensor: the reference pass takes far more memory than the tiled predictor)
 and the count error against the generator's ground truth. Works with any Keras backend
 (``KERAS_BACKEND=jax`` on a GPU machine without TensorFlow).
 
@@ -139,13 +139,37 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int | No
         whole = np.pad(x, ((0, -h % pad), (0, -w % pad), (0, 0)), mode="reflect")[None]
         if whole.shape not in warm_shapes:
             # A new shape's first calls are slow (tracing / compilation, allocator and
-            # kernel caches): 3 untimed calls of each, the whole frame and the tiles.
+            # kernel caches): 3 untimed calls of the tiled predictor here, of the whole
+            # frame below (after the memory passes: a whole-frame tensor's memory stays
+            # with the process and would be counted as the predictor's).
             for _ in range(3):
-                predict_fn(whole)
                 prediction.predict_frame(image, predict_fn, cfg, tile_size=tile_size,
                                          overlap=overlap, batch_size=batch_size)
             warm_shapes.add(whole.shape)
         wholes.append(whole)
+
+    # One untimed pass of each mode over all frames: first-use costs (lazy imports in the
+    # workers, allocator growth, first file writes) are paid once per process, like the
+    # tracing above, and are not per-frame costs. Its peak RSS is the predictor's own
+    # (nothing of the size of a whole-frame tensor has run yet): predictor_peak_rss_mb.
+    predictor_rss: dict[str, float | None] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            out = Path(tmp) / mode
+            for sub in ("masks", "labels", "overlays", "comparisons"):
+                (out / sub).mkdir(parents=True)
+            have_reset = reset_peak_rss() is not None
+            prediction_pipeline.predict_files(
+                files, predict_fn, cfg, out, tile_size=tile_size, overlap=overlap,
+                batch_size=batch_size, figures=figures, pipelined=mode == "pipelined",
+                workers=workers)
+            predictor_rss[mode] = pass_peak_rss_mb() if have_reset else None
+    warm_shapes.clear()
+    for whole in wholes:
+        if whole.shape not in warm_shapes:
+            for _ in range(3):
+                predict_fn(whole)
+            warm_shapes.add(whole.shape)
 
     forward: list[float] = []
 
@@ -155,18 +179,6 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int | No
             np.asarray(predict_fn(whole))
             forward.append(time.perf_counter() - t)
 
-    # One untimed pass of each mode over the first two frames: first-use costs (lazy
-    # imports in the workers, allocator growth, first file writes) are paid once per
-    # process, like the tracing above, and are not per-frame costs.
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in modes:
-            out = Path(tmp) / mode
-            for sub in ("masks", "labels", "overlays", "comparisons"):
-                (out / sub).mkdir(parents=True)
-            prediction_pipeline.predict_files(
-                files[:2], predict_fn, cfg, out, tile_size=tile_size, overlap=overlap,
-                batch_size=batch_size, figures=figures, pipelined=mode == "pipelined",
-                workers=workers)
     sample_forward()
     # The predictor itself: prediction_pipeline.predict_files, the code path of the CLI
     # (read, normalise, tiled forward passes, blend, threshold, split beads, write mask +
@@ -200,8 +212,12 @@ def bench(model_arg: str, frames_dir: Path, *, tile_size: int, overlap: int | No
     passes = {m: {"s_per_frame": round(float(np.median(v)), 4),
                   "s_per_frame_all": [round(w, 4) for w in v],
                   "ratio": round(float(np.median(v)) / forward_s, 3),
-                  # The predictor's own peak RSS in a pass (process RSS included: model,
-                  # libraries and what the allocator kept from earlier passes).
+                  # Peak RSS of the process in the untimed pass, before any whole-frame
+                  # tensor: the predictor's memory (model and libraries included).
+                  "predictor_peak_rss_mb": None if predictor_rss[m] is None
+                  else round(predictor_rss[m], 1),
+                  # Peak RSS in the timed passes: what the whole-frame reference passes
+                  # left allocated (rss_at_pass_start_mb) is included.
                   "pass_peak_rss_mb": round(max(pass_rss[m]), 1) if pass_rss[m] else None,
                   "rss_at_pass_start_mb": round(max(rss_at_start[m]), 1)
                   if rss_at_start[m] else None}
@@ -300,9 +316,10 @@ def _print(result: dict, args) -> None:
     if result["median_rel_count_error"] is not None:
         print(f"median relative count error {100 * result['median_rel_count_error']:.2f} %")
     for mode, m in result["modes"].items():
-        if m["pass_peak_rss_mb"] is not None:
-            print(f"{mode:<11} peak RSS during the passes {m['pass_peak_rss_mb']:.0f} MB "
-                  f"(RSS at their start {m['rss_at_pass_start_mb']:.0f} MB)")
+        if m["predictor_peak_rss_mb"] is not None:
+            print(f"{mode:<11} peak RSS of the predictor {m['predictor_peak_rss_mb']:.0f} MB; "
+                  f"in the timed passes {m['pass_peak_rss_mb']:.0f} MB (whole-frame "
+                  f"reference left {m['rss_at_pass_start_mb']:.0f} MB allocated)")
     print(f"peak RSS of the process {result['peak_rss_mb']:.0f} MB (whole-frame reference "
           f"passes included) -> {args.out}")
 

@@ -73,6 +73,7 @@ def test_bench_predict_main_writes_sane_json_with_the_default_overlap(tmp_path, 
         assert mode["s_per_frame"] > 0 and mode["ratio"] > 0
         if mode["pass_peak_rss_mb"] is not None:  # Linux
             assert 0 < mode["rss_at_pass_start_mb"] <= mode["pass_peak_rss_mb"]
+            assert 0 < mode["predictor_peak_rss_mb"] <= res["peak_rss_mb"] + 1
             assert mode["pass_peak_rss_mb"] <= res["peak_rss_mb"] + 1
     assert [f["file"] for f in res["frames"]] == ["160x_a.png", "640x_b.png"]
     assert all(f["true_beads"] == 10 and f["beads"] >= 0 for f in res["frames"])
