@@ -19,7 +19,7 @@ confirm, and drops the objects that look like none of them.
 * :func:`apply_filter`: the labels with rejected objects removed, renumbered 1..n.
 
 The rule is stored per model in ``config.json`` (``postprocessing.per_model``) by the
-trainer and applied by ``predict_microscope.finish_frame``. Pure NumPy / SciPy.
+trainer and applied by ``prediction.finish_frame``. Pure NumPy / SciPy.
 """
 
 from __future__ import annotations
@@ -75,41 +75,48 @@ def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | No
     """
     labels = np.asarray(labels)
     n = int(labels.max(initial=0))
+    # Every sum runs over the object pixels only, in raster order: the same additions in the
+    # same order as over the whole frame (whose other pixels only fed bin 0), a few % of
+    # the pixels on a sparse frame and no frame-sized float64 / index arrays.
     flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    fg = np.flatnonzero(flat)
+    ids = flat[fg]
+    area = np.bincount(ids, minlength=n + 1)[1:].astype(np.float64)
     safe = np.maximum(area, 1.0)
-    p = np.asarray(prob, np.float64).ravel()
+    p = np.asarray(prob, np.float64).ravel()[fg]
     out = {
         "area_px": area,
-        "mean_prob": np.bincount(flat, weights=p, minlength=n + 1)[1:] / safe,
-        "max_prob": ndimage.maximum(p.reshape(labels.shape), labels, np.arange(1, n + 1))
-        if n else np.zeros(0),
+        "mean_prob": np.bincount(ids, weights=p, minlength=n + 1)[1:] / safe,
+        "max_prob": _object_max(ids, p, n),
     }
-    yy, xx = np.indices(labels.shape)
-    out["cy"] = np.bincount(flat, weights=yy.ravel(), minlength=n + 1)[1:] / safe
-    out["cx"] = np.bincount(flat, weights=xx.ravel(), minlength=n + 1)[1:] / safe
+    rows, cols = np.divmod(fg, labels.shape[1])
+    out["cy"] = np.bincount(ids, weights=rows, minlength=n + 1)[1:] / safe
+    out["cx"] = np.bincount(ids, weights=cols, minlength=n + 1)[1:] / safe
     out["chroma_shift"] = np.full((n, 3), np.nan)
     if (image is None and colour is None) or n == 0:
         out["contrast"] = np.full(n, np.nan)
         out["snr"] = np.full(n, np.nan)
         return out
-    near = ndimage.maximum_filter(labels, size=2 * RING_GAP + 1) > 0
-    owner = ndimage.maximum_filter(labels, size=2 * (RING_GAP + RING_WIDTH) + 1)
-    ring = (~near) & (owner > 0)
-    rid = np.where(ring, owner, 0).ravel()
+    near = _max_filter(labels > 0, 2 * RING_GAP + 1)
+    owner = _max_filter(labels, 2 * (RING_GAP + RING_WIDTH) + 1).ravel()
+    ring = np.flatnonzero(~near.ravel() & (owner > 0))
+    rid = owner[ring]
     cnt = np.bincount(rid, minlength=n + 1)[1:].astype(np.float64)
     if colour is not None:
-        out["chroma_shift"] = _chroma_shift(labels, colour, flat, safe, rid, cnt, n)
+        out["chroma_shift"] = _chroma_shift(labels.shape, colour, fg, ids, safe, ring, rid,
+                                            cnt, n)
     if image is None:
         out["contrast"] = np.full(n, np.nan)
         out["snr"] = np.full(n, np.nan)
         return out
-    img = np.asarray(image, np.float64)
+    img = np.asarray(image)
     if img.shape != labels.shape:
         raise ValueError(f"image shape {img.shape} != labels shape {labels.shape}")
-    inside = np.bincount(flat, weights=img.ravel(), minlength=n + 1)[1:] / safe
-    s1 = np.bincount(rid, weights=img.ravel(), minlength=n + 1)[1:]
-    s2 = np.bincount(rid, weights=img.ravel() ** 2, minlength=n + 1)[1:]
+    img = img.ravel()
+    inside = np.bincount(ids, weights=img[fg].astype(np.float64), minlength=n + 1)[1:] / safe
+    vals = img[ring].astype(np.float64)
+    s1 = np.bincount(rid, weights=vals, minlength=n + 1)[1:]
+    s2 = np.bincount(rid, weights=vals ** 2, minlength=n + 1)[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = s1 / cnt
         sd = np.sqrt(np.maximum(s2 / cnt - mean ** 2, 0.0))
@@ -125,19 +132,25 @@ def object_features(labels: np.ndarray, prob: np.ndarray, image: np.ndarray | No
     return out
 
 
-def _chroma_shift(labels, colour, flat, safe, rid, cnt, n) -> np.ndarray:
-    """``(n, 3)`` mean chromaticity inside each object minus in its ring (NaN: no ring)."""
-    rgb = np.asarray(colour, np.float64)
-    if rgb.shape != labels.shape + (3,):
-        raise ValueError(f"colour shape {rgb.shape} != labels shape {labels.shape} + (3,)")
-    chroma = rgb / np.maximum(rgb.sum(axis=-1, keepdims=True), 1e-9)
+def _chroma_shift(shape, colour, fg, ids, safe, ring, rid, cnt, n) -> np.ndarray:
+    """``(n, 3)`` mean chromaticity inside each object (pixels ``fg``, ids ``ids``) minus in
+    its ring (pixels ``ring``, owners ``rid``); NaN where an object has no ring."""
+    rgb = np.asarray(colour)
+    if rgb.shape != tuple(shape) + (3,):
+        raise ValueError(f"colour shape {rgb.shape} != labels shape {tuple(shape)} + (3,)")
+    rgb = rgb.reshape(-1, 3)
+
+    def chroma(px):
+        v = rgb[px].astype(np.float64)
+        return v / np.maximum(v.sum(axis=1, keepdims=True), 1e-9)
+
+    inner, outer = chroma(fg), chroma(ring)
     shift = np.empty((n, 3))
     with np.errstate(invalid="ignore", divide="ignore"):
         for c in range(3):
-            ch = chroma[..., c].ravel()
-            inside = np.bincount(flat, weights=ch, minlength=n + 1)[1:] / safe
-            ring = np.bincount(rid, weights=ch, minlength=n + 1)[1:] / cnt
-            shift[:, c] = inside - ring
+            inside = np.bincount(ids, weights=inner[:, c], minlength=n + 1)[1:] / safe
+            around = np.bincount(rid, weights=outer[:, c], minlength=n + 1)[1:] / cnt
+            shift[:, c] = inside - around
     shift[cnt == 0] = np.nan
     return shift
 
@@ -149,6 +162,33 @@ def colour_values(features: dict, direction) -> np.ndarray:
     u = np.asarray(direction, float)
     return np.asarray(features.get("chroma_shift", np.full((len(features["area_px"]), 3),
                                                              np.nan)), float) @ u
+
+
+def _object_max(ids: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Per object ``1..n``: the largest of its ``values`` (``ids`` > 0, one per pixel);
+    0 for an id without pixels (as ``scipy.ndimage.maximum`` gives)."""
+    if n == 0:
+        return np.zeros(0)
+    out = np.full(n + 1, -np.inf)
+    np.maximum.at(out, ids, values)
+    out = out[1:]
+    out[np.isneginf(out)] = 0.0
+    return out
+
+
+def _max_filter(a: np.ndarray, size: int) -> np.ndarray:
+    """``scipy.ndimage.maximum_filter(a, size)`` (its default ``reflect`` border) for a
+    bool or non-negative integer image, by OpenCV's dilation: a reflected pixel lies inside
+    the window anyway, so both are the maximum over the window's pixels in the image.
+    Integers pass through float32 (exact below 2**24); larger ids take SciPy's filter."""
+    import cv2
+
+    kernel = np.ones((size, size), np.uint8)
+    if a.dtype == bool:
+        return cv2.dilate(a.view(np.uint8), kernel).view(bool)
+    if int(a.max(initial=0)) >= 2 ** 24 or a.min(initial=0) < 0:
+        return ndimage.maximum_filter(a, size=size)
+    return cv2.dilate(a.astype(np.float32), kernel).astype(a.dtype)
 
 
 def match_centres(truth: np.ndarray, pred: np.ndarray, max_dist: float

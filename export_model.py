@@ -159,7 +159,7 @@ def input_plan(cfg: dict, *, input_normalized: bool = False, rgb_input: bool = F
             pixel_scale = float(pre.get("pixel_scale", scale))
             if not math.isclose(pixel_scale, scale):
                 steps[-1] += (f" Training normalised at the stored-tile scale ({pixel_scale:.6g}"
-                              " px per frame px) and then resized; predict_microscope."
+                              " px per frame px) and then resized; prediction."
                               "preprocess_frame reproduces that order exactly.")
         return {**plan, "mode": "normalized"}
     if in_graph:
@@ -203,14 +203,14 @@ def package_input(image: np.ndarray, cfg: dict, plan: dict) -> np.ndarray:
 
     ``image`` is the frame as ``microbead_io.read_image`` gives it with
     ``plan["input_channels"]`` channels. ``normalized`` mode: the frame as prediction
-    preprocesses it (``predict_microscope.preprocess_frame``); otherwise the frame resampled
+    preprocesses it (``prediction.preprocess_frame``); otherwise the frame resampled
     to model scale in its stored value range.
     """
-    import predict_microscope
+    import prediction
 
     pre = cfg["preprocessing"]
     if plan["mode"] == "normalized":
-        return predict_microscope.preprocess_frame(image, pre)
+        return prediction.preprocess_frame(image, pre)
     scale = float(pre["scale"])
     if math.isclose(scale, 1.0):
         return np.asarray(image, np.float32)
@@ -385,13 +385,13 @@ def cover_image(x_display: np.ndarray, prob: np.ndarray, threshold: float,
     """2:1 RGB uint8 cover: test input (gray) | the beads the model finds, outlined."""
     import cv2
 
+    import frame_outputs
     import microbead_metrics
-    import predict_microscope
 
-    gray = predict_microscope.display_gray(x_display)
+    gray = frame_outputs.display_gray(x_display)
     n, labels = cv2.connectedComponents(
         microbead_metrics.above_threshold(prob, threshold).astype(np.uint8), connectivity=8)
-    ov = predict_microscope.overlay_image(gray, labels)
+    ov = frame_outputs.overlay_image(gray, labels)
     left = cv2.cvtColor(mio.to_uint8(gray), cv2.COLOR_GRAY2RGB)
     h, w = gray.shape
     f = max(1, int(math.ceil(height / h)))
@@ -762,7 +762,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
-    import predict_microscope
+    import prediction
 
     handlers = [runtime.add_log_handler()]
 
@@ -776,8 +776,8 @@ def main(argv=None) -> int:
         try:  # every check before anything is written
             cli.check_output_dir(out, overwrite=args.overwrite, log_name=LOG_NAME,
                                  inputs=[args.model])
-            model_path, cfg_path, note = predict_microscope.resolve_model(args.model)
-            cfg = predict_microscope.read_run_config(cfg_path)
+            model_path, cfg_path, note = prediction.resolve_model(args.model)
+            cfg = prediction.read_run_config(cfg_path)
             test_image = Path(args.test_image) if args.test_image else \
                 find_test_image(cfg, model_path)
             plan = input_plan(cfg, input_normalized=args.input_normalized,
@@ -785,8 +785,9 @@ def main(argv=None) -> int:
             claim = cli.claim_output_dir(out, PACKAGE_FILES, script="export_model",
                                          overwrite=args.overwrite, log_name=LOG_NAME,
                                          inputs=[args.model, cfg_path, test_image])
-        except (SystemExit, ExportError, cli.OutputDirError, mio.ImageReadError) as exc:
-            return cli.fatal(log, "%s", str(exc).removeprefix("error: "))
+        except (prediction.PredictionError, ExportError, cli.OutputDirError,
+                mio.ImageReadError) as exc:
+            return cli.fatal(log, "%s", exc)
         with claim:
             handlers.append(runtime.add_log_handler(out / LOG_NAME, mode="w"))
             claim.report(log)

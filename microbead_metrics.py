@@ -178,7 +178,7 @@ def count_components(mask) -> int:
 def component_areas(mask) -> np.ndarray:
     """Pixel areas (int64) of the 8-connected foreground components of a binary mask.
 
-    The statistic of the scale check: ``predict_microscope.bead_area_ratio`` takes the median
+    The statistic of the scale check: ``prediction.bead_area_ratio`` takes the median
     of a frame's, the trainer the median of its validation predictions' as the reference, so
     both sides are measured alike. Empty mask -> empty array.
     """

@@ -90,7 +90,7 @@ def keras_to_onnx_session(model, *, channels: int, threads: int | None = None):
 
 def make_onnxruntime_predict_fn(session):
     """Batch predictor ``(B, h, w, C) float32 -> (B, h, w, 1)`` over an ORT session
-    (or an ``.onnx`` path), the counterpart of ``predict_microscope.make_keras_predict_fn``."""
+    (or an ``.onnx`` path), the counterpart of ``prediction.make_keras_predict_fn``."""
     if isinstance(session, str | os.PathLike):
         session = onnx_session(session)
     name = session.get_inputs()[0].name

@@ -4,9 +4,10 @@ Purpose
     A microscope frame (e.g. 2048 x 2048 at model scale) is larger than a network input and
     than GPU memory allows at once. :func:`plan_tiles` lays out tiles on the network's pooling
     grid, :func:`predict_tiled` runs a prediction function over them in fixed-size batches
-    and blends the overlaps with :func:`blend_window`-style raised-cosine weights, so the
-    result equals a whole-image prediction wherever half the overlap covers the network's
-    receptive field. Used by ``predict_microscope.py`` (and through it the benchmarks).
+    and blends the overlaps with raised-cosine weights (per tile, the outer product of a
+    row and a column :func:`blend_ramp`), so the result equals a whole-image prediction
+    wherever half the overlap covers the network's receptive field. Used by
+    ``prediction.py`` (and through it ``predict_microscope.py`` and the benchmarks).
 
 Inputs / outputs
     NumPy arrays only: images ``(H, W, C)`` or ``(H, W)`` float32, probabilities ``(H, W)``
@@ -66,13 +67,6 @@ def blend_ramp(tile: int, overlap: int, *, taper_start: bool = True,
     return np.maximum(w, 1e-6)
 
 
-def blend_window(tile: int, overlap: int) -> np.ndarray:
-    """2-D ``(tile, tile)`` float32 window of an interior tile: outer product of
-    :func:`blend_ramp` with both ends tapered."""
-    r = blend_ramp(tile, overlap)
-    return np.outer(r, r).astype(np.float32)
-
-
 def receptive_field(depth: int = 4) -> int:
     """Theoretical receptive field (pixels) of the ``models.py`` U-Nets of ``depth`` levels.
 
@@ -92,7 +86,7 @@ def default_overlap(depth: int) -> int:
     A tile's outer ``overlap // 2`` pixels get ~zero weight (:func:`blend_ramp`), so every
     pixel that counts must lie at least half a receptive field from the tile edge, where the
     network's zero padding cannot reach it: ``overlap // 2 >= receptive_field // 2``. The
-    receptive field, rounded up to a multiple of ``2**depth`` (the tile grid): 48 px at
+    receptive field, rounded up to a multiple of ``2**depth`` (the tile grid): 44 px at
     depth 2, 96 at 3, 208 at 4.
     """
     step = 2 ** int(depth)
@@ -173,8 +167,9 @@ def predict_tiled(
 
     Returns
     -------
-    float32 ``(H, W)`` probabilities, blended with :func:`blend_window` weights before any
-    threshold is applied.
+    float32 ``(H, W)`` probabilities, blended with per-tile weights (the outer product of
+    the row and column :func:`blend_ramp`, tapered only at ends inside the image) before
+    any threshold is applied.
     """
     x = np.asarray(image, dtype=np.float32)
     if x.ndim == 2:

@@ -80,7 +80,7 @@ def bench(model_arg: str, frames: Path, *, tile_size: int, overlap: int | None,
     import microbead_config as mcfg
     import microbead_io as mio
     import models
-    import predict_microscope as pm
+    import prediction as pm
 
     model_path, cfg_path, note = pm.resolve_model(model_arg)
     # The model's own calibration (object filter, bead size), as predict_microscope uses it.
@@ -133,9 +133,8 @@ def bench(model_arg: str, frames: Path, *, tile_size: int, overlap: int | None,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    import predict_microscope as pm
+    import prediction
 
-    cli = pm.parse_args(["--model", "m", "--input_dir", "i", "--output_dir", "o"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
                    help="training run folder or model file (best_unet_model.hdf5 with its "
@@ -147,11 +146,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frame_size", type=int, nargs=2, default=(3840, 2160),
                    metavar=("W", "H"), help="size of the generated frames")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated frames")
-    p.add_argument("--tile_size", type=int, default=cli.tile_size,
+    p.add_argument("--tile_size", type=int, default=prediction.DEFAULT_TILE_SIZE,
                    help="default: predict_microscope.py's")
-    p.add_argument("--overlap", type=int, default=cli.overlap,
+    p.add_argument("--overlap", type=int, default=None,
                    help="default: predict_microscope.py's (from the network depth)")
-    p.add_argument("--batch_size", type=int, default=cli.batch_size)
+    p.add_argument("--batch_size", type=int, default=prediction.DEFAULT_BATCH_SIZE)
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: {QUICK_N} frames of {QUICK_SIZE[0]}x{QUICK_SIZE[1]}")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_blanks.json"))

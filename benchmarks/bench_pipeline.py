@@ -211,7 +211,7 @@ def main(argv=None) -> int:
             "intensity_aug": targs.intensity_aug, "elastic": targs.elastic,
             "bn_momentum": bn_m, "mixed_precision": tf_facts["mixed_precision"],
         },
-        "machine": {**machine_info(), "load_average_1min_start": load_start,
+        "machine": {**machine_info(keras_backend=True), "load_average_1min_start": load_start,
                     "load_average_1min_end": load_average()},
         "seconds_per_epoch": {k: [round(v, 3) for v in t] for k, t in times.items()},
         "cpu_seconds_per_epoch": {k: [round(v, 3) for v in t] for k, t in cpu.items()},

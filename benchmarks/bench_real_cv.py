@@ -291,7 +291,7 @@ class Predictor:
 
     def __init__(self, run: Path):
         import models
-        import predict_microscope as pm
+        import prediction as pm
 
         self.pm = pm
         model_path, cfg_path, _ = pm.resolve_model(str(run))

@@ -92,7 +92,7 @@ def found(true_labels, pred_labels, subset=None) -> tuple[int, int]:
 
 def tile_vs_frame(model, cfg: dict, image: np.ndarray, frame_mask: np.ndarray) -> float:
     """Pooled interior IoU of the users' grid tiles predicted alone vs in the frame."""
-    import predict_microscope as pm
+    import prediction as pm
     import synthetic_render as syn
 
     fn = pm.make_keras_predict_fn(model)
@@ -115,7 +115,7 @@ def val_tile_jaccards(run: Path, name: str, data: Path) -> dict:
     """Mean pixel Jaccard of the best model on its validation tiles, against the training
     masks (noisy with --label_noise) and against the exact instance labels."""
     import models as mdl
-    import predict_microscope as pm
+    import prediction as pm
 
     cfg = mcfg.read_run_config(run / mcfg.CONFIG_FILE)
     split = json.loads((run / "split.json").read_text())

@@ -12,6 +12,7 @@ from skimage.draw import polygon2mask
 import bead_exports as be
 import microbead_io as mio
 import predict_microscope as pm
+import prediction_pipeline
 from synthetic_beads import render_masks, sample_beads
 
 roifile = pytest.importorskip("roifile")
@@ -117,9 +118,9 @@ def _predicted_frame(tmp_path, exports, pipelined=True, name="640x_frame_001.png
                              "pad_multiple": 4},
            "postprocessing": {"threshold": 0.5, "median_bead_area_px": np.pi * 2.25 ** 2}}
     out = tmp_path / ("pipe" if pipelined else "seq")
-    rows = pm.predict_files([inp / name], lambda b: b[..., 0], cfg, out, tile_size=64,
-                            overlap=16, batch_size=2, figures=False, pipelined=pipelined,
-                            exports=frozenset(exports))
+    rows = prediction_pipeline.predict_files(
+        [inp / name], lambda b: b[..., 0], cfg, out, tile_size=64, overlap=16, batch_size=2,
+        figures=False, pipelined=pipelined, exports=frozenset(exports))
     assert rows[0]["status"] == "ok", rows[0]["status"]
     return out, inp / name
 
@@ -225,3 +226,33 @@ def test_roi_flag_without_roifile_names_the_install_command(tmp_path, monkeypatc
     assert rc == 2
     assert "pip install roifile" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_flat_ring_perimeters_equal_the_traced_loop_bit_for_bit():
+    """bead_table's vectorised perimeters (no outline dict) against traced_perimeter over
+    trace_outlines, on images with holes, diagonal touches and beads of several rings."""
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        lab = ((rng.random((48, 64)) < 0.55) * rng.integers(1, 7, (48, 64))).astype(np.int32)
+        fast = be.bead_table(lab)
+        slow = be.bead_table(lab, outlines=be.trace_outlines(lab))
+        for key in be.BEAD_COLUMNS:
+            np.testing.assert_array_equal(fast[key], slow[key])
+        outlines = be.trace_outlines(lab)
+        assert any(len(r) > 1 for r in outlines.values())  # the several-ring path is used
+        expect = [sum(be.traced_perimeter(r) for r in outlines[i]) for i in outlines]
+        assert be._bead_perimeters(be._edge_rings(lab), np.array(list(outlines))).tolist() \
+            == expect
+
+
+def test_bead_csv_cells_as_csv_writer_wrote_them(tmp_path):
+    table = {k: np.array([1.0, 2.0]) for k in be.BEAD_COLUMNS}
+    table["mean_intensity"] = np.array([np.nan, 0.123456])
+    table["centroid_x"] = np.array([1.0005, -2.5])
+    be.write_bead_csv(tmp_path / "b.csv", table)
+    with open(tmp_path / "b.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == list(be.BEAD_COLUMNS)
+    assert rows[1][:3] == ["1", "1.000", "1.000"] and rows[1][6] == ""
+    assert rows[2][1] == "-2.500" and rows[2][6] == "0.1235"
+    assert (tmp_path / "b.csv").read_bytes().count(b"\r") == 0

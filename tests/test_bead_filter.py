@@ -15,7 +15,7 @@ import pytest
 import bead_filter as bf
 import microbead_config as mcfg
 import microbead_io as mio
-import predict_microscope as pm
+import prediction
 import synthetic_beads as syn
 
 
@@ -76,7 +76,7 @@ def test_calibrated_filter_keeps_confirmed_beads_and_drops_faint_blobs():
     cfg = {"preprocessing": {"scale": 1.0},
            "postprocessing": {"threshold": 0.5, "median_bead_area_px": 49.0}}
     # Without a filter the faint blobs are counted as beads.
-    plain = pm.finish_frame(prob, prob.shape, cfg, image_small=img)
+    plain = prediction.finish_frame(prob, prob.shape, cfg, image_small=img)
     assert plain["beads"] == 46 and plain["rejected"] == 0
     feats = bf.object_features(plain["labels"], prob, img)
     matched = bf.match_centres(bf.component_centres(truth),
@@ -91,7 +91,7 @@ def test_calibrated_filter_keeps_confirmed_beads_and_drops_faint_blobs():
     assert "min_mean_prob" not in rule
     assert rule["min_contrast"] == pytest.approx(
         0.5 * np.quantile(feats["contrast"][matched], 0.01))
-    filtered = pm.finish_frame(prob, prob.shape, {**cfg, "postprocessing": {
+    filtered = prediction.finish_frame(prob, prob.shape, {**cfg, "postprocessing": {
         **cfg["postprocessing"], "object_filter": rule}}, image_small=img)
     assert filtered["beads"] == 40 and filtered["rejected"] == 6
     ids = np.unique(filtered["labels"])
@@ -120,21 +120,21 @@ def test_scale_check_uses_the_models_own_beads_and_still_flags_2x_and_half():
     cfg = {"preprocessing": {"scale": 1.0}, "postprocessing": post}
     prob = whole.astype(np.float32)
     # An older run (no model area stored): a correct frame is flagged, as users saw.
-    assert pm.finish_frame(prob, prob.shape, cfg)["scale_warning"]
+    assert prediction.finish_frame(prob, prob.shape, cfg)["scale_warning"]
     # With the model's own predicted bead area as reference: a correct frame is quiet ...
     ok = {**cfg, "postprocessing": {**post, "predicted_bead_area_px": whole_area}}
-    res = pm.finish_frame(prob, prob.shape, ok)
+    res = prediction.finish_frame(prob, prob.shape, ok)
     assert res["scale_warning"] == "" and 0.8 < res["bead_area_ratio"] < 1.25
     # ... and frames at half and at twice the training scale are still flagged.
     half = mio.resize_mask(whole, (200, 300)).astype(np.float32)
-    assert "smaller" in pm.finish_frame(half, half.shape, ok)["scale_warning"]
+    assert "smaller" in prediction.finish_frame(half, half.shape, ok)["scale_warning"]
     double = mio.resize_mask(whole, (800, 1200)).astype(np.float32)
-    assert "larger" in pm.finish_frame(double, double.shape, ok)["scale_warning"]
+    assert "larger" in prediction.finish_frame(double, double.shape, ok)["scale_warning"]
     # A blank frame's handful of small specks is no sample of the bead size: no verdict.
     specks = np.zeros((400, 600), np.float32)
     for k in range(6):
         specks[50 + 40 * k:53 + 40 * k, 100:103] = 1.0
-    quiet = pm.finish_frame(specks, specks.shape, ok)
+    quiet = prediction.finish_frame(specks, specks.shape, ok)
     assert quiet["scale_warning"] == "" and np.isnan(quiet["bead_area_ratio"])
 
 
@@ -177,7 +177,7 @@ def test_per_model_calibration_round_trips_and_old_runs_still_load(tmp_path):
     del old["training"]["val_split"]
     mcfg.save_run_config(tmp_path / "old.json", old)
     loaded = mcfg.for_model(mcfg.read_run_config(tmp_path / "old.json"), "unet")
-    assert pm.reference_bead_area(loaded["postprocessing"]) == 20.0
+    assert prediction.reference_bead_area(loaded["postprocessing"]) == 20.0
     # An unknown key is still an error.
     bad = copy.deepcopy(old)
     bad["postprocessing"]["object_filtre"] = rule

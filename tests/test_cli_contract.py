@@ -22,6 +22,8 @@ from test_cli import SCRIPTS, _busy_argv
 import cli
 import microbead_io as mio
 import predict_microscope as pm
+import prediction
+import prediction_pipeline
 
 keras = pytest.importorskip("keras")
 models = pytest.importorskip("models")
@@ -279,7 +281,7 @@ def test_tile_size_not_a_multiple_of_the_pad_is_an_error(tmp_path, run_dir, capl
 
 def test_ctrl_c_keeps_the_finished_frames(tmp_path, run_dir, monkeypatch, caplog):
     inp = _frames(tmp_path / "in", ["a.png", "b.png", "c.png", "d.png"])
-    real = pm.make_keras_predict_fn
+    real = prediction.make_keras_predict_fn
     calls = []
 
     def interrupting(model):
@@ -292,7 +294,7 @@ def test_ctrl_c_keeps_the_finished_frames(tmp_path, run_dir, monkeypatch, caplog
             return fn(batch)
         return wrapped
 
-    monkeypatch.setattr(pm, "make_keras_predict_fn", interrupting)
+    monkeypatch.setattr(prediction, "make_keras_predict_fn", interrupting)
     out = tmp_path / "pred"
     try:
         rc = _predict(run_dir, inp, out)
@@ -313,8 +315,9 @@ def test_a_3x3_image_is_too_small_not_ok_with_zero_beads(tmp_path):
     out = tmp_path / "o"
     for sub in ("masks", "labels"):
         (out / sub).mkdir(parents=True)
-    rows = pm.predict_files(sorted(inp.iterdir()), lambda b: b[..., 0], _config(), out,
-                            tile_size=64, overlap=16, batch_size=1, figures=False)
+    rows = prediction_pipeline.predict_files(sorted(inp.iterdir()), lambda b: b[..., 0],
+                                             _config(), out, tile_size=64, overlap=16,
+                                             batch_size=1, figures=False)
     status = {r["file"]: r["status"] for r in rows}
     assert status["big.png"] == "ok"
     assert "tiny.png: too small to analyse: 3x3 px" in status["tiny.png"]

@@ -10,6 +10,7 @@ import pytest
 import export_model as em
 import microbead_io as mio
 import predict_microscope as pm
+import prediction
 from synthetic_beads import render_masks, sample_beads
 
 keras = pytest.importorskip("keras")
@@ -102,7 +103,7 @@ def test_test_output_is_the_models_prediction_on_the_test_input(package):
     # The package's own preprocessing (scale_range 1/99.8 %, clip) reproduces the pipeline's.
     cfg = json.loads((out / "config.json").read_text())
     x = em.network_input(test_in[0], em.input_plan(cfg))
-    np.testing.assert_allclose(x, pm.preprocess_frame(raw, cfg["preprocessing"]), atol=1e-5)
+    np.testing.assert_allclose(x, prediction.preprocess_frame(raw, cfg["preprocessing"]), atol=1e-5)
     # Plain Keras loads the packaged weights (no custom objects) and predicts the test output.
     model = keras.saving.load_model(out / "weights.hdf5")
     np.testing.assert_allclose(np.asarray(model.predict_on_batch(x[None])), test_out,
@@ -169,7 +170,7 @@ def test_input_normalized_packages_the_bare_network(tmp_path):
     assert (out / "notes.txt").read_text() == "user file"
     test_in, test_out = np.load(out / "test_input.npy"), np.load(out / "test_output.npy")
     cfg = json.loads((out / "config.json").read_text())
-    expected = pm.preprocess_frame(mio.read_image(tile), cfg["preprocessing"])
+    expected = prediction.preprocess_frame(mio.read_image(tile), cfg["preprocessing"])
     np.testing.assert_allclose(test_in[0], expected, atol=1e-6)  # normalised at model scale
     model = keras.saving.load_model(out / "weights.hdf5")
     np.testing.assert_allclose(np.asarray(model.predict_on_batch(test_in)), test_out, atol=1e-5)
@@ -216,7 +217,7 @@ def test_default_flatfield_run_exports_a_raw_input_package(flatfield_package):
     # The package's output is the pipeline's: the network on predict_microscope's input.
     cfg = json.loads((out / "config.json").read_text())
     network = models.load_model(run / "best_unet_model.hdf5")
-    x = pm.preprocess_frame(mio.read_image(tile), cfg["preprocessing"])
+    x = prediction.preprocess_frame(mio.read_image(tile), cfg["preprocessing"])
     np.testing.assert_allclose(np.asarray(network.predict_on_batch(x[None])), test_out,
                                atol=1e-4)
     ruyaml = pytest.importorskip("ruyaml")

@@ -401,7 +401,7 @@ def test_threshold_rule_at_exactly_t_keras_numpy_trainer_and_predictor_agree(t):
     models = pytest.importorskip("models")
     from keras import ops
 
-    import predict_microscope as pm
+    import prediction as pm
     import training_outputs as tr
 
     t32 = float(np.float32(t))

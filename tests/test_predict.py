@@ -6,8 +6,11 @@ import json
 import numpy as np
 import pytest
 
+import frame_outputs
 import microbead_io as mio
 import predict_microscope as pm
+import prediction
+import prediction_pipeline
 import tiling
 from synthetic_beads import render_masks, sample_beads
 
@@ -46,7 +49,7 @@ def test_tiled_prediction_equals_whole_image_with_a_real_unet(tiny_unet):
     rng = np.random.default_rng(1)
     img = rng.random((152, 236, 1)).astype(np.float32)  # divisible by 2**depth: no padding
     whole = np.asarray(tiny_unet.predict_on_batch(img[None]))[0, ..., 0]
-    fn = pm.make_keras_predict_fn(tiny_unet)
+    fn = prediction.make_keras_predict_fn(tiny_unet)
     tiled = tiling.predict_tiled(img, fn, tile_size=64, overlap=48, batch_size=3,
                                  pad_multiple=4)
     assert tiled.shape == (152, 236)
@@ -71,11 +74,11 @@ def test_tiled_equals_whole_image_at_depth_4_with_the_default_overlap():
             layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
     args = pm.parse_args(["--model", "m.hdf5", "--input_dir", "in", "--output_dir", "out"])
     assert args.overlap is None
-    overlap, source = pm.resolve_overlap(args.overlap, pm.network_depth(m, 16))
+    overlap, source = prediction.resolve_overlap(args.overlap, prediction.network_depth(m, 16))
     assert overlap == tiling.default_overlap(4) == 208 and "receptive field" in source
-    assert pm.resolve_overlap(64, 4) == (64, "--overlap")
+    assert prediction.resolve_overlap(64, 4) == (64, "--overlap")
     img = rng.random((384, 384, 1)).astype(np.float32)
-    fn = pm.make_keras_predict_fn(m)
+    fn = prediction.make_keras_predict_fn(m)
     whole = fn(img[None])[0, ..., 0]
     assert tiling.plan_tiles(img.shape, 320, overlap, 16).n_tiles == 4
     tiled = tiling.predict_tiled(img, fn, tile_size=320, overlap=overlap, batch_size=4,
@@ -89,7 +92,7 @@ def test_tiled_equals_whole_image_at_depth_4_with_the_default_overlap():
 def test_shifting_by_half_a_tile_gives_the_same_mask_in_the_overlap(tiny_unet):
     rng = np.random.default_rng(2)
     big = rng.random((128, 224, 1)).astype(np.float32)
-    fn = pm.make_keras_predict_fn(tiny_unet)
+    fn = prediction.make_keras_predict_fn(tiny_unet)
     a = tiling.predict_tiled(big[:, :192], fn, tile_size=64, overlap=32, pad_multiple=4)
     b = tiling.predict_tiled(big[:, 32:], fn, tile_size=64, overlap=32, pad_multiple=4)
     inner = (slice(16, -16), slice(32 + 16, 192 - 16))
@@ -111,13 +114,13 @@ def test_preprocess_frame_matches_the_training_loader_and_scale(tmp_path):
                                normalization=mio.DEFAULT_NORMALIZATION)
     frame = np.kron(tile.astype(np.float32), np.ones((2, 2), np.float32))[..., None]
     pre = _config()["preprocessing"]  # pixel_scale = scale = 0.5: the stored tile's scale
-    x = pm.preprocess_frame(frame, pre)
+    x = prediction.preprocess_frame(frame, pre)
     assert x.shape == x_train.shape == (100, 150, 1)
     np.testing.assert_allclose(x, x_train, atol=1e-5)
     assert x.min() == 0.0 and x.max() == 1.0  # percentile levels map to 0 and 1
     # A model trained at another input size than the stored tiles: one more resize.
     pre2 = dict(pre, scale=0.25)
-    assert pm.preprocess_frame(frame, pre2).shape == (50, 75, 1)
+    assert prediction.preprocess_frame(frame, pre2).shape == (50, 75, 1)
 
 
 def _disc_frame(shape=(384, 512), n=40, seed=0):
@@ -133,7 +136,7 @@ def test_predict_frame_counts_touching_beads_at_native_scale():
     image = (mask.astype(np.float32) * 200 + 20)[..., None]
     cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
     # "Network": the normalised image itself is the probability (model scale = half size).
-    res = pm.predict_frame(image, lambda b: b[..., 0], cfg, tile_size=64, overlap=16,
+    res = prediction.predict_frame(image, lambda b: b[..., 0], cfg, tile_size=64, overlap=16,
                            batch_size=4)
     assert res["mask"].shape == mask.shape and res["labels"].shape == mask.shape
     iou = np.logical_and(res["mask"], mask).sum() / np.logical_or(res["mask"], mask).sum()
@@ -149,9 +152,9 @@ def test_predict_frame_counts_touching_beads_at_native_scale():
 def test_threshold_flag_overrides_config():
     image = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64, 1)
     cfg = _config(scale=1.0, pixel_scale=1.0, pad=4)
-    lo = pm.predict_frame(image, lambda b: b[..., 0], cfg, tile_size=64, overlap=0,
+    lo = prediction.predict_frame(image, lambda b: b[..., 0], cfg, tile_size=64, overlap=0,
                           batch_size=1, threshold=0.25)
-    hi = pm.predict_frame(image, lambda b: b[..., 0], cfg, tile_size=64, overlap=0,
+    hi = prediction.predict_frame(image, lambda b: b[..., 0], cfg, tile_size=64, overlap=0,
                           batch_size=1)
     assert lo["coverage_pct"] > hi["coverage_pct"] + 20
 
@@ -159,7 +162,7 @@ def test_threshold_flag_overrides_config():
 def test_tta_of_an_equivariant_function_is_unchanged():
     rng = np.random.default_rng(4)
     batch = rng.random((2, 32, 32, 1)).astype(np.float32)
-    ident = pm.tta_predict_fn(lambda b: b[..., 0] * 0.5, True)
+    ident = prediction.tta_predict_fn(lambda b: b[..., 0] * 0.5, True)
     np.testing.assert_allclose(ident(batch), batch[..., 0] * 0.5, atol=1e-6)
 
 
@@ -208,8 +211,9 @@ def test_constant_or_nan_frame_is_unusable_not_ok_with_zero_beads(tmp_path, kind
         img[50, 50] = 10.0
     __import__("tifffile").imwrite(bad, img)
     cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
-    rows = pm.predict_files([bad, *files], lambda b: b[..., 0], cfg, _out(tmp_path / "o"),
-                            tile_size=64, overlap=16, batch_size=2)
+    rows = prediction_pipeline.predict_files([bad, *files], lambda b: b[..., 0], cfg,
+                                             _out(tmp_path / "o"), tile_size=64, overlap=16,
+                                             batch_size=2)
     status = rows[0]["status"]
     assert bad.name in status and "unusable image" in status
     assert ("constant" if kind == "constant" else "NaN") in status
@@ -312,10 +316,11 @@ def test_pipelined_and_sequential_give_the_same_rows_and_files(tmp_path):
     cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
     kw = dict(tile_size=64, overlap=16, batch_size=2)
     fn = lambda b: b[..., 0]  # noqa: E731 - the normalised image is the "probability"
-    seq = pm.predict_files(files, fn, cfg, _out(tmp_path / "seq"), pipelined=False, **kw)
+    seq = prediction_pipeline.predict_files(files, fn, cfg, _out(tmp_path / "seq"),
+                                            pipelined=False, **kw)
     seen = []
-    par = pm.predict_files(files, fn, cfg, _out(tmp_path / "par"), pipelined=True,
-                           workers=3, on_row=seen.append, **kw)
+    par = prediction_pipeline.predict_files(files, fn, cfg, _out(tmp_path / "par"),
+                                            pipelined=True, workers=3, on_row=seen.append, **kw)
     assert _strip(par) == _strip(seq)
     assert [r["file"] for r in par] == [f.name for f in files]  # input order, bad one too
     assert [r["file"] for r in seen] == [f.name for f in files]  # progress in order
@@ -346,8 +351,9 @@ def test_pipeline_reads_at_most_workers_frames_ahead(tmp_path, monkeypatch, work
     monkeypatch.setattr(mio, "read_image", counting_read)
     n_tiles = tiling.plan_tiles((45, 65, 1), 64, 16, 4).n_tiles  # model scale: half size
     calls_per_frame = -(-n_tiles // min(8, n_tiles))
-    rows = pm.predict_files(files, slow_fn, cfg, _out(tmp_path / "o"), tile_size=64,
-                            overlap=16, batch_size=8, workers=workers)
+    rows = prediction_pipeline.predict_files(files, slow_fn, cfg, _out(tmp_path / "o"),
+                                             tile_size=64, overlap=16, batch_size=8,
+                                             workers=workers)
     assert all(r["status"] == "ok" for r in rows)
     assert len(ahead) == calls_per_frame * len(files)
     # While frame i is in the network at most frame i + workers has been read: memory is
@@ -368,7 +374,7 @@ def test_a_failing_write_fails_that_image_only(tmp_path, monkeypatch):
         real_write(path, labels)
 
     monkeypatch.setattr(mio, "write_labels", write_labels)
-    rows = pm.predict_files(files, lambda b: b[..., 0], cfg, _out(tmp_path / "o"),
+    rows = prediction_pipeline.predict_files(files, lambda b: b[..., 0], cfg, _out(tmp_path / "o"),
                             tile_size=64, overlap=16, batch_size=2)
     assert [r["status"] == "ok" for r in rows] == [True, False, True]
     assert "disk full" in rows[1]["status"] and "320x" in rows[1]["status"]
@@ -381,7 +387,7 @@ def test_count_equals_the_ids_in_the_written_label_image():
     prob[10, 10] = 0.6
     prob[25:30, 25:30] = 0.9
     cfg = _config(scale=0.5, pixel_scale=0.5, area=20.0)
-    res = pm.finish_frame(prob, (80, 80), cfg)
+    res = prediction.finish_frame(prob, (80, 80), cfg)
     ids = np.unique(res["labels"])
     ids = ids[ids > 0]
     assert res["beads"] == ids.size == 1
@@ -422,12 +428,14 @@ def test_overwrite_removes_the_previous_predictions_files_only(tmp_path, tiny_un
 
 def test_comparison_of_a_wide_strip_is_stacked_titled_and_readable():
     # A grid-row strip of 7 tiles (3362x512): side by side it was 2399x121 px.
-    stacked, f = pm.comparison_layout(512, 3362)
+    stacked, f = frame_outputs.comparison_layout(512, 3362)
     assert stacked and f == pytest.approx(2400 / 3362)
-    assert pm.comparison_layout(512, 512) == (False, 1.0)  # a tile: side by side, full size
+    # a tile: side by side, full size
+    assert frame_outputs.comparison_layout(512, 512) == (False, 1.0)
     gray = np.random.default_rng(0).random((64, 420)).astype(np.float32)
-    out = pm.comparison_image(gray, gray, np.zeros((64, 420, 3), np.uint8), max_side=300)
-    stacked, f = pm.comparison_layout(64, 420, 300)
+    out = frame_outputs.comparison_image(gray, gray, np.zeros((64, 420, 3), np.uint8),
+                                         max_side=300)
+    stacked, f = frame_outputs.comparison_layout(64, 420, 300)
     assert stacked and out.shape[1] == round(420 * f)
     assert out.shape[0] == 3 * (round(64 * f) + 30) + 2 * 8  # three titled panels
     assert (out[:30] < 128).any()  # the title's black text

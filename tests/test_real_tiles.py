@@ -17,7 +17,7 @@ import pytest
 import label_quality as lq
 import microbead_io as mio
 import microbead_metrics as mm
-import predict_microscope as pm
+import prediction as pm
 import synthetic_beads as sb
 import synthetic_dataset as sd
 import synthetic_render as sr

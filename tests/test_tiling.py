@@ -63,8 +63,9 @@ def test_every_call_gets_the_same_batch_and_one_tile_is_not_padded():
                                                        mode="reflect")[None])[0][:150, :230])
 
 
-def test_blend_window_positive_and_symmetric():
-    w = tiling.blend_window(64, 16)
-    assert w.shape == (64, 64) and w.min() > 0 and w.max() == pytest.approx(1.0)
-    np.testing.assert_allclose(w, w.T)
-    np.testing.assert_allclose(w, w[::-1, ::-1])
+def test_blend_ramp_positive_and_symmetric():
+    r = tiling.blend_ramp(64, 16)
+    assert r.shape == (64,) and r.min() > 0 and r.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(r, r[::-1])
+    # An end on the image border is not tapered.
+    assert tiling.blend_ramp(64, 16, taper_start=False)[0] == 1.0
