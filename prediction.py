@@ -226,9 +226,54 @@ def tta_predict_fn(predict_fn, tta: bool):
     return wrapped
 
 
+def needs_colour(cfg: dict) -> bool:
+    """Whether the model's object filter has a colour bound (then :func:`finish_frame`
+    wants the frame in RGB: ``colour``)."""
+    return "min_colour" in (cfg["postprocessing"].get("object_filter") or {})
+
+
+def colour_at(rgb: np.ndarray | None, shape) -> np.ndarray | None:
+    """The native RGB frame at the model-scale ``shape`` ``(h, w)`` (area resize), for the
+    object filter's colour evidence; None for None or a frame without three channels."""
+    if rgb is None or rgb.ndim != 3 or rgb.shape[-1] != 3:
+        return None
+    return rgb if rgb.shape[:2] == tuple(shape) else mio.resize_image(rgb, tuple(shape))
+
+
+def filtered_beads(prob_small: np.ndarray, post: dict, threshold: float,
+                   image_small: np.ndarray | None = None, colour: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Model-scale bead labels after the object filter: ``(labels, mask, rejected)``.
+
+    The split (``microbead_metrics.label_beads``) and the run's object filter, as
+    :func:`finish_frame` and :func:`auto_scale_factor` both need them: the scale check and
+    the ``--auto_scale`` decision judge the same objects the counts are made of.
+    ``colour`` is the native RGB frame (resized here), used only by a colour bound.
+    """
+    import microbead_metrics
+
+    mask_small = microbead_metrics.above_threshold(prob_small, threshold).astype(np.uint8)
+    labels_small = microbead_metrics.label_beads(
+        mask_small, median_area=float(post["median_bead_area_px"]), prob=prob_small)
+    rule = post.get("object_filter")
+    if not rule:
+        return labels_small, mask_small, 0
+    img = None if image_small is None else np.asarray(image_small, np.float32)
+    if img is not None and img.ndim == 3:
+        img = img.mean(axis=-1)
+    rgb = colour_at(colour, prob_small.shape) if "min_colour" in rule else None
+    feats = bead_filter.object_features(labels_small, prob_small, img, colour=rgb)
+    keep = bead_filter.accepted(feats, rule)
+    rejected = int((~keep & (feats["area_px"] > 0)).sum())
+    if rejected:
+        labels_small = bead_filter.apply_filter(labels_small, keep)
+        mask_small = (labels_small > 0).astype(np.uint8)
+    return labels_small, mask_small, rejected
+
+
 def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
-                 threshold: float | None = None, image_small: np.ndarray | None = None
-                 ) -> dict:
+                 threshold: float | None = None, image_small: np.ndarray | None = None,
+                 colour: np.ndarray | None = None) -> dict:
     """Threshold, bead instances and counts from model-scale probabilities.
 
     Parameters
@@ -239,6 +284,8 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
         ``postprocessing.object_filter`` / ``predicted_bead_area_px`` are the model's own)
     image_small : float ``(h, w[, C])`` the normalised network input; needed when the
         object filter bounds contrast (without it those bounds are not applied)
+    colour : float ``(H, W, 3)`` the native frame in RGB; needed when the filter has a
+        colour bound (:func:`needs_colour`; without it that bound is not applied)
 
     Beads are split at model scale, then the run's object filter (``bead_filter``; from the
     validation tiles at training time) drops objects unlike any bead the labels confirm:
@@ -264,26 +311,14 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
     # area was measured (4x fewer pixels than a 2x-downscaled frame's native grid: splitting
     # dense frames at native scale cost more than the forward pass). The ids are then carried
     # to native resolution and clipped to the native mask's outline.
-    mask_small = microbead_metrics.above_threshold(prob_small, thr).astype(np.uint8)
-    labels_small = microbead_metrics.label_beads(
-        mask_small, median_area=float(post["median_bead_area_px"]), prob=prob_small)
-    rule = post.get("object_filter")
-    rejected = 0
-    if rule:
-        img = None if image_small is None else np.asarray(image_small, np.float32)
-        if img is not None and img.ndim == 3:
-            img = img.mean(axis=-1)
-        feats = bead_filter.object_features(labels_small, prob_small, img)
-        keep = bead_filter.accepted(feats, rule)
-        rejected = int((~keep & (feats["area_px"] > 0)).sum())
-        if rejected:
-            labels_small = bead_filter.apply_filter(labels_small, keep)
-            mask_small = (labels_small > 0).astype(np.uint8)
-            # The native mask follows: a rejected object is not bead at any resolution.
-            if labels_small.shape != (h, w):
-                mask &= mio.resize_mask(mask_small, (h, w)).astype(np.uint8)
-            else:
-                mask = mask_small.copy()
+    labels_small, mask_small, rejected = filtered_beads(prob_small, post, thr, image_small,
+                                                         colour)
+    if rejected:
+        # The native mask follows: a rejected object is not bead at any resolution.
+        if labels_small.shape != (h, w):
+            mask &= mio.resize_mask(mask_small, (h, w)).astype(np.uint8)
+        else:
+            mask = mask_small.copy()
     labels = mio.resize_labels(labels_small, (h, w)) if labels_small.shape != (h, w) \
         else labels_small.copy()
     labels[mask == 0] = 0
@@ -352,22 +387,24 @@ def scale_warning(ratio: float) -> str:
             f"or rerun with --auto_scale (estimated factor {ratio ** -0.5:.2f})")
 
 
-def auto_scale_factor(prob_small: np.ndarray, cfg: dict,
-                      threshold: float | None = None) -> float | None:
+def auto_scale_factor(prob_small: np.ndarray, cfg: dict, threshold: float | None = None,
+                      image_small: np.ndarray | None = None,
+                      colour: np.ndarray | None = None) -> float | None:
     """The one ``--auto_scale`` decision: by what factor to rescale a frame, or None.
 
     ``prob_small`` is the frame's first prediction at the run's model scale. When its
     beads are not the training beads' size (:func:`scale_warning` of
     :func:`bead_area_ratio` against :func:`reference_bead_area`), the factor that brings
     them to that size, ``ratio ** -0.5`` clipped to :data:`AUTO_SCALE_LIMITS`; else None
-    (keep the frame at the run's scale).
+    (keep the frame at the run's scale). The ratio is measured on the beads the object
+    filter keeps (:func:`filtered_beads`, with ``image_small`` and ``colour`` as in
+    :func:`finish_frame`): the same objects as the reported ratio and the counts, so
+    smudges the filter drops cannot move the decision.
     """
-    import microbead_metrics
-
     post = cfg["postprocessing"]
     thr = float(post["threshold"] if threshold is None else threshold)
-    ratio = bead_area_ratio(microbead_metrics.above_threshold(prob_small, thr),
-                            reference_bead_area(post))
+    _, mask_small, _ = filtered_beads(prob_small, post, thr, image_small, colour)
+    ratio = bead_area_ratio(mask_small, reference_bead_area(post))
     if not scale_warning(ratio):
         return None
     return float(np.clip(ratio ** -0.5, *AUTO_SCALE_LIMITS))
@@ -385,7 +422,8 @@ def config_at_scale(cfg: dict, scale: float) -> dict:
 
 
 def predict_frame(image: np.ndarray, predict_fn, cfg: dict, *, tile_size: int, overlap: int,
-                  batch_size: int, threshold: float | None = None, progress=None) -> dict:
+                  batch_size: int, threshold: float | None = None, progress=None,
+                  colour: np.ndarray | None = None) -> dict:
     """Probability, mask, bead labels and counts for one native-resolution frame.
 
     ``image``: float32 ``(H, W, C)`` in its stored value range (``microbead_io.read_image``);
@@ -393,14 +431,17 @@ def predict_frame(image: np.ndarray, predict_fn, cfg: dict, *, tile_size: int, o
     (:func:`preprocess_frame`, ``tiling.predict_tiled``, :func:`finish_frame`) run one
     after the other; ``prediction_pipeline.predict_files`` runs the same stages overlapped
     across frames.
-    Returns :func:`finish_frame`'s dict.
+    ``colour``: the frame in RGB for a colour bound (default: ``image`` itself when it has
+    three channels). Returns :func:`finish_frame`'s dict.
     """
+    if colour is None and image.ndim == 3 and image.shape[-1] == 3:
+        colour = image
     x = preprocess_frame(image, cfg["preprocessing"])
     prob_small = tiling.predict_tiled(
         x, predict_fn, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
         pad_multiple=int(cfg["preprocessing"].get("pad_multiple", 16)), progress=progress,
     )
-    return finish_frame(prob_small, image.shape, cfg, threshold, image_small=x)
+    return finish_frame(prob_small, image.shape, cfg, threshold, image_small=x, colour=colour)
 
 
 def network_depth(model, pad_multiple: int = 16) -> int:

@@ -132,10 +132,21 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
         return tiling.predict_tiled(x, predict_fn, tile_size=tile_size, overlap=overlap,
                                     batch_size=batch_size, pad_multiple=pad)
 
-    def forward(image, x):
+    use_colour = prediction.needs_colour(cfg)
+
+    def colour_of(path, image):
+        # The network may see luminance; the colour bound needs the frame's RGB, read again
+        # (only when the run's filter has that bound).
+        if not use_colour:
+            return None
+        return image if image.shape[-1] == 3 else mio.read_image(path, channels=3)
+
+    def forward(image, x, path):
         prob = tiled(x)
         scale = float(pre["scale"])
-        factor = prediction.auto_scale_factor(prob, cfg, threshold) if auto_scale else None
+        factor = prediction.auto_scale_factor(
+            prob, cfg, threshold, image_small=x, colour=colour_of(path, image)) \
+            if auto_scale else None
         if factor is not None:
             scale *= factor
             x = prediction.preprocess_frame(image, {**pre, "scale": scale})
@@ -148,7 +159,7 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
         try:
             used = prediction.config_at_scale(cfg, scale)
             res = prediction.finish_frame(prob_small, image.shape, used, threshold,
-                                          image_small=x_small)
+                                          image_small=x_small, colour=colour_of(path, image))
             write_outputs(out_dir, path.stem, image, res, save_prob=save_prob, figures=figures,
                           exports=exports)
         except FRAME_ERRORS as exc:
@@ -230,7 +241,7 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
             try:
                 image, x, seconds = fut.result()
                 t = time.perf_counter()
-                prob_small = forward(image, x)
+                prob_small = forward(image, x, path)
                 seconds += time.perf_counter() - t
             except FRAME_ERRORS as exc:
                 drain(0)  # keep rows and log lines in input order

@@ -93,9 +93,10 @@ def bench(model_arg: str, frames: Path, *, tile_size: int, overlap: int | None,
     rows = []
     for path in _frame_files(frames):
         image = mio.read_image(path, channels=int(pre["channels"]))
+        colour = mio.read_image(path, channels=3) if pm.needs_colour(cfg) else None
         t = time.perf_counter()
         res = pm.predict_frame(image, predict_fn, cfg, tile_size=tile_size, overlap=overlap,
-                               batch_size=batch_size)
+                               batch_size=batch_size, colour=colour)
         seconds = time.perf_counter() - t
         areas = np.bincount(res["labels"].ravel())[1:]
         areas = areas[areas > 0]

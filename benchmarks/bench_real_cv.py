@@ -251,16 +251,19 @@ def stitch(images: list[np.ndarray], masks: list[np.ndarray]) -> tuple[np.ndarra
 
 
 def train_fold(data: Path, held: str, frames: dict, work: Path, train_args: list[str],
-               reuse: bool, calibrate_missing: bool = False) -> Path:
+               reuse: bool, calibrate_missing: bool = False, recalibrate: bool = False
+               ) -> Path:
     """Train on every frame but ``held``; returns the run folder (reused when finished)."""
     fold = work / f"fold_{held}"
     run_file = fold / "run_dir.txt"
     if reuse and run_file.is_file():
         run = Path(run_file.read_text().strip())
         if (run / "training_summary.csv").is_file():
-            if calibrate_missing and not (run / "calibration_unet.json").is_file():
-                # A run trained before the object filter: the trainer's own calibration on
-                # the run's own validation windows (weights unchanged).
+            if recalibrate or (calibrate_missing
+                               and not (run / "calibration_unet.json").is_file()):
+                # A run trained before the object filter (or before its current rules): the
+                # trainer's own calibration on the run's own validation windows (weights
+                # unchanged).
                 import training_outputs
 
                 training_outputs.recalibrate_run(run, fold / "data")
@@ -303,9 +306,10 @@ class Predictor:
         self.overlap, _ = pm.resolve_overlap(None, pm.network_depth(model, pad))
 
     def __call__(self, image: np.ndarray, tile: int = 1024) -> dict:
+        colour = image if image.ndim == 3 and image.shape[-1] == 3 else None
         image = mio.to_channels(image, int(self.cfg["preprocessing"]["channels"]))
         return self.pm.predict_frame(image, self.fn, self.cfg, tile_size=tile,
-                                     overlap=self.overlap, batch_size=4)
+                                     overlap=self.overlap, batch_size=4, colour=colour)
 
 
 def frame_seconds(pred: Predictor, rng: np.random.Generator) -> float:
@@ -364,6 +368,9 @@ def parse_args(argv=None):
     ap.add_argument("--calibrate_missing", action="store_true",
                     help="with --reuse: calibrate the object filter of runs trained without one "
                          "(training_outputs.recalibrate_run)")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="with --reuse: calibrate every reused run's object filter again with "
+                         "the current rules (training_outputs.recalibrate_run)")
     ap.add_argument("--match_px", type=float, default=MATCH_PX)
     ap.add_argument("--no_rows", action="store_true", help="skip the stitched rows")
     ap.add_argument("--time_frame", action="store_true",
@@ -395,7 +402,7 @@ def main(argv=None) -> int:
     for fi, held in enumerate(held_list):
         t0 = time.perf_counter()
         run = train_fold(args.data, held, frames, args.work, train_args, args.reuse,
-                         args.calibrate_missing)
+                         args.calibrate_missing, args.recalibrate)
         train_s = time.perf_counter() - t0
         pred = Predictor(run)
         tiles = frames[held]

@@ -278,3 +278,48 @@ def test_training_calibration_uses_the_validation_tiles_colour(tmp_path):
     assert with_colour["validation"]["dropped_matched"] == 0
     assert int(kept[0].max()) == 40
     assert training_data.colour_tiles([tmp_path / "missing.png"], 160) is None
+
+
+def test_prediction_applies_the_colour_bound_and_auto_scale_judges_the_kept_beads():
+    # 30 blue beads (r 4, ~49 px) and 40 grey debris discs (r 8, ~200 px) as dark as them.
+    # The counts, the reported scale ratio and the --auto_scale decision must all rest on
+    # the same objects: the beads the filter keeps.
+    shape = (300, 400)
+    rng = np.random.default_rng(3)
+    rgb = np.full(shape + (3,), 0.8) + rng.normal(0, 0.01, shape + (3,))
+    prob = np.zeros(shape, np.float32)
+    yy, xx = np.indices(shape)
+    centres = []
+    while len(centres) < 70:
+        c = rng.uniform(12, np.array(shape) - 12)
+        if all(np.hypot(*(c - d)) > 22 for d in centres):
+            centres.append(c)
+    for k, (cy, cx) in enumerate(centres):
+        r2 = 16 if k < 30 else 64
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r2
+        rgb[disc] = (0.30, 0.16, 0.55) if k < 30 else (0.25, 0.25, 0.25)
+        prob[disc] = 0.9
+    lum = (rgb @ np.array([0.299, 0.587, 0.114]))[..., None].astype(np.float32)
+    rule = {"quantile": 0.01, "margin": 0.5, "n_matched": 30, "min_colour": 0.02,
+            "colour_direction": [-0.16, -0.62, 0.77]}
+    cfg = {"preprocessing": {"scale": 1.0},
+           "postprocessing": {"threshold": 0.5, "median_bead_area_px": 49.0,
+                              "predicted_bead_area_px": 49.0, "object_filter": rule}}
+    assert prediction.needs_colour(cfg)
+    with_colour = prediction.finish_frame(prob, shape, cfg, image_small=lum, colour=rgb)
+    assert with_colour["beads"] == 30 and with_colour["rejected"] == 40
+    assert with_colour["scale_warning"] == ""
+    assert prediction.auto_scale_factor(prob, cfg, image_small=lum, colour=rgb) is None
+    # Without the frame's colour the bound cannot apply: the debris counts, the frame looks
+    # 4x off-scale, and --auto_scale would shrink it.
+    grey_blind = prediction.finish_frame(prob, shape, cfg, image_small=lum)
+    assert grey_blind["beads"] == 70 and grey_blind["rejected"] == 0
+    assert "larger" in grey_blind["scale_warning"]
+    assert prediction.auto_scale_factor(prob, cfg, image_small=lum) < 1.0
+    # predict_frame takes the colour from an RGB frame itself.
+    res = prediction.predict_frame(
+        rgb.astype(np.float32), lambda b: np.repeat(prob[None], len(b), 0)[..., None],
+        {**cfg, "preprocessing": {"scale": 1.0, "pixel_scale": 1.0, "pad_multiple": 4,
+                                  "normalization": {"method": "none"}}},
+        tile_size=400, overlap=0, batch_size=1)
+    assert res["beads"] == 30
