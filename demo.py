@@ -90,6 +90,7 @@ def _check(rc: int, what: str) -> None:
 
 def run_demo(args) -> dict:
     import analyze_microbead_dataset
+    import assay_inputs
     import evaluate_predictions
     import microbead_config
     import plot_training_curves
@@ -151,7 +152,7 @@ def run_demo(args) -> dict:
         # The generator's sample sheet marks the blank frames (concentration 0).
         sheet = large / synthetic_dataset.SAMPLE_SHEET
         # A calibration needs >= 3 concentrations; the default 2 frames give 2 dilutions.
-        n_dil = quantify_assay.n_concentrations(pred, sheet)
+        n_dil = assay_inputs.n_concentrations(pred, sheet)
         if n_dil >= 3:
             t = _step("7/7 quantify the assay: calibration curve and detection limits")
             _check(quantify_assay.main(

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+import assay_inputs
 import assay_report as ar
 import assay_stats as stats
 import quantify_assay as qa
@@ -21,7 +22,7 @@ def write_summary(folder, items):
     """``prediction_summary.csv`` in ``folder`` from ``(file, beads[, status])`` tuples
     (1000x1000 px images, so beads per megapixel = beads)."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / qa.SUMMARY_NAME, "w", newline="") as fh:
+    with open(folder / assay_inputs.SUMMARY_NAME, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
         w.writeheader()
         for name, beads, *status in items:
@@ -51,16 +52,16 @@ def pm_series(seed=0, levels=(0, 1, 2, 4, 8), reps=3, a=3.0, b=25.0):
 
 
 def test_concentration_from_file_names():
-    c = qa.parse_concentration("160x_2025-05-16_12-00-00_101.png")
+    c = assay_inputs.parse_concentration("160x_2025-05-16_12-00-00_101.png")
     assert (c.value, c.unit, c.blank) == (1 / 160, stats.DILUTION_UNIT, False)
     assert "160x" in c.rule
-    c = qa.parse_concentration("1.5625pM_well3_r1.tif")
+    c = assay_inputs.parse_concentration("1.5625pM_well3_r1.tif")
     assert (c.value, c.unit, c.blank) == (1.5625, "pM", False)
-    c = qa.parse_concentration("0pM_chipA.tif")
+    c = assay_inputs.parse_concentration("0pM_chipA.tif")
     assert (c.value, c.unit, c.blank) == (0.0, "pM", True) and "blank" in c.rule
-    assert qa.parse_concentration("2µM_x.png").unit == "uM"
-    assert qa.parse_concentration("sample_7.png") is None
-    assert qa.parse_concentration("0x_a.png") is None  # not a dilution
+    assert assay_inputs.parse_concentration("2µM_x.png").unit == "uM"
+    assert assay_inputs.parse_concentration("sample_7.png") is None
+    assert assay_inputs.parse_concentration("0x_a.png") is None  # not a dilution
 
 
 def test_sample_sheet_glob_exact_and_unmatched(tmp_path, caplog):
@@ -70,15 +71,15 @@ def test_sample_sheet_glob_exact_and_unmatched(tmp_path, caplog):
                        ["A1_special.tif", "5", "pM", "", ""],  # exact beats the glob above
                        ["blank_*", "", "pM", "B", "true"],
                        ["C*", "8", "pM", "", ""]])
-    rows = qa.read_sample_sheet(sheet)
+    rows = assay_inputs.read_sample_sheet(sheet)
     files = ["A1_f1.png", "A1_f2.png", "A1_special.png", "blank_1.png", "C3.png", "zzz.png"]
-    assigned, unmatched = qa.assign_concentrations(files, rows, sheet_path=sheet)
+    assigned, unmatched = assay_inputs.assign_concentrations(files, rows, sheet_path=sheet)
     assert unmatched == ["zzz.png"]
     assert assigned["A1_f1.png"].value == 2 and assigned["A1_f2.png"].replicate == "A1"
     assert assigned["A1_special.png"].value == 5
     assert assigned["blank_1.png"].blank and assigned["blank_1.png"].value == 0
     assert "line 2" in assigned["A1_f1.png"].rule
-    assert qa.check_units(assigned) == "pM"
+    assert assay_inputs.check_units(assigned) == "pM"
 
     # Through main: the sheet is used, its replicate pools images, zzz.png is listed (exit 1).
     pred = write_summary(tmp_path / "pred", [(f, n) for f, n in zip(
@@ -264,7 +265,7 @@ def test_dilution_names_one_image_each_like_the_demo(tmp_path, caplog):
     run = tmp_path / "run"
     run.mkdir()
     write_csv(run / qa.TRAINING_SUMMARY_NAME, ["model", "best_val_jacard"], [["unet", "0.8"]])
-    assert qa.n_concentrations(pred) == 3
+    assert assay_inputs.n_concentrations(pred) == 3
     out = tmp_path / "assay"
     assert qa.main(["--predictions", str(pred), "--output_dir", str(out), "--n_boot", "50",
                     "--truth", str(truth), "--model", str(run)]) == 0
@@ -290,17 +291,17 @@ def test_bad_inputs_exit_2_naming_the_file(tmp_path, caplog, case):
     extra = []
     if case == "missing":
         pred.mkdir()
-        named = str(pred / qa.SUMMARY_NAME)
+        named = str(pred / assay_inputs.SUMMARY_NAME)
     elif case == "two_levels":
         write_summary(pred, [("1pM_a.png", 10), ("2pM_a.png", 20), ("0pM_a.png", 1)])
-        named = str(pred / qa.SUMMARY_NAME)
+        named = str(pred / assay_inputs.SUMMARY_NAME)
     elif case == "mixed_units":
         write_summary(pred, [("1pM_a.png", 10), ("2pM_a.png", 20), ("160x_a.png", 30),
                              ("320x_b.png", 15)])
-        named = str(pred / qa.SUMMARY_NAME)
+        named = str(pred / assay_inputs.SUMMARY_NAME)
     elif case == "no_counts":
         write_summary(pred, [("1pM_a.png", 0), ("2pM_a.png", 0), ("4pM_a.png", 0)])
-        named = str(pred / qa.SUMMARY_NAME)
+        named = str(pred / assay_inputs.SUMMARY_NAME)
     else:
         write_summary(pred, pm_series(levels=(1, 2, 4), reps=1))
         sheet = write_csv(tmp_path / "s.csv", ["file", "concentration"], [["*1pM*", "lots"]])
@@ -321,7 +322,7 @@ def test_failed_rows_are_listed_and_exit_1(tmp_path):
     pred = write_summary(tmp_path / "pred", pm_series(levels=(1, 2, 4), reps=2)
                          + [("8pM_x.png", 0, "error: unreadable"), ("mystery.png", 50)])
     out = tmp_path / "assay"
-    assert qa.main(["--predictions", str(pred / qa.SUMMARY_NAME), "--output_dir", str(out),
+    assert qa.main(["--predictions", str(pred / assay_inputs.SUMMARY_NAME), "--output_dir", str(out),
                     "--n_boot", "20", "--fit", "linear"]) == 1
     res = json.loads((out / qa.RESULTS_NAME).read_text())
     assert res["excluded"] == [["8pM_x.png", "status 'error: unreadable'"]]
