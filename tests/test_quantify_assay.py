@@ -322,8 +322,8 @@ def test_failed_rows_are_listed_and_exit_1(tmp_path):
     pred = write_summary(tmp_path / "pred", pm_series(levels=(1, 2, 4), reps=2)
                          + [("8pM_x.png", 0, "error: unreadable"), ("mystery.png", 50)])
     out = tmp_path / "assay"
-    assert qa.main(["--predictions", str(pred / assay_inputs.SUMMARY_NAME), "--output_dir", str(out),
-                    "--n_boot", "20", "--fit", "linear"]) == 1
+    assert qa.main(["--predictions", str(pred / assay_inputs.SUMMARY_NAME),
+                    "--output_dir", str(out), "--n_boot", "20", "--fit", "linear"]) == 1
     res = json.loads((out / qa.RESULTS_NAME).read_text())
     assert res["excluded"] == [["8pM_x.png", "status 'error: unreadable'"]]
     assert res["unmatched"] == ["mystery.png"] and res["fit"]["model"] == "linear"
