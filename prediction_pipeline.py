@@ -142,24 +142,28 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
         return image if image.shape[-1] == 3 else mio.read_image(path, channels=3)
 
     def forward(image, x, path):
+        """``(prob, scale, x, colour)``; ``colour`` is the RGB frame when the --auto_scale
+        decision already read it (None otherwise: the finisher reads it if needed)."""
         prob = tiled(x)
         scale = float(pre["scale"])
+        colour = colour_of(path, image) if auto_scale else None
         factor = prediction.auto_scale_factor(
-            prob, cfg, threshold, image_small=x, colour=colour_of(path, image)) \
-            if auto_scale else None
+            prob, cfg, threshold, image_small=x, colour=colour) if auto_scale else None
         if factor is not None:
             scale *= factor
             x = prediction.preprocess_frame(image, {**pre, "scale": scale})
             prob = tiled(x)
-        return prob, scale, x
+        return prob, scale, x, colour
 
     def finish(path, image, fwd, seconds):
-        prob_small, scale, x_small = fwd
+        prob_small, scale, x_small, colour = fwd
         t = time.perf_counter()
         try:
             used = prediction.config_at_scale(cfg, scale)
+            if colour is None:
+                colour = colour_of(path, image)
             res = prediction.finish_frame(prob_small, image.shape, used, threshold,
-                                          image_small=x_small, colour=colour_of(path, image))
+                                          image_small=x_small, colour=colour)
             write_outputs(out_dir, path.stem, image, res, save_prob=save_prob, figures=figures,
                           exports=exports)
         except FRAME_ERRORS as exc:
