@@ -19,6 +19,16 @@ import prediction
 import synthetic_beads as syn
 
 
+def _centres(rng, n, shape, *, margin=8, gap=12):
+    """``n`` disc centres at least ``margin`` px from the border and ``gap`` px apart."""
+    centres = []
+    while len(centres) < n:
+        c = rng.uniform(margin, np.array(shape) - margin)
+        if all(np.hypot(*(c - d)) > gap for d in centres):
+            centres.append(c)
+    return centres
+
+
 def _scene(seed=0, n_beads=40, n_faint=6, shape=(160, 200)):
     """Normalised image (beads 0.2, faint blobs 0.93 on 1.0 +- 0.02 noise), a 'probability'
     map that marks both, and the bead-only truth mask."""
@@ -27,11 +37,7 @@ def _scene(seed=0, n_beads=40, n_faint=6, shape=(160, 200)):
     prob = np.zeros(shape, np.float32)
     truth = np.zeros(shape, np.uint8)
     yy, xx = np.indices(shape)
-    centres = []
-    while len(centres) < n_beads + n_faint:
-        c = rng.uniform(8, np.array(shape) - 8)
-        if all(np.hypot(*(c - d)) > 12 for d in centres):
-            centres.append(c)
+    centres = _centres(rng, n_beads + n_faint, shape)
     for k, (cy, cx) in enumerate(centres):
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
         prob[disc] = 0.9
@@ -193,11 +199,7 @@ def _colour_scene(bead_rgb, debris_rgb, seed=1, n_beads=40, n_debris=8, shape=(1
     labels = np.zeros(shape, np.int32)
     truth = np.zeros(shape, np.uint8)
     yy, xx = np.indices(shape)
-    centres = []
-    while len(centres) < n_beads + n_debris:
-        c = rng.uniform(8, np.array(shape) - 8)
-        if all(np.hypot(*(c - d)) > 12 for d in centres):
-            centres.append(c)
+    centres = _centres(rng, n_beads + n_debris, shape)
     for k, (cy, cx) in enumerate(centres, 1):
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
         labels[disc] = k
@@ -289,11 +291,7 @@ def test_prediction_applies_the_colour_bound_and_auto_scale_judges_the_kept_bead
     rgb = np.full(shape + (3,), 0.8) + rng.normal(0, 0.01, shape + (3,))
     prob = np.zeros(shape, np.float32)
     yy, xx = np.indices(shape)
-    centres = []
-    while len(centres) < 70:
-        c = rng.uniform(12, np.array(shape) - 12)
-        if all(np.hypot(*(c - d)) > 22 for d in centres):
-            centres.append(c)
+    centres = _centres(rng, 70, shape, margin=12, gap=22)
     for k, (cy, cx) in enumerate(centres):
         r2 = 16 if k < 30 else 64
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r2

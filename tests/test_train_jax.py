@@ -60,6 +60,16 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+def _jax_env(folder, **extra) -> dict:
+    """Environment of a child process on the JAX CPU backend in which ``import tensorflow``
+    fails (a ``sitecustomize`` under ``folder``); ``extra`` variables are added."""
+    hide = folder / "hide_tf"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(HIDE_TENSORFLOW)
+    return dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+                PYTHONPATH=os.pathsep.join([str(hide), str(ROOT)]), **extra)
+
+
 @pytest.fixture(scope="module")
 def jax_run(tmp_path_factory):
     pytest.importorskip("jax")
@@ -68,11 +78,7 @@ def jax_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("jax")
     data = tmp / "ds"
     generate_dataset(data, n=6, size=32, seed=0, radius=8.0, log_file=False, style="rings")
-    hide = tmp / "hide_tf"
-    hide.mkdir()
-    (hide / "sitecustomize.py").write_text(HIDE_TENSORFLOW)
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(hide), str(ROOT)]))
+    env = _jax_env(tmp)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(data), str(tmp / "runs"),
                            str(tmp / "pred")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
@@ -112,12 +118,7 @@ def test_two_jax_devices_train_data_parallel(tmp_path):
 
     data = tmp_path / "ds"
     generate_dataset(data, n=5, size=32, seed=1, radius=8.0, log_file=False, style="rings")
-    hide = tmp_path / "hide_tf"
-    hide.mkdir()
-    (hide / "sitecustomize.py").write_text(HIDE_TENSORFLOW)
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=os.pathsep.join([str(hide), str(ROOT)]))
+    env = _jax_env(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     code = ("import sys, train_microbead_optimized as t; sys.exit(t.main(sys.argv[1:]))")
     proc = subprocess.run(
         [sys.executable, "-c", code, "--data_dir", str(data), "--output_dir",
