@@ -443,12 +443,18 @@ def export_saved_model(model, zip_path: Path, *, channels: int) -> str | None:
 
 def export_onnx_weights(model, path: Path, *, channels: int) -> str | None:
     """``weights.onnx`` (opset ``onnx_engine.OPSET``) of ``model``; None on success, else
-    why not (tf2onnx missing, a conversion error): the package then goes without it."""
+    why not (tf2onnx missing, a conversion error, a file whose ranks are not the model's):
+    the package then goes without it, and no file is left behind."""
     import onnx_engine
 
+    def write(tmp):
+        try:
+            onnx_engine.export_onnx(model, tmp, channels=channels)
+        except ValueError as exc:  # the rank check names atomic_write's temporary file
+            raise ValueError(str(exc).replace(str(tmp), str(path))) from None
+
     try:
-        mio.atomic_write(path, lambda t: onnx_engine.export_onnx(
-            model, t, channels=channels))
+        mio.atomic_write(path, write)
     except Exception as exc:  # ImportError, and tf2onnx's many conversion errors
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return f"{type(exc).__name__}: {msg}"

@@ -9,6 +9,11 @@ Keras; see the README's "Prediction speed"). Both use Keras' own ONNX export
 ``tf2onnx``), so the optional packages are ``tf2onnx``, ``onnx`` and ``onnxruntime``
 (``requirements-dev.txt``); they are imported only here, when asked for.
 
+The exported graph ends in a same-shape reshape (:func:`pinned_output_model`), and
+:func:`export_onnx` checks the written file's input and output ranks against the Keras model
+(:func:`check_onnx_ranks`): tf2onnx's optimiser, in some node orders, used to leave the
+one-channel output as ``(B, 1, H, W, 1)`` instead of ``(B, H, W, 1)``.
+
 Example
 -------
 >>> export_onnx(model, "weights.onnx", channels=1)                     # doctest: +SKIP
@@ -34,12 +39,17 @@ def export_onnx(model, path: str | os.PathLike, *, channels: int, opset: int = O
                 input_name: str = "input") -> Path:
     """Write ``model`` as an ONNX file with one input ``(batch, y, x, channels)`` float32.
 
-    Batch, height and width stay dynamic. Returns the path.
+    Batch, height and width stay dynamic. The graph is ``model`` followed by a same-shape
+    reshape (:func:`pinned_output_model`). Returns the path.
 
     Raises
     ------
     ImportError
         When ``tf2onnx`` / ``onnx`` are missing (the message says what to install).
+    ValueError
+        When the written file's input or output ranks are not the Keras model's
+        (:func:`check_onnx_ranks`); the file is left at ``path`` for inspection
+        (``export_model`` writes through ``microbead_io.atomic_write``, which drops it).
     """
     import keras
 
@@ -52,13 +62,82 @@ def export_onnx(model, path: str | os.PathLike, *, channels: int, opset: int = O
     path = Path(path)
     spec = keras.InputSpec(shape=(None, None, None, int(channels)), dtype="float32",
                            name=input_name)
+    pinned = pinned_output_model(model)
     try:
-        model.export(str(path), format="onnx", input_signature=[spec],
-                     opset_version=int(opset), verbose=False)
+        pinned.export(str(path), format="onnx", input_signature=[spec],
+                      opset_version=int(opset), verbose=False)
     except TypeError:  # Keras without the verbose argument
-        model.export(str(path), format="onnx", input_signature=[spec],
-                     opset_version=int(opset))
+        pinned.export(str(path), format="onnx", input_signature=[spec],
+                      opset_version=int(opset))
+    check_onnx_ranks(path, model)
     return path
+
+
+def same_shape(t):
+    """``t`` reshaped to its own (dynamic) shape: the values and shape are unchanged."""
+    import keras
+
+    return keras.ops.reshape(t, keras.ops.shape(t))
+
+
+def pinned_output_model(model):
+    """``model`` with every output passed through :func:`same_shape`, for tf2onnx.
+
+    Why: tf2onnx runs the NHWC convolutions as NCHW and pushes each Transpose back to NHWC
+    down the graph, as far as the graph output. On a one-channel tensor it then replaces that
+    Transpose by a Reshape, which its reshape optimiser rewrites as a 5-D Reshape (a leading
+    1) followed by a Squeeze, moving the Reshape's *consumers* onto the Squeeze. A graph
+    output is not a consumer: when the Transpose is converted only in the optimiser's second
+    pass, after the output's Identity was removed, the file's output stays the 5-D Reshape,
+    ``(B, 1, H, W, 1)``. Which pass converts it depends on the order the optimiser visits
+    nodes (sets of node names and node objects), so it changed from export to export: 5 of
+    60 exports of the flat-field package in one process, two full test runs in four. A
+    Reshape is an op the transpose optimiser cannot move a Transpose through, so ending the
+    graph in one keeps every Transpose off the output, whatever the order (0 of 60). Costs a
+    few ops on the 4-element shape and a Reshape, which copies nothing.
+    """
+    import keras
+
+    if len(model.inputs) != 1:
+        raise ValueError(f"ONNX export takes a single-input model, {model.name!r} has "
+                         f"{len(model.inputs)}")
+    spec = model.inputs[0]
+    inp = keras.Input(batch_shape=tuple(spec.shape), dtype=spec.dtype, name=spec.name)
+    out = model(inp)
+    pin = keras.layers.Lambda(same_shape, name="onnx_pinned_output")
+    out = [pin(o) for o in out] if isinstance(out, list | tuple) else pin(out)
+    return keras.Model(inp, out, name=f"{model.name}_onnx")
+
+
+def onnx_ranks(onnx_model) -> tuple[list, list]:
+    """Declared ranks of an ONNX model's graph inputs (initialisers excluded) and outputs,
+    in order; None where the file declares no shape."""
+    def rank(value_info):
+        t = value_info.type.tensor_type
+        return len(t.shape.dim) if t.HasField("shape") else None
+
+    graph = onnx_model.graph
+    weights = {i.name for i in graph.initializer}
+    return ([rank(v) for v in graph.input if v.name not in weights],
+            [rank(v) for v in graph.output])
+
+
+def keras_ranks(model) -> tuple[list, list]:
+    """Ranks of a Keras model's inputs and outputs, in order."""
+    return [len(t.shape) for t in model.inputs], [len(t.shape) for t in model.outputs]
+
+
+def check_onnx_ranks(path: str | os.PathLike, model) -> None:
+    """Raise ``ValueError`` when the ONNX file at ``path`` does not declare the Keras
+    ``model``'s input and output ranks (count and order), so a converter's bad file is
+    never packaged silently; the message (one line) names the file and both ranks."""
+    import onnx
+
+    got, want = onnx_ranks(onnx.load(str(path))), keras_ranks(model)
+    if got != want:
+        raise ValueError(f"{path}: the ONNX model's input/output ranks {got[0]}/{got[1]} "
+                         f"differ from the Keras model's {want[0]}/{want[1]} (the converter "
+                         "changed the tensor layout; the file is not usable as it is)")
 
 
 def onnx_session(source, *, threads: int | None = None):
