@@ -334,13 +334,16 @@ def _split_components(
     min_distance = max(1, int(round(_SEED_SPACING_RADII * radius)))
     gap = min_distance + 1
     width = max(1024, max(c.shape[1] for c in comps) + 2 * gap)
-    # Shelf packing: crops left to right, a new shelf when the row is full.
-    places, x, y, shelf_h = [], gap, gap, 0
-    for c in comps:
-        h, w = c.shape
+    # Shelf packing, tallest crops first (a shelf is as tall as its tallest crop: in input
+    # order one large clump per shelf made the canvas of a dense frame larger than the
+    # frame). Where a crop lands does not change its pieces (see above).
+    places = [(0, 0)] * len(comps)
+    x, y, shelf_h = gap, gap, 0
+    for i in sorted(range(len(comps)), key=lambda k: -comps[k].shape[0]):
+        h, w = comps[i].shape
         if x + w + gap > width:
             x, y, shelf_h = gap, y + shelf_h + gap, 0
-        places.append((y, x))
+        places[i] = (y, x)
         x += w + gap
         shelf_h = max(shelf_h, h)
     canvas = np.zeros((y + shelf_h + gap, width), dtype=np.uint8)
