@@ -302,8 +302,8 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
     pre, post = cfg["preprocessing"], cfg["postprocessing"]
     thr = float(post["threshold"] if threshold is None else threshold)
     h, w = native_shape[:2]
-    prob = mio.resize_image(prob_small, (h, w)) if prob_small.shape != (h, w) else prob_small
-    mask = microbead_metrics.above_threshold(prob, thr).astype(np.uint8)
+    native = prob_small.shape == (h, w)  # model scale 1: nothing to carry over
+    prob = prob_small if native else mio.resize_image(prob_small, (h, w))
     scale = float(pre["scale"])
     area_native = float(post.get("median_bead_area_native_px")
                         or post["median_bead_area_px"] / scale ** 2)
@@ -313,29 +313,31 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
     # to native resolution and clipped to the native mask's outline.
     labels_small, mask_small, rejected = filtered_beads(prob_small, post, thr, image_small,
                                                          colour)
-    if rejected:
-        # The native mask follows: a rejected object is not bead at any resolution.
-        if labels_small.shape != (h, w):
+    if native:
+        # The split's labels are the label image: ids 1..N (label_beads, apply_filter), each
+        # inside the mask, which is the (filtered) model-scale mask.
+        mask, labels, n = mask_small, labels_small, int(labels_small.max())
+    else:
+        mask = microbead_metrics.above_threshold(prob, thr).astype(np.uint8)
+        if rejected:
+            # The native mask follows: a rejected object is not bead at any resolution.
             mask &= mio.resize_mask(mask_small, (h, w)).astype(np.uint8)
-        else:
-            mask = mask_small.copy()
-    labels = mio.resize_labels(labels_small, (h, w)) if labels_small.shape != (h, w) \
-        else labels_small.copy()
-    labels[mask == 0] = 0
-    # A bead smaller than a native pixel's reach can vanish when clipped to the native
-    # outline: renumber what is left, so the count is the number of ids in the label file.
-    present = np.bincount(labels.ravel(), minlength=int(labels_small.max()) + 1) > 0
-    present[0] = False
-    n = int(present.sum())
-    if n < present.size - 1:
-        lut = np.zeros(present.size, labels.dtype)
-        lut[present] = np.arange(1, n + 1, dtype=labels.dtype)
-        labels = lut[labels]
+        labels = mio.resize_labels(labels_small, (h, w))
+        labels[mask == 0] = 0
+        # A bead smaller than a native pixel's reach can vanish when clipped to the native
+        # outline: renumber what is left, so the count is the number of ids in the label
+        # file.
+        present = np.bincount(labels.ravel(), minlength=int(labels_small.max()) + 1) > 0
+        present[0] = False
+        n = int(present.sum())
+        if n < present.size - 1:
+            lut = np.zeros(present.size, labels.dtype)
+            lut[present] = np.arange(1, n + 1, dtype=labels.dtype)
+            labels = lut[labels]
     areas = microbead_metrics.component_areas(mask_small)
     ratio = _area_ratio(areas, reference_bead_area(post))
     # At scale 1 the native mask is the model-scale mask: its components are counted.
-    n_comp = int(areas.size) if mask.shape == mask_small.shape \
-        else microbead_metrics.count_components(mask)
+    n_comp = int(areas.size) if native else microbead_metrics.count_components(mask)
     fg = int(mask.sum())
     return {
         "prob": prob, "mask": mask, "labels": labels, "beads": n, "n_components": n_comp,
