@@ -94,14 +94,14 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
     next frames are loaded and the previous ones finished on worker threads while the
     current frame's tiles go through the network, so file I/O and bead splitting hide
     behind the forward passes.
-    ``workers`` threads load and as many finish (default :func:`default_workers`: 1 on a
+    ``workers`` threads load and one more finish (default :func:`default_workers`: 1 on a
     2-core machine; on a GPU node, where a forward pass takes milliseconds, up to 8 frames
-    are read and finished at once). The workers run at a lower CPU priority
+    are read and 9 finished at once). The workers run at a lower CPU priority
     (:data:`WORKER_NICE`) and OpenCV runs single-threaded meanwhile: on a machine with few
     cores the network keeps its cores and the workers fill the gaps, instead of every stage
-    slowing the others. Frames are read at most ``workers`` ahead and at most one waits to
-    be finished, so memory stays bounded by ``2 * workers + 2`` frames, never by the number
-    of files. A frame that fails in any stage gets its error (naming the file) as
+    slowing the others. Frames are read at most ``workers`` ahead and at most
+    ``workers + 1`` are being finished, so memory stays bounded by ``2 * workers + 2``
+    frames, never by the number of files. A frame that fails in any stage gets its error (naming the file) as
     ``status``; the others are still processed.
 
     ``time_s`` in a row is the sum of that frame's own stage times (they overlap with
@@ -199,9 +199,13 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
     if pipelined:  # the stages are the parallelism; OpenCV's own pool would oversubscribe
         cv2.setNumThreads(1)
     try:
+        # One finisher more than loaders: finishing a frame costs more than loading one,
+        # and the frames still waiting when the network is done with the last one (on 2
+        # cores the low-priority finishers fall behind while it runs) are then finished
+        # side by side instead of one after the other: on the demo's 4 frames ...
         with pool(n, thread_name_prefix="mb-load", initializer=_lower_priority,
                   initargs=(WORKER_NICE,)) as loader, \
-                pool(n, thread_name_prefix="mb-finish", initializer=_lower_priority,
+                pool(n + 1, thread_name_prefix="mb-finish", initializer=_lower_priority,
                      initargs=(WORKER_NICE,)) as finisher:
             _schedule(files, loader, load, forward, finisher, finish, done, ahead=n)
     finally:
@@ -219,8 +223,10 @@ def default_workers() -> int:
 
 def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int = 1) -> None:
     """Run ``load`` on ``loader`` ``ahead`` frames ahead, ``forward`` here, ``finish`` on
-    ``finisher`` (at most ``ahead + 1`` frames queued or running); ``done(i, row)`` in
-    input order."""
+    ``finisher`` (at most ``ahead + 1`` frames queued or running while frames still come,
+    ``ahead + 2`` once the last one is past the network: nothing is loaded or sent through
+    the network any more, and its finishing need not wait for the others');
+    ``done(i, row)`` in input order."""
     loads: list = []  # read futures of the frames not yet taken, in input order
     finishing: list = []
 
@@ -252,7 +258,9 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
                 done(i, _error_row(path, exc, seconds))
                 continue
             del x
-            drain(ahead)
+            last = i == len(files) - 1
+            if not last:  # bounded memory while frames still come; the last one goes at once
+                drain(ahead)
             finishing.append((i, finisher.submit(finish, path, image, prob_small, seconds)))
     except KeyboardInterrupt:
         drain(0)  # frames already past the network are finished and reported (Ctrl-C)

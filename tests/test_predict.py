@@ -363,6 +363,52 @@ def test_pipeline_reads_at_most_workers_frames_ahead(tmp_path, monkeypatch, work
     assert max(ahead) == len(files)  # and reading did run ahead of the network
 
 
+def test_the_last_frame_is_finished_beside_the_frames_before(tmp_path, monkeypatch):
+    # One finisher more than loaders, and the last frame's finishing is submitted as soon as
+    # it leaves the network: frame 0's outputs wait here until frame 2's have started, which
+    # with one finisher (or the last frame queued behind frame 0) never happens.
+    import threading
+
+    files = _frames(tmp_path / "in", 3)
+    cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
+    last_started, waited = threading.Event(), []
+    real_write = prediction_pipeline.write_outputs
+
+    def write_outputs(out_dir, stem, *args, **kwargs):
+        if stem == files[2].stem:
+            last_started.set()
+        if stem == files[0].stem:
+            waited.append(last_started.wait(timeout=20))
+        return real_write(out_dir, stem, *args, **kwargs)
+
+    monkeypatch.setattr(prediction_pipeline, "write_outputs", write_outputs)
+    rows = prediction_pipeline.predict_files(files, lambda b: b[..., 0], cfg,
+                                             _out(tmp_path / "o"), tile_size=64, overlap=16,
+                                             batch_size=2, workers=1, figures=False)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert waited == [True]
+
+
+def test_at_model_scale_one_the_label_image_is_the_filtered_split():
+    # Scale 1 skips the carry-over to native resolution: the labels must still be the ids
+    # 1..N inside the mask, the count their number, the mask the filtered split's.
+    mask, _ = _disc_frame((160, 192), n=14, seed=3)
+    prob = mask.astype(np.float32) * 0.9
+    prob[2:12, 2:12] = 0.8  # a 100-px smudge: a component, below the filter's area bound
+    cfg = _config(scale=1.0, pixel_scale=1.0, area=np.pi * 9.4 ** 2)
+    cfg["postprocessing"]["object_filter"] = {"min_area_px": 150.0, "quantile": 0.01,
+                                              "margin": 0.5, "n_matched": 14}
+    res = prediction.finish_frame(prob, prob.shape, cfg)
+    labels, kept, rejected = prediction.filtered_beads(prob, cfg["postprocessing"], 0.5)
+    assert rejected == 1 and res["rejected"] == 1
+    np.testing.assert_array_equal(res["labels"], labels)
+    np.testing.assert_array_equal(res["mask"], kept)
+    ids = np.unique(res["labels"][res["labels"] > 0])
+    assert ids.tolist() == list(range(1, res["beads"] + 1)) and res["beads"] >= 10
+    assert not (res["labels"][res["mask"] == 0]).any()
+    assert res["mask"][2:12, 2:12].sum() == 0  # the rejected smudge is not in the mask
+
+
 def test_a_failing_write_fails_that_image_only(tmp_path, monkeypatch):
     files = _frames(tmp_path / "in", 3)
     cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
