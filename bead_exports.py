@@ -65,60 +65,73 @@ _DY = np.array([0, 1, 0, -1])
 # ----------------------------------------------------------------------------- outlines
 
 
-def _edge_rings(labels: np.ndarray) -> _EdgeRings | None:
+def _edge_rings(labels: np.ndarray, fg=None) -> _EdgeRings | None:
     """The rings of :func:`trace_outlines` as flat arrays (:class:`_EdgeRings`); None for an
     image without beads. Every exposed pixel side is a directed edge (bead on its right);
     each edge is linked to the same bead's edge leaving its end corner, and the cycles are
-    the rings."""
+    the rings. ``fg``: :func:`_foreground` of ``labels``, if already computed.
+
+    Edges are numbered side by side (tops, rights, bottoms, lefts; pixels in raster order
+    within a side). The successor is local (see the loop below), so no edge lookup by key
+    is needed; the rings, each walked from its smallest-key edge, come out of one
+    depth-first traversal in C (:func:`_walk_rings`).
+    """
     lab = np.asarray(labels)
     if lab.ndim != 2:
         raise ValueError(f"labels must be (H, W), got shape {lab.shape}")
     h, w = lab.shape
-    pf, idx, own, r, c = _foreground(lab)
+    pf, idx, own, r, c = _foreground(lab) if fg is None else fg
     pw = w + 2
-    # One directed edge per exposed pixel side: (start corner, direction), bead on the right.
-    sides = (
-        (-pw, 0, 0, 0),  # top side: (c, r) -> east
-        (1, 1, 0, 1),    # right side: (c + 1, r) -> south
-        (pw, 1, 1, 2),   # bottom side: (c + 1, r + 1) -> west
-        (-1, 0, 1, 3),   # left side: (c, r + 1) -> north
-    )
-    xs, ys, ds, ls = [], [], [], []
-    for offset, ox, oy, d in sides:
-        m = pf[idx + offset] != own
-        xs.append(c[m] + ox)
-        ys.append(r[m] + oy)
-        ds.append(np.full(int(m.sum()), d))
-        ls.append(own[m])
-    x, y, d, lab_e = (np.concatenate(a).astype(np.int64) for a in (xs, ys, ds, ls))
-    if x.size == 0:
+    n_fg = idx.size
+    # Side s of pixel p (0 top, 1 right, 2 bottom, 3 left) is the edge leaving corner
+    # (c + cx, r + cy) in direction d = s (east, south, west, north: _DX, _DY), bead on its
+    # right; it is exposed where the pixel beyond it, p + out[s], is not the bead's.
+    step = (1, pw, -1, -pw)     # p + step[s]: the next pixel along the edge
+    out = (-pw, 1, pw, -1)      # p + out[s]: the pixel on the edge's left
+    corner_dx, corner_dy = (0, 1, 1, 0), (0, 0, 1, 1)
+    pos, xs, ys, keys, sids, nxt = [], [], [], [], [], []
+    pmap = np.empty(pf.size, np.int64)  # padded flat index -> foreground index (bead pixels)
+    pmap[idx] = np.arange(n_fg)
+    for s in range(4):
+        k = np.flatnonzero(pf[idx + out[s]] != own)
+        p, o = idx[k], own[k]
+        x = c[k] + corner_dx[s]
+        y = r[k] + corner_dy[s]
+        xs.append(x)
+        ys.append(y)
+        keys.append((y * (w + 1) + x) * 4 + s)  # rising within a side: 4 sorted runs
+        sids.append(k * 4 + s)
+        # Successor: right turn (same pixel, side s + 1) unless the next pixel along is the
+        # bead's; then straight on (that pixel, side s) unless the pixel diagonally beyond
+        # is the bead's too; then left turn (that pixel, side s - 1). Right before straight
+        # before left keeps pixels that touch only at a corner apart (ImageJ's wand).
+        a = p + step[s]
+        right = pf[a] != o
+        b = a + out[s]
+        straight = ~right & (pf[b] != o)
+        q = np.where(right, p, np.where(straight, a, b))
+        turn = np.where(right, (s + 1) % 4, np.where(straight, s, (s + 3) % 4))
+        nxt.append(pmap[q] * 4 + turn)
+        pos.append(k)
+    x, y, key, sid, nxt_sid = (np.concatenate(v) for v in (xs, ys, keys, sids, nxt))
+    n = x.size
+    if n == 0:
         return None
-    # A (corner, direction) pair names one edge; sorted keys give lookups by searchsorted.
-    key = (y * (w + 1) + x) * 4 + d
-    order = np.argsort(key, kind="stable")
-    key, x, y, d, lab_e = key[order], x[order], y[order], d[order], lab_e[order]
-    ex, ey = x + _DX[d], y + _DY[d]
-    succ = np.full(key.size, -1, np.int64)
-    # Successor: the same bead's edge leaving the end corner, preferring a right turn, then
-    # straight on, then left. Two of a bead's edges leave one corner only where its pixels
-    # touch diagonally; the right turn keeps those pixels apart.
-    for turn in (1, 0, 3):
-        todo = succ < 0
-        cand = (ey[todo] * (w + 1) + ex[todo]) * 4 + (d[todo] + turn) % 4
-        i = np.minimum(np.searchsorted(key, cand), key.size - 1)
-        ok = (key[i] == cand) & (lab_e[i] == lab_e[todo])
-        idx = np.flatnonzero(todo)[ok]
-        succ[idx] = i[ok]
-    if (succ < 0).any():  # cannot happen for a label image; guards the invariants above
-        raise AssertionError("open outline: edge linking failed")
+    counts = [v.size for v in xs]
+    d = np.repeat(np.arange(4), counts)
+    lab_e = own[np.concatenate(pos)]
+    eid = np.empty(4 * n_fg, np.int64)  # side id (fg index * 4 + side) -> edge number
+    eid[sid] = np.arange(n)
+    succ = eid[nxt_sid]
     # Corners only: an edge whose direction differs from its predecessor's starts a corner.
     pred_d = np.empty_like(d)
     pred_d[succ] = d
     corner = pred_d != d
-    ring_of, order = _walk_rings(succ)
+    by_key = np.argsort(key, kind="stable")  # merges 4 sorted runs
+    first, order = _walk_rings(succ, by_key)
     keep = corner[order]
-    vx, vy, vring = x[order][keep], y[order][keep], ring_of[order][keep]
-    return _EdgeRings(vx, vy, vring, lab_e)
+    ring = np.repeat(order[first], np.diff(np.append(first, n)))  # each ring's start edge
+    return _EdgeRings(x[order][keep], y[order][keep], ring[keep], lab_e)
 
 
 class _EdgeRings:
@@ -136,36 +149,41 @@ class _EdgeRings:
         self.label = edge_label[ring[self.starts]] if ring.size else np.zeros(0, np.int64)
 
 
-def _walk_rings(succ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _walk_rings(succ: np.ndarray, by_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cycles of the successor permutation ``succ``, without a Python loop over edges.
 
-    Returns ``ring_of`` (per edge: the smallest edge index of its cycle, where a walk in
-    index order starts that ring) and ``order``: all edges, ring after ring (ascending
-    start), each ring in walking order from its start. Pointer doubling: ``log2`` of the
-    longest ring passes over the edges.
+    ``by_key``: all edges, smallest key first. Returns ``order``: all edges, ring after ring
+    (rings by their smallest-key edge, which starts them), each ring in walking order from
+    its start, and ``first``: where each ring starts in ``order``.
+
+    One depth-first traversal (scipy, in C) of a graph of ``2 n`` nodes: edge ``e`` links to
+    ``succ[e]``; root node ``n + j`` links to edge ``by_key[j]``, then to root ``n + j + 1``.
+    From root ``n`` the traversal enters each ring at its smallest-key edge (every edge with
+    a smaller key lies on a ring walked already) and follows it until the successor is the
+    visited start, then backs up to the root chain. Depth-first order visits a node's links
+    in stored order; the tests check the result against an independent ring tracer.
     """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import depth_first_order
+
     n = succ.size
-    ring_of = np.arange(n)
-    jump = succ.copy()
-    while True:  # min over i, succ(i), ..., succ^(2^k - 1)(i); stable once 2^k >= ring length
-        nxt = np.minimum(ring_of, ring_of[jump])
-        if np.array_equal(nxt, ring_of):
-            break
-        ring_of = nxt
-        jump = jump[jump]
-    # Steps from each edge to the last edge of its ring (the one whose successor is the
-    # start), by list ranking on the ring cut open there.
-    last = succ == ring_of
-    nxt = np.where(last, np.arange(n), succ)
-    to_end = (~last).astype(np.int64)
-    while True:
-        nn = nxt[nxt]
-        if np.array_equal(nn, nxt):
-            break
-        to_end = to_end + to_end[nxt]
-        nxt = nn
-    order = np.lexsort((-to_end, ring_of))
-    return ring_of, order
+    indices = np.empty(3 * n, np.int32)
+    indices[:n] = succ
+    indices[n::2] = by_key
+    indices[n + 1::2] = np.arange(n + 1, 2 * n + 1)
+    indices[-1] = n  # the last root links back to the first (visited): the end
+    indptr = np.concatenate([np.arange(n + 1), np.arange(n + 2, 3 * n + 1, 2)])
+    graph = csr_matrix((np.ones(3 * n), indices, indptr.astype(np.int32)), shape=(2 * n, 2 * n))
+    nodes = depth_first_order(graph, n, directed=True, return_predecessors=False)
+    if nodes.size != 2 * n:  # cannot happen: every node hangs off the root chain
+        raise AssertionError("ring walk did not reach every edge")
+    real = nodes < n
+    order = nodes[real]
+    entered = np.flatnonzero(real[1:] & ~real[:-1]) + 1  # an edge right after a root
+    first = entered - np.cumsum(~real)[entered]  # its position in ``order``
+    if (succ[order[np.append(first[1:], n) - 1]] != order[first]).any():
+        raise AssertionError("open outline: edge linking failed")
+    return first, order
 
 
 def trace_outlines(labels: np.ndarray) -> dict[int, list[np.ndarray]]:
@@ -390,7 +408,7 @@ def bead_table(labels: np.ndarray, image: np.ndarray | None = None,
         other |= (nb != own) & (nb > 0)
     touching = per_bead(other.astype(np.float64)) > 0
     if outlines is None:
-        perim = _bead_perimeters(_edge_rings(lab), ids)
+        perim = _bead_perimeters(_edge_rings(lab, (pf, idx, own, r, c)), ids)
     else:
         perim = np.array([sum(traced_perimeter(ring) for ring in outlines[int(i)])
                           for i in ids], np.float64)
@@ -409,21 +427,52 @@ def bead_table(labels: np.ndarray, image: np.ndarray | None = None,
     }
 
 
+def _fixed_cells(values: np.ndarray, digits: int) -> np.ndarray:
+    """``format(float(v), f".{digits}f")`` of every value (NaN: an empty cell), as a string
+    array, byte for byte: integer arithmetic on ``|v| 10^digits`` rounded, and Python's own
+    formatting for the few values whose rounding the float product cannot decide (within
+    ``1e-9`` of a half), for infinities and for values beyond ``2^50 / 10^digits``."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return np.zeros(0, np.str_)
+    nan = np.isnan(v)
+    x = np.abs(v) * 10.0 ** digits
+    with np.errstate(invalid="ignore"):
+        ok = x < 2.0 ** 50  # False for NaN and inf
+        risky = ~nan & (~ok | (np.abs(x - np.floor(x) - 0.5) <= 1e-9 * (1.0 + x)))
+    n = np.where(ok, np.rint(np.where(ok, x, 0.0)), 0.0).astype(np.int64)
+    unit = 10 ** digits
+    cells = np.strings.add(np.strings.add((n // unit).astype(np.str_), "."),
+                           np.strings.zfill((n % unit).astype(np.str_), digits))
+    cells = np.where(np.signbit(v), np.strings.add("-", cells), cells)  # also -0.000
+    cells = np.where(nan, "", cells)
+    fix = np.flatnonzero(risky)
+    if fix.size:
+        spec = f".{digits}f"
+        exact = [format(f, spec) for f in v[fix].tolist()]
+        width = max(cells.dtype.itemsize // 4, max(map(len, exact)))
+        cells = cells.astype(f"<U{width}")
+        cells[fix] = exact
+    return cells
+
+
 def write_bead_csv(path: str | os.PathLike, table: dict[str, np.ndarray]) -> None:
     """Write :func:`bead_table` as CSV (header :data:`BEAD_COLUMNS`; NaN as an empty cell)."""
     digits = {"centroid_x": 3, "centroid_y": 3, "equivalent_diameter_px": 3,
               "circularity": 4, "mean_intensity": 4, "prob_mass": 3}
-    # Column by column (what csv.writer wrote row by row, ~5x faster on 40k beads): numbers
-    # and empty cells need no quoting, so a row is its cells joined by commas.
-    cols = []
+    # Column by column, as string arrays (cells as format(v, ".3f") / str(int(v)) wrote
+    # them: numbers and empty cells need no quoting, so a row is its cells joined by commas.
+    rows = None
     for k in BEAD_COLUMNS:
-        values = np.asarray(table[k]).tolist()
+        values = np.asarray(table[k])
         if k in digits:
-            spec = f".{digits[k]}f"
-            cols.append(["" if v != v else format(float(v), spec) for v in values])
+            col = _fixed_cells(values, digits[k])
+        elif values.dtype.kind in "iub":
+            col = values.astype(np.int64).astype(np.str_)
         else:
-            cols.append([str(int(v)) for v in values])
-    lines = [",".join(BEAD_COLUMNS)] + [",".join(row) for row in zip(*cols)]
+            col = np.array([str(int(v)) for v in values.tolist()], np.str_)
+        rows = col if rows is None else np.strings.add(np.strings.add(rows, ","), col)
+    lines = [",".join(BEAD_COLUMNS)] + (rows.tolist() if rows is not None else [])
     mio.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
