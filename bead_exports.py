@@ -65,11 +65,12 @@ _DY = np.array([0, 1, 0, -1])
 # ----------------------------------------------------------------------------- outlines
 
 
-def _edge_rings(labels: np.ndarray, fg=None) -> _EdgeRings | None:
+def _edge_rings(labels: np.ndarray, fg=None, same=None) -> _EdgeRings | None:
     """The rings of :func:`trace_outlines` as flat arrays (:class:`_EdgeRings`); None for an
     image without beads. Every exposed pixel side is a directed edge (bead on its right);
     each edge is linked to the same bead's edge leaving its end corner, and the cycles are
-    the rings. ``fg``: :func:`_foreground` of ``labels``, if already computed.
+    the rings. ``fg``: :func:`_foreground` of ``labels``, if already computed; ``same``:
+    :func:`_same_neighbours` of it, if already computed.
 
     Edges are numbered side by side (tops, rights, bottoms, lefts; pixels in raster order
     within a side). The successor is local (see the loop below), so no edge lookup by key
@@ -83,70 +84,68 @@ def _edge_rings(labels: np.ndarray, fg=None) -> _EdgeRings | None:
     pf, idx, own, r, c = _foreground(lab) if fg is None else fg
     pw = w + 2
     n_fg = idx.size
+    if same is None:
+        same = _same_neighbours(pf, idx, own, pw)
     # Side s of pixel p (0 top, 1 right, 2 bottom, 3 left) is the edge leaving corner
     # (c + cx, r + cy) in direction d = s (east, south, west, north: _DX, _DY), bead on its
-    # right; it is exposed where the pixel beyond it, p + out[s], is not the bead's.
+    # right; it is exposed where the pixel beyond it, p + out[s], is not the bead's. Its
+    # key (y * (W + 1) + x) * 4 + d orders edges as (pf index of corner pixel) * 4 + d does.
     step = (1, pw, -1, -pw)     # p + step[s]: the next pixel along the edge
     out = (-pw, 1, pw, -1)      # p + out[s]: the pixel on the edge's left
-    corner_dx, corner_dy = (0, 1, 1, 0), (0, 0, 1, 1)
-    pos, xs, ys, keys, sids, nxt = [], [], [], [], [], []
-    pmap = np.empty(pf.size, np.int64)  # padded flat index -> foreground index (bead pixels)
-    pmap[idx] = np.arange(n_fg)
+    corner = (0, 1, pw + 1, pw)  # p + corner[s]: the pf pixel at the edge's start corner
+    # Numbers fit int32 (what the traversal takes) unless there are > 2^29 bead pixels.
+    itype = np.int32 if 4 * n_fg < 2 ** 31 else np.int64
+    pmap = np.empty(pf.size, itype)  # pf index -> foreground index (bead pixels only)
+    pmap[idx] = np.arange(n_fg, dtype=itype)
+    pos, keys, nxt = [], [], []
     for s in range(4):
-        k = np.flatnonzero(pf[idx + out[s]] != own)
-        p, o = idx[k], own[k]
-        x = c[k] + corner_dx[s]
-        y = r[k] + corner_dy[s]
-        xs.append(x)
-        ys.append(y)
-        keys.append((y * (w + 1) + x) * 4 + s)  # rising within a side: 4 sorted runs
-        sids.append(k * 4 + s)
+        k = np.flatnonzero(~same[out[s]])
+        p = idx[k]
+        keys.append((p + corner[s]) * 4 + s)  # rising within a side: 4 sorted runs
         # Successor: right turn (same pixel, side s + 1) unless the next pixel along is the
         # bead's; then straight on (that pixel, side s) unless the pixel diagonally beyond
         # is the bead's too; then left turn (that pixel, side s - 1). Right before straight
         # before left keeps pixels that touch only at a corner apart (ImageJ's wand).
-        a = p + step[s]
-        right = pf[a] != o
-        b = a + out[s]
-        straight = ~right & (pf[b] != o)
-        q = np.where(right, p, np.where(straight, a, b))
-        turn = np.where(right, (s + 1) % 4, np.where(straight, s, (s + 3) % 4))
+        right = ~same[step[s]][k]
+        straight = ~right & ~same[step[s] + out[s]][k]
+        q = np.where(right, p, p + np.where(straight, step[s], step[s] + out[s]))
+        turn = np.where(right, (s + 1) % 4, np.where(straight, s, (s + 3) % 4)).astype(itype)
         nxt.append(pmap[q] * 4 + turn)
         pos.append(k)
-    x, y, key, sid, nxt_sid = (np.concatenate(v) for v in (xs, ys, keys, sids, nxt))
-    n = x.size
+    counts = [v.size for v in pos]
+    n = sum(counts)
     if n == 0:
         return None
-    counts = [v.size for v in xs]
-    d = np.repeat(np.arange(4), counts)
-    lab_e = own[np.concatenate(pos)]
-    eid = np.empty(4 * n_fg, np.int64)  # side id (fg index * 4 + side) -> edge number
-    eid[sid] = np.arange(n)
-    succ = eid[nxt_sid]
+    eid = np.empty(4 * n_fg, itype)  # side id (fg index * 4 + side) -> edge number
+    for s, (k, start) in enumerate(zip(pos, np.cumsum([0] + counts[:-1]).tolist())):
+        eid[k * 4 + s] = np.arange(start, start + k.size, dtype=itype)
+    succ = eid[np.concatenate(nxt)]
+    key = np.concatenate(keys)
+    d = np.repeat(np.arange(4, dtype=np.int8), counts)
     # Corners only: an edge whose direction differs from its predecessor's starts a corner.
     pred_d = np.empty_like(d)
     pred_d[succ] = d
-    corner = pred_d != d
+    is_corner = pred_d != d
     by_key = np.argsort(key, kind="stable")  # merges 4 sorted runs
     first, order = _walk_rings(succ, by_key)
-    keep = corner[order]
-    ring = np.repeat(order[first], np.diff(np.append(first, n)))  # each ring's start edge
-    return _EdgeRings(x[order][keep], y[order][keep], ring[keep], lab_e)
+    keep = is_corner[order]
+    n_v = np.add.reduceat(keep, first, dtype=np.int64)  # corners per ring
+    vy, vx = np.divmod(key[order[keep]] >> 2, pw)
+    fg_start = np.concatenate(pos)[order[first]]
+    return _EdgeRings(vx - 1, vy - 1, n_v, own[fg_start].astype(np.int64))
 
 
 class _EdgeRings:
     """Every ring of a label image as flat arrays (what :func:`trace_outlines` returns as
     a dict): corner vertices ``x``, ``y`` ring after ring (rings ordered by their first
-    edge's key, so by top-left corner; vertices in walking order from it) and ``ring``, the
-    index of that first edge; ``edge_label`` gives a ring's bead id."""
+    edge's key, so by top-left corner; vertices in walking order from it), ring ``i`` at
+    ``starts[i]:stops[i]``, of bead ``label[i]``."""
 
-    def __init__(self, x, y, ring, edge_label):
-        self.x, self.y, self.ring = x, y, ring
-        bounds = np.flatnonzero(np.diff(ring)) + 1 if ring.size else np.zeros(0, np.int64)
-        self.starts = np.concatenate([[0], bounds]).astype(np.int64) if ring.size else bounds
-        self.stops = np.concatenate([bounds, [ring.size]]).astype(np.int64) \
-            if ring.size else bounds
-        self.label = edge_label[ring[self.starts]] if ring.size else np.zeros(0, np.int64)
+    def __init__(self, x, y, n_vertices, label):
+        self.x, self.y = x, y
+        self.stops = np.cumsum(n_vertices, dtype=np.int64)
+        self.starts = self.stops - n_vertices
+        self.label = label
 
 
 def _walk_rings(succ: np.ndarray, by_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +179,7 @@ def _walk_rings(succ: np.ndarray, by_key: np.ndarray) -> tuple[np.ndarray, np.nd
     real = nodes < n
     order = nodes[real]
     entered = np.flatnonzero(real[1:] & ~real[:-1]) + 1  # an edge right after a root
-    first = entered - np.cumsum(~real)[entered]  # its position in ``order``
+    first = entered - (nodes[entered - 1] - n + 1)  # less the roots (visited in order)
     if (succ[order[np.append(first[1:], n) - 1]] != order[first]).any():
         raise AssertionError("open outline: edge linking failed")
     return first, order
@@ -231,6 +230,20 @@ def _foreground(lab: np.ndarray):
     idx = np.flatnonzero(pf)
     r, c = np.divmod(idx, lab.shape[1] + 2)
     return pf, idx, pf[idx], r - 1, c - 1
+
+
+def _same_neighbours(pf: np.ndarray, idx: np.ndarray, own: np.ndarray, pw: int,
+                     other: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """Per flat offset to one of the 8 neighbours: whether that neighbour of each bead pixel
+    (:func:`_foreground`) is the same bead. With ``other``, also ORs into it where the
+    neighbour is another bead (``touching``)."""
+    same = {}
+    for offset in (-pw - 1, -pw, -pw + 1, -1, 1, pw - 1, pw, pw + 1):
+        nb = pf[idx + offset]
+        same[offset] = nb == own
+        if other is not None:
+            other |= ~same[offset] & (nb > 0)
+    return same
 
 
 def ring_area(ring: np.ndarray) -> float:
@@ -403,12 +416,10 @@ def bead_table(labels: np.ndarray, image: np.ndarray | None = None,
     # Touching: another bead's pixel among the 8 neighbours.
     pw = w + 2
     other = np.zeros(idx.size, bool)
-    for offset in (-pw - 1, -pw, -pw + 1, -1, 1, pw - 1, pw, pw + 1):
-        nb = pf[idx + offset]
-        other |= (nb != own) & (nb > 0)
+    same = _same_neighbours(pf, idx, own, pw, other)
     touching = per_bead(other.astype(np.float64)) > 0
     if outlines is None:
-        perim = _bead_perimeters(_edge_rings(lab, (pf, idx, own, r, c)), ids)
+        perim = _bead_perimeters(_edge_rings(lab, (pf, idx, own, r, c), same), ids)
     else:
         perim = np.array([sum(traced_perimeter(ring) for ring in outlines[int(i)])
                           for i in ids], np.float64)
@@ -427,53 +438,95 @@ def bead_table(labels: np.ndarray, image: np.ndarray | None = None,
     }
 
 
+def _digits(mag: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """ASCII bytes of ``str(int)`` of ``-mag`` where ``neg`` else ``mag`` (non-negative
+    int64 below ``10^18``), one row per value, right-aligned with 0 (no byte) before."""
+    nd = np.ones(mag.size, np.int64)  # number of digits
+    t = 10
+    while t <= 10 ** 18 and (mag >= t).any():
+        nd += mag >= t
+        t *= 10
+    width = int(nd.max(initial=1)) + bool(neg.any())
+    field = np.zeros((mag.size, width), np.uint8)
+    m = mag.copy()
+    for j in range(int(nd.max(initial=1))):
+        field[:, width - 1 - j] = np.where(j < nd, 48 + m % 10, 0)
+        m //= 10
+    rows = np.flatnonzero(neg)
+    field[rows, width - 1 - nd[rows]] = 45  # "-"
+    return field
+
+
+def _patch(field: np.ndarray, rows: np.ndarray, cells: list[str]) -> np.ndarray:
+    """``field`` with rows ``rows`` replaced by the bytes of ``cells`` (widened if need be)."""
+    if rows.size == 0:
+        return field
+    raw = np.array([s.encode("ascii") for s in cells])
+    width = max(field.shape[1], raw.itemsize)
+    if width > field.shape[1]:
+        field = np.concatenate([np.zeros((field.shape[0], width - field.shape[1]), np.uint8),
+                                field], axis=1)
+    field[rows] = 0
+    field[rows, :raw.itemsize] = raw.view(np.uint8).reshape(rows.size, raw.itemsize)
+    return field
+
+
 def _fixed_cells(values: np.ndarray, digits: int) -> np.ndarray:
-    """``format(float(v), f".{digits}f")`` of every value (NaN: an empty cell), as a string
-    array, byte for byte: integer arithmetic on ``|v| 10^digits`` rounded, and Python's own
-    formatting for the few values whose rounding the float product cannot decide (within
-    ``1e-9`` of a half), for infinities and for values beyond ``2^50 / 10^digits``."""
-    v = np.asarray(values, np.float64)
-    if v.size == 0:
-        return np.zeros(0, np.str_)
+    """``format(float(v), f".{digits}f")`` of every value (NaN: an empty cell) as ASCII
+    bytes, one row per value (0: no byte), byte for byte: integer arithmetic on
+    ``|v| 10^digits`` rounded, and Python's own formatting for the few values whose rounding
+    the float product cannot decide (within ``1e-9`` of a half), for infinities and for
+    values beyond ``2^50 / 10^digits``."""
+    v = np.asarray(values, np.float64).reshape(-1)
     nan = np.isnan(v)
     x = np.abs(v) * 10.0 ** digits
     with np.errstate(invalid="ignore"):
         ok = x < 2.0 ** 50  # False for NaN and inf
         risky = ~nan & (~ok | (np.abs(x - np.floor(x) - 0.5) <= 1e-9 * (1.0 + x)))
-    n = np.where(ok, np.rint(np.where(ok, x, 0.0)), 0.0).astype(np.int64)
+    n = np.rint(np.where(ok, x, 0.0)).astype(np.int64)
     unit = 10 ** digits
-    cells = np.strings.add(np.strings.add((n // unit).astype(np.str_), "."),
-                           np.strings.zfill((n % unit).astype(np.str_), digits))
-    cells = np.where(np.signbit(v), np.strings.add("-", cells), cells)  # also -0.000
-    cells = np.where(nan, "", cells)
+    frac = np.empty((v.size, digits), np.uint8)
+    f = n % unit
+    for j in range(digits):
+        frac[:, digits - 1 - j] = 48 + f % 10
+        f //= 10
+    field = np.concatenate([_digits(n // unit, np.signbit(v)),  # also "-0.000"
+                            np.full((v.size, 1), 46, np.uint8), frac], axis=1)
+    field[nan] = 0
     fix = np.flatnonzero(risky)
-    if fix.size:
-        spec = f".{digits}f"
-        exact = [format(f, spec) for f in v[fix].tolist()]
-        width = max(cells.dtype.itemsize // 4, max(map(len, exact)))
-        cells = cells.astype(f"<U{width}")
-        cells[fix] = exact
-    return cells
+    return _patch(field, fix, [format(f, f".{digits}f") for f in v[fix].tolist()])
+
+
+def _int_cells(values: np.ndarray) -> np.ndarray:
+    """``str(int(v))`` of every value as ASCII bytes, one row per value (0: no byte)."""
+    v = np.asarray(values).reshape(-1)
+    if v.dtype.kind in "iub":
+        wide = v.astype(np.int64) if v.dtype.kind != "u" else v
+        small = np.abs(wide.astype(np.float64)) < 1e18
+        if small.all():
+            wide = wide.astype(np.int64)
+            return _digits(np.abs(wide), wide < 0)
+    cells = [str(int(x)) for x in v.tolist()]
+    return _patch(np.zeros((v.size, 1), np.uint8), np.arange(v.size), cells)
 
 
 def write_bead_csv(path: str | os.PathLike, table: dict[str, np.ndarray]) -> None:
     """Write :func:`bead_table` as CSV (header :data:`BEAD_COLUMNS`; NaN as an empty cell)."""
     digits = {"centroid_x": 3, "centroid_y": 3, "equivalent_diameter_px": 3,
               "circularity": 4, "mean_intensity": 4, "prob_mass": 3}
-    # Column by column, as string arrays (cells as format(v, ".3f") / str(int(v)) wrote
-    # them: numbers and empty cells need no quoting, so a row is its cells joined by commas.
-    rows = None
+    # Cells as format(v, ".3f") / str(int(v)) write them (numbers and empty cells need no
+    # quoting), built column by column as byte matrices: one row per bead, the cells and
+    # the commas side by side, 0 where a cell is shorter than its column; dropping the 0s
+    # leaves the rows joined by commas, each ending in a newline.
+    parts = []
     for k in BEAD_COLUMNS:
         values = np.asarray(table[k])
-        if k in digits:
-            col = _fixed_cells(values, digits[k])
-        elif values.dtype.kind in "iub":
-            col = values.astype(np.int64).astype(np.str_)
-        else:
-            col = np.array([str(int(v)) for v in values.tolist()], np.str_)
-        rows = col if rows is None else np.strings.add(np.strings.add(rows, ","), col)
-    lines = [",".join(BEAD_COLUMNS)] + (rows.tolist() if rows is not None else [])
-    mio.atomic_write_text(path, "\n".join(lines) + "\n")
+        parts.append(_fixed_cells(values, digits[k]) if k in digits else _int_cells(values))
+        parts.append(np.full((parts[-1].shape[0], 1), 44, np.uint8))  # ","
+    parts[-1][:] = 10  # "\n"
+    body = np.concatenate(parts, axis=1).reshape(-1)
+    text = ",".join(BEAD_COLUMNS) + "\n" + body[body != 0].tobytes().decode("ascii")
+    mio.atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------- ImageJ ROIs

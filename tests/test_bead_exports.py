@@ -326,8 +326,8 @@ def test_ring_tracing_against_a_plain_python_tracer():
             .tolist() == expect
 
 
-def test_bead_csv_fixed_point_cells_equal_python_format():
-    """The vectorised fixed-point cells against format(v, '.3f') / '.4f' on halfway cases,
+def test_bead_csv_cells_equal_python_format():
+    """The vectorised cells against str(int(v)) and format(v, '.3f') / '.4f' on halfway cases,
     negative zero, tiny negatives, huge values, infinities and NaN (an empty cell)."""
     rng = np.random.default_rng(3)
     special = [0.0, -0.0, 0.0005, 0.0015, 0.0025, 2.5e-4, -2.5e-4, 1.0005, 2.675, 0.00005,
@@ -339,4 +339,9 @@ def test_bead_csv_fixed_point_cells_equal_python_format():
                       + (np.arange(-5000, 5000) / 2000).tolist())
     for digits in (3, 4):
         want = ["" if v != v else format(v, f".{digits}f") for v in values.tolist()]
-        assert be._fixed_cells(values, digits).tolist() == want
+        cells = be._fixed_cells(values, digits)
+        assert [bytes(row[row != 0]).decode() for row in cells] == want
+    ints = np.array([0, 7, -7, 10, -10, 99, 100, -1000, 2 ** 62, -(2 ** 62), 10 ** 17])
+    for v in (ints, ints.astype(float), np.array([True, False]), np.arange(256, dtype=np.uint8)):
+        assert [bytes(row[row != 0]).decode() for row in be._int_cells(v)] == \
+            [str(int(x)) for x in v.tolist()]
