@@ -126,7 +126,12 @@ def _edge_rings(labels: np.ndarray, fg=None, same=None) -> _EdgeRings | None:
     pred_d = np.empty_like(d)
     pred_d[succ] = d
     is_corner = pred_d != d
-    by_key = np.argsort(key, kind="stable")  # merges 4 sorted runs
+    # A ring starts at its smallest-key edge, which has a smaller key than the edges before
+    # and after it: only such edges go to the walk, smallest key first.
+    pred_key = np.empty_like(key)
+    pred_key[succ] = key
+    cand = np.flatnonzero((key < pred_key) & (key < key[succ]))
+    by_key = cand[np.argsort(key[cand], kind="stable")]  # merges 4 sorted runs
     first, order = _walk_rings(succ, by_key)
     keep = is_corner[order]
     n_v = np.add.reduceat(keep, first, dtype=np.int64)  # corners per ring
@@ -151,30 +156,32 @@ class _EdgeRings:
 def _walk_rings(succ: np.ndarray, by_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cycles of the successor permutation ``succ``, without a Python loop over edges.
 
-    ``by_key``: all edges, smallest key first. Returns ``order``: all edges, ring after ring
-    (rings by their smallest-key edge, which starts them), each ring in walking order from
-    its start, and ``first``: where each ring starts in ``order``.
+    ``by_key``: edges, smallest key first, among them every ring's smallest-key edge.
+    Returns ``order``: all edges, ring after ring (rings by their smallest-key edge, which
+    starts them), each ring in walking order from its start, and ``first``: where each ring
+    starts in ``order``.
 
-    One depth-first traversal (scipy, in C) of a graph of ``2 n`` nodes: edge ``e`` links to
-    ``succ[e]``; root node ``n + j`` links to edge ``by_key[j]``, then to root ``n + j + 1``.
-    From root ``n`` the traversal enters each ring at its smallest-key edge (every edge with
-    a smaller key lies on a ring walked already) and follows it until the successor is the
-    visited start, then backs up to the root chain. Depth-first order visits a node's links
-    in stored order; the tests check the result against an independent ring tracer.
+    One depth-first traversal (scipy, in C) of a graph of ``n + m`` nodes: edge ``e`` links
+    to ``succ[e]``; root node ``n + j`` links to edge ``by_key[j]``, then to root
+    ``n + j + 1``. From root ``n`` the traversal enters each ring at its smallest-key edge
+    (every edge with a smaller key lies on a ring walked already) and follows it until the
+    successor is the visited start, then backs up to the root chain. Depth-first order
+    visits a node's links in stored order; the tests check the result against an
+    independent ring tracer.
     """
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import depth_first_order
 
-    n = succ.size
-    indices = np.empty(3 * n, np.int32)
+    n, m = succ.size, by_key.size
+    indices = np.empty(n + 2 * m, np.int32)
     indices[:n] = succ
     indices[n::2] = by_key
-    indices[n + 1::2] = np.arange(n + 1, 2 * n + 1)
+    indices[n + 1::2] = np.arange(n + 1, n + m + 1)
     indices[-1] = n  # the last root links back to the first (visited): the end
-    indptr = np.concatenate([np.arange(n + 1), np.arange(n + 2, 3 * n + 1, 2)])
-    graph = csr_matrix((np.ones(3 * n), indices, indptr.astype(np.int32)), shape=(2 * n, 2 * n))
+    indptr = np.concatenate([np.arange(n + 1), n + 2 * np.arange(1, m + 1)]).astype(np.int32)
+    graph = csr_matrix((np.ones(indices.size), indices, indptr), shape=(n + m, n + m))
     nodes = depth_first_order(graph, n, directed=True, return_predecessors=False)
-    if nodes.size != 2 * n:  # cannot happen: every node hangs off the root chain
+    if nodes.size != n + m:  # cannot happen: every ring has its smallest edge in by_key
         raise AssertionError("ring walk did not reach every edge")
     real = nodes < n
     order = nodes[real]
@@ -227,7 +234,7 @@ def _foreground(lab: np.ndarray):
     touches only bead pixels (a few % of a frame), never the whole frame.
     """
     pf = np.pad(lab, 1).reshape(-1)
-    idx = np.flatnonzero(pf)
+    idx = np.flatnonzero(pf != 0)  # faster than on the labels themselves
     r, c = np.divmod(idx, lab.shape[1] + 2)
     return pf, idx, pf[idx], r - 1, c - 1
 
@@ -238,8 +245,9 @@ def _same_neighbours(pf: np.ndarray, idx: np.ndarray, own: np.ndarray, pw: int,
     (:func:`_foreground`) is the same bead. With ``other``, also ORs into it where the
     neighbour is another bead (``touching``)."""
     same = {}
+    base = idx - (pw + 1)  # >= 0: bead pixels lie inside the padding
     for offset in (-pw - 1, -pw, -pw + 1, -1, 1, pw - 1, pw, pw + 1):
-        nb = pf[idx + offset]
+        nb = pf[pw + 1 + offset:][base]  # pf[idx + offset] without the index sum
         same[offset] = nb == own
         if other is not None:
             other |= ~same[offset] & (nb > 0)
@@ -281,35 +289,34 @@ def traced_perimeter(ring: np.ndarray) -> float:
 
 def _ring_perimeters(er: _EdgeRings) -> np.ndarray:
     """:func:`traced_perimeter` of every ring of ``er`` at once (float64, one per ring,
-    equal to the loop's value bit for bit).
+    equal to the loop's value bit for bit: the same integers into the same expression).
 
     ``traced_perimeter`` counts vertex 0, every vertex whose incoming side is longer than
     1 px, and within each run of later vertices with 1-px incoming sides every second one
     (its loop alternates there): ``floor(run / 2)`` of a run.
     """
-    n_rings = er.starts.size
-    x, y = er.x.astype(np.int64), er.y.astype(np.int64)
-    nxt = np.arange(1, x.size + 1)
-    nxt[er.stops - 1] = er.starts  # the last vertex connects back to the first
-    side = np.abs(x[nxt] - x) + np.abs(y[nxt] - y)  # side i: vertex i -> i + 1
-    ring_idx = np.repeat(np.arange(n_rings), er.stops - er.starts)
-    total = np.bincount(ring_idx, weights=side, minlength=n_rings)
-    prev = np.arange(-1, x.size - 1)
-    prev[er.starts] = er.stops - 1
-    long_in = side[prev] > 1  # the side into each vertex
-    first = np.zeros(x.size, bool)
-    first[er.starts] = True
-    n_corners = np.bincount(ring_idx, weights=(long_in & ~first), minlength=n_rings) + 1
-    short = ~long_in & ~first
+    starts, stops = er.starts, er.stops
+    x, y = np.asarray(er.x, np.int64), np.asarray(er.y, np.int64)
+    side = np.empty(x.size, np.int64)  # side i: vertex i -> i + 1 (the last: -> the first)
+    side[:-1] = np.abs(x[1:] - x[:-1]) + np.abs(y[1:] - y[:-1])
+    side[stops - 1] = np.abs(x[starts] - x[stops - 1]) + np.abs(y[starts] - y[stops - 1])
+    total = np.add.reduceat(side, starts)
+    # The side into vertex i > 0 of a ring is side i - 1; vertex 0 is counted apart.
+    long_in = np.zeros(x.size, bool)
+    long_in[1:] = side[:-1] > 1
+    long_in[starts] = False
+    short = np.zeros(x.size, bool)
+    short[1:] = side[:-1] == 1
+    short[starts] = False
     # Runs of consecutive short vertices (a first vertex or a long one ends a run).
-    run_start = short & ~np.concatenate([[False], short[:-1]])
-    run_id = np.cumsum(run_start) - 1
-    run_len = np.bincount(run_id[short], minlength=int(run_start.sum()))
-    run_ring = ring_idx[run_start]
-    n_corners += np.bincount(run_ring, weights=run_len // 2, minlength=n_rings)
-    n_vert = er.stops - er.starts
-    perim = total - n_corners * (2.0 - math.sqrt(2.0))
-    return np.where(n_vert < 4, 0.0, perim)
+    edge = np.diff(short.view(np.int8), prepend=0, append=0)
+    run_start, run_stop = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    halves = np.zeros(x.size, np.int64)
+    halves[run_start] = (run_stop - run_start) // 2
+    n_corners = 1 + np.add.reduceat(long_in.view(np.int8), starts, dtype=np.int64) \
+        + np.add.reduceat(halves, starts)
+    perim = total.astype(np.float64) - n_corners.astype(np.float64) * (2.0 - math.sqrt(2.0))
+    return np.where(stops - starts < 4, 0.0, perim)
 
 
 def _bead_perimeters(er: _EdgeRings | None, ids: np.ndarray) -> np.ndarray:
