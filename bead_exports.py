@@ -135,22 +135,33 @@ def _edge_rings(labels: np.ndarray, fg=None, same=None) -> _EdgeRings | None:
     first, order = _walk_rings(succ, by_key)
     keep = is_corner[order]
     n_v = np.add.reduceat(keep, first, dtype=np.int64)  # corners per ring
-    vy, vx = np.divmod(key[order[keep]] >> 2, pw)
     fg_start = np.concatenate(pos)[order[first]]
-    return _EdgeRings(vx - 1, vy - 1, n_v, own[fg_start].astype(np.int64))
+    return _EdgeRings(key[order[keep]] >> 2, pw, n_v, own[fg_start].astype(np.int64))
 
 
 class _EdgeRings:
     """Every ring of a label image as flat arrays (what :func:`trace_outlines` returns as
-    a dict): corner vertices ``x``, ``y`` ring after ring (rings ordered by their first
-    edge's key, so by top-left corner; vertices in walking order from it), ring ``i`` at
-    ``starts[i]:stops[i]``, of bead ``label[i]``."""
+    a dict): corner vertices ring after ring (rings ordered by their first edge's key, so
+    by top-left corner; vertices in walking order from it) as ``pf`` indices ``v`` of the
+    padded image of width ``pw`` (vertex ``(x, y)`` at ``(y + 1) pw + x + 1``; ``x``, ``y``
+    on demand), ring ``i`` at ``starts[i]:stops[i]``, of bead ``label[i]``."""
 
-    def __init__(self, x, y, n_vertices, label):
-        self.x, self.y = x, y
+    def __init__(self, v, pw, n_vertices, label):
+        self.v, self.pw = v, pw
         self.stops = np.cumsum(n_vertices, dtype=np.int64)
         self.starts = self.stops - n_vertices
         self.label = label
+        self._xy = None
+
+    def xy(self, a: int = 0, b: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Vertex coordinates ``x``, ``y`` (int64) of vertices ``a:b``."""
+        if a == 0 and b is None:
+            if self._xy is None:
+                y, x = np.divmod(self.v, self.pw)
+                self._xy = x - 1, y - 1
+            return self._xy
+        y, x = np.divmod(self.v[a:b], self.pw)
+        return x - 1, y - 1
 
 
 def _walk_rings(succ: np.ndarray, by_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -217,7 +228,7 @@ def trace_outlines(labels: np.ndarray) -> dict[int, list[np.ndarray]]:
     er = _edge_rings(labels)
     if er is None:
         return {}
-    xy = np.stack([er.x, er.y], axis=1).astype(np.int32)
+    xy = np.stack(er.xy(), axis=1).astype(np.int32)
     outlines: dict[int, list[np.ndarray]] = {}
     for lab_id, a, b in zip(er.label.tolist(), er.starts.tolist(), er.stops.tolist()):
         outlines.setdefault(lab_id, []).append(xy[a:b])
@@ -296,22 +307,26 @@ def _ring_perimeters(er: _EdgeRings) -> np.ndarray:
     (its loop alternates there): ``floor(run / 2)`` of a run.
     """
     starts, stops = er.starts, er.stops
-    x, y = np.asarray(er.x, np.int64), np.asarray(er.y, np.int64)
-    side = np.empty(x.size, np.int64)  # side i: vertex i -> i + 1 (the last: -> the first)
-    side[:-1] = np.abs(x[1:] - x[:-1]) + np.abs(y[1:] - y[:-1])
-    side[stops - 1] = np.abs(x[starts] - x[stops - 1]) + np.abs(y[starts] - y[stops - 1])
+    v, pw = er.v, er.pw
+    # Side i: vertex i -> i + 1 (the last: -> the first). Sides are axis-parallel and
+    # shorter than pw - 1 across, so a step of |dv| < pw is |dv| px across, else |dv| / pw
+    # px down.
+    side = np.empty(v.size, np.int64)
+    side[:-1] = np.abs(v[1:] - v[:-1])
+    side[stops - 1] = np.abs(v[starts] - v[stops - 1])
+    side = np.where(side < pw, side, side // pw)
     total = np.add.reduceat(side, starts)
     # The side into vertex i > 0 of a ring is side i - 1; vertex 0 is counted apart.
-    long_in = np.zeros(x.size, bool)
+    long_in = np.zeros(v.size, bool)
     long_in[1:] = side[:-1] > 1
     long_in[starts] = False
-    short = np.zeros(x.size, bool)
+    short = np.zeros(v.size, bool)
     short[1:] = side[:-1] == 1
     short[starts] = False
     # Runs of consecutive short vertices (a first vertex or a long one ends a run).
     edge = np.diff(short.view(np.int8), prepend=0, append=0)
     run_start, run_stop = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
-    halves = np.zeros(x.size, np.int64)
+    halves = np.zeros(v.size, np.int64)
     halves[run_start] = (run_stop - run_start) // 2
     n_corners = 1 + np.add.reduceat(long_in.view(np.int8), starts, dtype=np.int64) \
         + np.add.reduceat(halves, starts)
@@ -331,7 +346,7 @@ def _bead_perimeters(er: _EdgeRings | None, ids: np.ndarray) -> np.ndarray:
     single = counts[pos] == 1
     out[pos[single]] = per_ring[single]
     for k in np.flatnonzero(counts > 1).tolist():  # a bead of several rings: rare
-        rings = [(np.stack([er.x[a:b], er.y[a:b]], axis=1).astype(np.int32), p)
+        rings = [(np.stack(er.xy(a, b), axis=1).astype(np.int32), p)
                  for a, b, p in zip(er.starts[pos == k], er.stops[pos == k],
                                     per_ring[pos == k])]
         rings.sort(key=lambda rp: -ring_area(rp[0]))
@@ -412,7 +427,10 @@ def bead_table(labels: np.ndarray, image: np.ndarray | None = None,
     cy = per_bead(r + 0.5) / np.maximum(a, 1)
     if image is not None:
         img = np.asarray(image)
-        img = img.reshape(h * w, -1)[fg].astype(np.float64).mean(axis=1)
+        img = img.reshape(h * w, -1)
+        # One channel: the value itself (what a mean over one value gives, bit for bit).
+        img = img[fg, 0].astype(np.float64) if img.shape[1] == 1 \
+            else img[fg].astype(np.float64).mean(axis=1)
         mean_int = per_bead(img) / np.maximum(a, 1)
     else:
         mean_int = np.full(ids.size, np.nan)
@@ -424,7 +442,7 @@ def bead_table(labels: np.ndarray, image: np.ndarray | None = None,
     pw = w + 2
     other = np.zeros(idx.size, bool)
     same = _same_neighbours(pf, idx, own, pw, other)
-    touching = per_bead(other.astype(np.float64)) > 0
+    touching = np.bincount(ids_px[other], minlength=n_max)[ids] > 0
     if outlines is None:
         perim = _bead_perimeters(_edge_rings(lab, (pf, idx, own, r, c), same), ids)
     else:
