@@ -397,6 +397,35 @@ def _split_components(
     return out
 
 
+#: Fewest clumps per group before :func:`_split_in_groups` uses another thread (thread
+#: start-up and a second canvas cost more than a few hundred small clumps take).
+MIN_CLUMPS_PER_THREAD = 256
+
+
+def _split_in_groups(comps, radius, min_area, probs, threads: int) -> list[np.ndarray]:
+    """:func:`_split_components` of ``comps`` in up to ``threads`` contiguous groups of about
+    equal pixel count, each on its own canvas and thread, results in input order.
+
+    A crop's pieces depend only on the crop (each canvas keeps every crop apart), except
+    where two of its seeds are exactly equally high, where the watershed's heap breaks the
+    tie by its layout. On masks of the demo's 160x frame (~39k beads) two threads took
+    ``label_beads`` from 1.53-1.56 to 0.85-1.02 s of wall time, labels identical; sparser
+    frames have too few clumps to gain.
+    """
+    k = max(1, min(int(threads), len(comps) // MIN_CLUMPS_PER_THREAD))
+    if k == 1:
+        return _split_components(comps, radius, min_area, probs)
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = np.cumsum([c.size for c in comps])
+    cuts = [0, *np.searchsorted(size, size[-1] * np.arange(1, k) / k).tolist(), len(comps)]
+    groups = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    with ThreadPoolExecutor(len(groups), thread_name_prefix="mb-split") as pool:
+        jobs = [pool.submit(_split_components, comps[a:b], radius, min_area,
+                            None if probs is None else probs[a:b]) for a, b in groups]
+        return [sub for job in jobs for sub in job.result()]
+
+
 def _merge_small_regions(ws: np.ndarray, min_area: float) -> np.ndarray:
     """Merge watershed regions below ``min_area`` into the neighbour sharing most border;
     consecutive ids 1..k. A small region with no labelled neighbour is kept."""
@@ -432,6 +461,7 @@ def label_beads(
     prob=None,
     min_area_fraction: float = 0.25,
     split_threshold: float = 1.5,
+    threads: int = 1,
 ) -> np.ndarray:
     """Instance labels of beads in a binary mask, splitting touching beads.
 
@@ -458,6 +488,10 @@ def label_beads(
         (watershed pieces).
     split_threshold : float
         Only components larger than this many bead areas are split.
+    threads : int
+        Split the clumps in up to this many groups at once (the watershed releases the
+        GIL): each clump's pieces do not depend on its group, so the labels are the same
+        (see :func:`_split_in_groups`).
 
     Returns
     -------
@@ -504,7 +538,8 @@ def label_beads(
         crops.append(lab[sy, sx] == c)
         if p is not None:
             pcrops.append(p[sy, sx])
-    subs = _split_components(crops, radius, min_area, pcrops if p is not None else None)
+    subs = _split_in_groups(crops, radius, min_area, pcrops if p is not None else None,
+                            threads)
     pieces: dict[int, tuple[slice, slice, np.ndarray]] = {}
     for k, (sy, sx), sub in zip(big_ids, boxes, subs):
         pieces[int(k)] = (sy, sx, sub)
