@@ -76,7 +76,6 @@ def _error_row(path: Path, exc: BaseException, seconds: float) -> dict:
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if path.name not in msg:
         msg = f"{path}: {msg}"
-    log.error("%s", msg)
     return {**_base_row(path), "status": msg, "time_s": round(seconds, 3)}
 
 
@@ -101,8 +100,9 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
     cores the network keeps its cores and the workers fill the gaps, instead of every stage
     slowing the others. Frames are read at most ``workers`` ahead and at most
     ``workers + 1`` are being finished, so memory stays bounded by ``2 * workers + 2``
-    frames, never by the number of files. A frame that fails in any stage gets its error (naming the file) as
-    ``status``; the others are still processed.
+    frames, never by the number of files; after each finished frame the C heap's free pages
+    go back to the system (``runtime.release_free_memory``). A frame that fails in any stage
+    gets its error (naming the file) as ``status``; the others are still processed.
 
     ``time_s`` in a row is the sum of that frame's own stage times (they overlap with
     neighbouring frames, so the rows add up to more than the wall time). ``on_row(row)`` is
@@ -155,7 +155,9 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
             prob = tiled(x)
         return prob, scale, x, colour
 
-    def finish(path, image, fwd, seconds):
+    notes: dict[int, list] = {}  # frame index -> its log lines, logged by done() in order
+
+    def finish(i, path, image, fwd, seconds):
         prob_small, scale, x_small, colour = fwd
         t = time.perf_counter()
         try:
@@ -168,14 +170,17 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
                           exports=exports)
         except FRAME_ERRORS as exc:
             return _error_row(path, exc, seconds + time.perf_counter() - t)
+        finally:
+            colour = None  # this frame's own arrays go before the heap is trimmed below
         dt = seconds + time.perf_counter() - t
-        log.info("%s: %d beads (area estimate %.1f), %.2f%% coverage, %.2f s", path.name,
-                 res["beads"], res["area_estimate"], res["coverage_pct"], dt)
+        notes[i] = [(logging.INFO, "%s: %d beads (area estimate %.1f), %.2f%% coverage, "
+                     "%.2f s", (path.name, res["beads"], res["area_estimate"],
+                                res["coverage_pct"], dt))]
         if res["scale_warning"]:
-            log.warning("%s: %s%s", path.name, res["scale_warning"],
-                        f" (auto-scaled: model scale {scale:.4g})" if scale != pre["scale"]
-                        else "")
-        return {
+            notes[i].append((logging.WARNING, "%s: %s%s", (
+                path.name, res["scale_warning"],
+                f" (auto-scaled: model scale {scale:.4g})" if scale != pre["scale"] else "")))
+        row = {
             **_base_row(path), "width": image.shape[1], "height": image.shape[0],
             "beads": res["beads"], "n_components": res["n_components"],
             "coverage_pct": round(res["coverage_pct"], 4),
@@ -187,8 +192,15 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
             "time_s": round(dt, 3),
             "status": "ok",
         }
+        del res
+        runtime.release_free_memory()
+        return row
 
     def done(i, row):
+        # Logged here, in input order (finishers may complete out of order).
+        failed = [(logging.ERROR, "%s", (row["status"],))] if row["status"] != "ok" else []
+        for level, fmt, args in notes.pop(i, failed):
+            log.log(level, fmt, *args)
         rows[i] = row
         if on_row is not None:
             on_row(row)
@@ -261,7 +273,7 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
             last = i == len(files) - 1
             if not last:  # bounded memory while frames still come; the last one goes at once
                 drain(ahead)
-            finishing.append((i, finisher.submit(finish, path, image, prob_small, seconds)))
+            finishing.append((i, finisher.submit(finish, i, path, image, prob_small, seconds)))
     except KeyboardInterrupt:
         drain(0)  # frames already past the network are finished and reported (Ctrl-C)
         raise

@@ -57,6 +57,23 @@ def configure_threads(n: int | None = None) -> int:
     return n
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the operating system (glibc ``malloc_trim``;
+    nothing elsewhere).
+
+    Freed NumPy arrays below glibc's mmap threshold (which grows to 32 MB as large blocks
+    are freed) stay in the heap of the thread that used them: with loader, finisher and
+    split threads each keeping a few frames' worth, a predictor's resident memory crept up
+    frame after frame. ``prediction_pipeline`` calls this after each finished frame.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def add_log_handler(
     log_file: str | os.PathLike | None = None, *, logger: str = "microbead", mode: str = "a"
 ) -> logging.Handler | None:

@@ -363,11 +363,15 @@ def test_pipeline_reads_at_most_workers_frames_ahead(tmp_path, monkeypatch, work
     assert max(ahead) == len(files)  # and reading did run ahead of the network
 
 
-def test_the_last_frame_is_finished_beside_the_frames_before(tmp_path, monkeypatch):
+def test_the_last_frame_is_finished_beside_the_frames_before(tmp_path, monkeypatch, caplog):
     # One finisher more than loaders, and the last frame's finishing is submitted as soon as
     # it leaves the network: frame 0's outputs wait here until frame 2's have started, which
-    # with one finisher (or the last frame queued behind frame 0) never happens.
+    # with one finisher (or the last frame queued behind frame 0) never happens. Frame 1 is
+    # then finished before frame 0: log lines must still come in input order.
+    import logging
     import threading
+
+    caplog.set_level(logging.INFO, logger="microbead.predict")
 
     files = _frames(tmp_path / "in", 3)
     cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
@@ -387,6 +391,8 @@ def test_the_last_frame_is_finished_beside_the_frames_before(tmp_path, monkeypat
                                              batch_size=2, workers=1, figures=False)
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert waited == [True]
+    logged = [r.getMessage().split(":")[0] for r in caplog.records if "beads" in r.getMessage()]
+    assert logged == [f.name for f in files]
 
 
 def test_at_model_scale_one_the_label_image_is_the_filtered_split():
