@@ -214,7 +214,7 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
         # One finisher more than loaders: finishing a frame costs more than loading one,
         # and the frames still waiting when the network is done with the last one (on 2
         # cores the low-priority finishers fall behind while it runs) are then finished
-        # side by side instead of one after the other: on the demo's 4 frames ...
+        # side by side instead of one after the other.
         with pool(n, thread_name_prefix="mb-load", initializer=_lower_priority,
                   initargs=(WORKER_NICE,)) as loader, \
                 pool(n + 1, thread_name_prefix="mb-finish", initializer=_lower_priority,
@@ -237,7 +237,7 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
     """Run ``load`` on ``loader`` ``ahead`` frames ahead, ``forward`` here, ``finish`` on
     ``finisher`` (at most ``ahead + 1`` frames queued or running while frames still come,
     ``ahead + 2`` once the last one is past the network: nothing is loaded or sent through
-    the network any more, and its finishing need not wait for the others');
+    the network any more, and its finishing need not wait for the others);
     ``done(i, row)`` in input order."""
     loads: list = []  # read futures of the frames not yet taken, in input order
     finishing: list = []

@@ -62,14 +62,11 @@ def reset_peak_rss() -> float | None:
     the RSS now, so that :func:`pass_peak_rss_mb` measures the predictor alone, not the
     whole-frame reference passes (one tensor of a 3840x2160 frame took ~3.6 GB more than
     the tiled predictor on the demo's UNet). None where that is not possible."""
-    try:
-        import ctypes
+    import runtime
 
-        # Free heap pages go back to the OS first: glibc keeps what the whole-frame passes
-        # freed, and that would count as the predictor's.
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    # Free heap pages go back to the OS first: glibc keeps what the whole-frame passes
+    # freed, and that would count as the predictor's.
+    runtime.release_free_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
