@@ -98,14 +98,26 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, res: dict, *,
     """One frame's files: mask, labels, per-bead table, optional probability, overlay and
     comparison. ``exports`` adds per-bead files: ``"roi"`` (ImageJ ROI set), ``"geojson"``
     (QuPath detections), ``"ome_tiff"`` (image + labels), all from the written label image
-    (``bead_exports.write_bead_outputs``)."""
+    (``bead_exports.write_bead_outputs``).
+
+    The mask and label files are compressed on a second thread while the per-bead files
+    are written (zlib and OpenCV's PNG writer release the GIL): a folder's last frame is
+    finished while nothing else runs, and its files are then what the user waits for.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     import bead_exports
 
-    mio.write_mask(out_dir / "masks" / f"{stem}_mask.png", res["mask"])
-    mio.write_labels(out_dir / "labels" / f"{stem}_labels.tif", res["labels"])
-    bead_exports.write_bead_outputs(out_dir, stem, res["labels"], image, res["prob"],
-                                    roi="roi" in exports, geojson="geojson" in exports,
-                                    ome_tiff="ome_tiff" in exports)
+    def mask_and_labels():
+        mio.write_mask(out_dir / "masks" / f"{stem}_mask.png", res["mask"])
+        mio.write_labels(out_dir / "labels" / f"{stem}_labels.tif", res["labels"])
+
+    with ThreadPoolExecutor(1, thread_name_prefix="mb-write") as pool:
+        images = pool.submit(mask_and_labels)
+        bead_exports.write_bead_outputs(out_dir, stem, res["labels"], image, res["prob"],
+                                        roi="roi" in exports, geojson="geojson" in exports,
+                                        ome_tiff="ome_tiff" in exports)
+        images.result()
     if save_prob:
         mio.write_image(out_dir / "prob" / f"{stem}_prob.tif", res["prob"])
     if figures:

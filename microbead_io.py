@@ -449,7 +449,7 @@ def background_estimate(image: np.ndarray, window: int) -> np.ndarray:
     Closing (max filter, then min filter, ``window`` x ``window``) replaces every dark object
     narrower than the window by its surroundings; a Gaussian (sigma = window / 4) removes the
     closing's blockiness. Each output pixel depends only on input pixels within
-    ``window + 3 * sigma`` of it (borders: the closing ignores outside pixels, the blur
+    :func:`flatfield_reach` of it (borders: the closing ignores outside pixels, the blur
     reflects), so the estimate of a crop equals the crop of the estimate away from a border
     band of that width. float32, same shape as ``image`` (``(H, W)`` or ``(H, W, C)``).
     """
@@ -465,6 +465,51 @@ def background_estimate(image: np.ndarray, window: int) -> np.ndarray:
         out[..., c] = cv2.GaussianBlur(closed, (0, 0), sigmaX=sigma, sigmaY=sigma,
                                        borderType=cv2.BORDER_REFLECT)
     return out[..., 0] if x.ndim == 2 else out
+
+
+def flatfield_reach(window: int) -> int:
+    """How far (px) :func:`background_estimate` looks: an output pixel depends only on input
+    pixels at most this far away. The closing's ``window - 1`` plus the Gaussian's
+    half-width (OpenCV sizes a float kernel ``round(8 sigma + 1) | 1``, sigma = window / 4)."""
+    w = max(3, int(window) | 1)
+    return (w - 1) + (int(np.rint(8.0 * (w / 4.0) + 1.0)) | 1) // 2
+
+
+def normalization_reach(spec: dict | None) -> int | None:
+    """Rows of context :func:`apply_normalization` needs around a row (None: the method
+    depends on the whole image, the per-image percentiles)."""
+    method = (spec or DEFAULT_NORMALIZATION).get("method", "percentile")
+    if method == "flatfield":
+        return flatfield_reach(int(spec["window"]))
+    return 0 if method == "none" else None
+
+
+def map_row_strips(fn, image: np.ndarray, reach: int, threads: int) -> np.ndarray:
+    """``fn(image)`` computed in ``threads`` horizontal strips on as many threads.
+
+    ``fn`` must be local: each output row a function of the input rows at most ``reach``
+    away, computed the same way whatever the image height (OpenCV's filters and NumPy's
+    element-wise arithmetic are). Each strip gets ``reach`` rows of context on both sides
+    and keeps its own rows, so the result is ``fn(image)`` exactly; OpenCV releases the GIL,
+    so the strips run side by side. Images under 4 ``reach`` rows per strip are done
+    whole.
+    """
+    h = image.shape[0]
+    k = max(1, min(int(threads), h // max(1, 4 * int(reach))))
+    if k == 1:
+        return fn(image)
+    from concurrent.futures import ThreadPoolExecutor
+
+    cuts = [h * i // k for i in range(k + 1)]
+
+    def strip(i):
+        a, b = cuts[i], cuts[i + 1]
+        lo = max(0, a - reach)
+        return fn(image[lo:min(h, b + reach)])[a - lo : b - lo]
+
+    with ThreadPoolExecutor(k, thread_name_prefix="mb-strip") as pool:
+        parts = list(pool.map(strip, range(k)))
+    return np.concatenate(parts)
 
 
 def flatfield_ratio(image: np.ndarray, window: int) -> np.ndarray:
@@ -487,8 +532,9 @@ def flatfield_normalize(image: np.ndarray, window: int, low: float, high: float)
     """
     if not high > low:
         raise ValueError(f"flatfield normalization needs high > low, got {low}, {high}")
-    r = flatfield_ratio(image, window)
-    out = (r - np.float32(low)) / np.float32(high - low)
+    out = flatfield_ratio(image, window)  # a new array: scaled in place
+    out -= np.float32(low)
+    out /= np.float32(high - low)
     np.clip(out, 0.0, 1.0, out=out)
     return out
 

@@ -183,7 +183,7 @@ def check_size(image: np.ndarray, path, pre: dict) -> None:
             f"({int(pre.get('pad_multiple', 16))} px at model scale {float(pre['scale']):g})")
 
 
-def preprocess_frame(image: np.ndarray, pre: dict) -> np.ndarray:
+def preprocess_frame(image: np.ndarray, pre: dict, threads: int = 1) -> np.ndarray:
     """Native frame ``(H, W, C)`` -> normalised model-scale input, exactly as in training.
 
     Flat-field runs (the default): resize the frame to model scale (``scale`` model px per
@@ -191,14 +191,19 @@ def preprocess_frame(image: np.ndarray, pre: dict) -> np.ndarray:
     tile was; the normalisation is local, so a tile cut from the frame gets the same values.
     Percentile runs (older): resize to the stored-tile scale (area), normalise once for the
     whole frame, resize to model scale, as those runs were trained.
+    ``threads`` > 1 normalises a local method in row strips side by side
+    (``microbead_io.map_row_strips``: the same values), for a frame that nothing else is
+    waiting on.
     """
     pixel_scale = float(pre["pixel_scale"])
     scale = float(pre["scale"])
     norm = pre.get("normalization") or mio.DEFAULT_NORMALIZATION
     if norm.get("method", "percentile") != "percentile":
         # Local (crop-invariant) methods run at model scale, as on the training tiles.
-        return mio.preprocess_image(image, norm, scale=None if math.isclose(scale, 1.0)
-                                    else scale)
+        size = None if math.isclose(scale, 1.0) else mio.scaled_shape(image.shape, scale)
+        x = image if size is None else mio.resize_image(image, size)
+        return mio.map_row_strips(lambda rows: mio.apply_normalization(rows, norm), x,
+                                  mio.normalization_reach(norm), threads)
     x = image
     if not math.isclose(pixel_scale, 1.0):
         x = mio.resize_image(x, mio.scaled_shape(x.shape, pixel_scale))
@@ -268,7 +273,8 @@ def filtered_beads(prob_small: np.ndarray, post: dict, threshold: float,
         return labels_small, mask_small, 0
     img = None if image_small is None else np.asarray(image_small, np.float32)
     if img is not None and img.ndim == 3:
-        img = img.mean(axis=-1)
+        # One channel is its own mean (the same values, without a pass over the frame).
+        img = img[..., 0] if img.shape[-1] == 1 else img.mean(axis=-1)
     rgb = colour_at(colour, prob_small.shape) if "min_colour" in rule else None
     feats = bead_filter.object_features(labels_small, prob_small, img, colour=rgb)
     keep = bead_filter.accepted(feats, rule)

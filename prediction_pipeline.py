@@ -11,6 +11,7 @@ Purpose
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -98,7 +99,9 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
     are read and 9 finished at once). The workers run at a lower CPU priority
     (:data:`WORKER_NICE`) and OpenCV runs single-threaded meanwhile: on a machine with few
     cores the network keeps its cores and the workers fill the gaps, instead of every stage
-    slowing the others. Frames are read at most ``workers`` ahead and at most
+    slowing the others. Only the first frame, which the network waits for with nothing
+    else to do, is normalised on every usable CPU (``prediction.preprocess_frame``'s row
+    strips; the same values). Frames are read at most ``workers`` ahead and at most
     ``workers + 1`` are being finished, so memory stays bounded by ``2 * workers + 2``
     frames, never by the number of files; after each finished frame the C heap's free pages
     go back to the system (``runtime.release_free_memory``). A frame that fails in any stage
@@ -121,12 +124,13 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
     files = [Path(f) for f in files]
     rows: list[dict | None] = [None] * len(files)
 
-    def load(path):
+    def load(path, threads=1):
         t = time.perf_counter()
         image = mio.read_image(path, channels=channels)
         prediction.check_size(image, path, pre)
         prediction.check_usable(image, path)
-        return image, prediction.preprocess_frame(image, pre), time.perf_counter() - t
+        return (image, prediction.preprocess_frame(image, pre, threads),
+                time.perf_counter() - t)
 
     def tiled(x):
         return tiling.predict_tiled(x, predict_fn, tile_size=tile_size, overlap=overlap,
@@ -219,7 +223,11 @@ def predict_files(files, predict_fn, cfg: dict, out_dir: Path, *, tile_size: int
                   initargs=(WORKER_NICE,)) as loader, \
                 pool(n + 1, thread_name_prefix="mb-finish", initializer=_lower_priority,
                      initargs=(WORKER_NICE,)) as finisher:
-            _schedule(files, loader, load, forward, finisher, finish, done, ahead=n)
+            # Nothing runs beside the first frame's load (the network waits for it): its
+            # normalisation gets every usable CPU (prediction.preprocess_frame's strips).
+            first = functools.partial(load, threads=runtime.usable_cpus() if pipelined else 1)
+            _schedule(files, loader, load, forward, finisher, finish, done, ahead=n,
+                      load_first=first)
     finally:
         cv2.setNumThreads(cv2_threads)
     return rows
@@ -233,12 +241,14 @@ def default_workers() -> int:
     return max(1, min(8, runtime.usable_cpus() // 2))
 
 
-def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int = 1) -> None:
+def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int = 1,
+              load_first=None) -> None:
     """Run ``load`` on ``loader`` ``ahead`` frames ahead, ``forward`` here, ``finish`` on
     ``finisher`` (at most ``ahead + 1`` frames queued or running while frames still come,
     ``ahead + 2`` once the last one is past the network: nothing is loaded or sent through
     the network any more, and its finishing need not wait for the others);
-    ``done(i, row)`` in input order."""
+    ``done(i, row)`` in input order. ``load_first`` (default ``load``) loads the first
+    frame."""
     loads: list = []  # read futures of the frames not yet taken, in input order
     finishing: list = []
 
@@ -252,7 +262,8 @@ def _schedule(files, loader, load, forward, finisher, finish, done, ahead: int =
     def read_up_to(last: int):  # submit reads of frames up to index ``last``
         nonlocal n_read
         while n_read <= min(last, len(files) - 1):
-            loads.append(loader.submit(load, files[n_read]))
+            loads.append(loader.submit(load_first if n_read == 0 and load_first else load,
+                                       files[n_read]))
             n_read += 1
 
     try:

@@ -370,3 +370,45 @@ def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         mio.atomic_write(target, broken)
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["summary.csv"]
+
+
+def _lit_frame(rng, h, w, channels=1):
+    """Grey field with a lamp fall-off and dark specks (float32, 8-bit range)."""
+    img = rng.normal(180.0, 6.0, (h, w, channels)).astype(np.float32)
+    img *= np.linspace(0.6, 1.1, w, dtype=np.float32)[None, :, None]
+    ys, xs = rng.integers(0, h, 40), rng.integers(0, w, 40)
+    img[ys, xs] *= 0.4
+    return img
+
+
+@pytest.mark.parametrize("window", [15, 33])
+def test_normalising_in_row_strips_gives_the_same_values(window):
+    # The strips get flatfield_reach rows of context: each keeps exactly the rows the whole
+    # frame would give it, whatever the strip count or frame height.
+    rng = np.random.default_rng(window)
+    spec = {"method": "flatfield", "window": window, "low": 0.6, "high": 1.02}
+    reach = mio.normalization_reach(spec)
+    for h, w, threads in [(401, 120, 2), (517, 90, 3), (300, 64, 4)]:
+        img = _lit_frame(rng, h, w)
+        whole = mio.apply_normalization(img, spec)
+        got = mio.map_row_strips(lambda rows: mio.apply_normalization(rows, spec), img,
+                                 reach, threads)
+        assert got.shape == whole.shape and got.tobytes() == whole.tobytes()
+    # Less context than the closing and the blur reach does change values at the cuts.
+    short = mio.map_row_strips(lambda rows: mio.apply_normalization(rows, spec), img,
+                               reach // 4, 2)
+    assert not np.array_equal(short, whole)
+
+
+def test_normalization_reach_per_method():
+    assert mio.normalization_reach({"method": "flatfield", "window": 65,
+                                    "low": 0.6, "high": 1.0}) == 64 + 65
+    assert mio.normalization_reach({"method": "none"}) == 0
+    assert mio.normalization_reach(mio.DEFAULT_NORMALIZATION) is None  # per-image percentiles
+
+
+def test_a_frame_too_short_for_strips_is_done_whole():
+    calls = []
+    img = np.zeros((50, 8), np.float32)
+    mio.map_row_strips(lambda rows: calls.append(rows.shape) or rows, img, 20, 4)
+    assert calls == [(50, 8)]

@@ -11,6 +11,7 @@ import microbead_io as mio
 import predict_microscope as pm
 import prediction
 import prediction_pipeline
+import runtime
 import tiling
 from synthetic_beads import render_masks, sample_beads
 
@@ -491,3 +492,25 @@ def test_comparison_of_a_wide_strip_is_stacked_titled_and_readable():
     assert stacked and out.shape[1] == round(420 * f)
     assert out.shape[0] == 3 * (round(64 * f) + 30) + 2 * 8  # three titled panels
     assert (out[:30] < 128).any()  # the title's black text
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_only_the_first_frame_is_normalised_on_every_cpu(tmp_path, monkeypatch, pipelined):
+    # Nothing runs beside the first frame's load (the network waits for it), so it is
+    # normalised in strips on every usable CPU; later frames load beside the network on one.
+    files = _frames(tmp_path / "in", 3)
+    cfg = _config(area=np.pi * 4.7 ** 2, pad=4)
+    threads, real = [], prediction.preprocess_frame
+
+    def preprocess_frame(image, pre, threads_=1):
+        threads.append(threads_)
+        return real(image, pre, threads_)
+
+    monkeypatch.setattr(prediction, "preprocess_frame", preprocess_frame)
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 3)
+    rows = prediction_pipeline.predict_files(files, lambda b: b[..., 0], cfg,
+                                             _out(tmp_path / "o"), tile_size=64, overlap=16,
+                                             batch_size=2, workers=1, figures=False,
+                                             pipelined=pipelined)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert threads == ([3, 1, 1] if pipelined else [1, 1, 1])

@@ -49,10 +49,12 @@ def test_object_features_equal_the_whole_frame_computation_exactly(seed):
         np.testing.assert_array_equal(got[key], want, err_msg=key)
 
 
+@pytest.mark.parametrize("top", [3000, 100_000])  # through uint16 / float32
 @pytest.mark.parametrize("size", [5, 11])
-def test_max_filter_equals_scipys_reflect_border(size):
+def test_max_filter_equals_scipys_reflect_border(size, top):
     rng = np.random.default_rng(size)
-    labels = ((rng.random((37, 53)) < 0.2) * rng.integers(1, 3000, (37, 53))).astype(np.int32)
+    labels = ((rng.random((37, 53)) < 0.2) * rng.integers(1, top, (37, 53))).astype(np.int32)
+    assert (labels.max() >= 2 ** 16) == (top > 2 ** 16)
     np.testing.assert_array_equal(bead_filter._max_filter(labels, size),
                                   ndimage.maximum_filter(labels, size=size))
     np.testing.assert_array_equal(bead_filter._max_filter(labels > 0, size),
