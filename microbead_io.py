@@ -714,14 +714,15 @@ def load_pair(
 
 
 def preprocess_image(image: np.ndarray, normalization: dict | None, *, size=None,
-                     scale: float | None = None) -> np.ndarray:
+                     scale: float | None = None, threads: int = 1) -> np.ndarray:
     """Resize (to ``size`` or by ``scale``) and normalise, in the order the method needs.
 
     Flat-field (and raw) images are resized first and normalised at model scale, where
     the stored window applies; the crop-invariance of the result rests on that. The older
     per-image percentile method normalises at the stored resolution first, as it always
     did, so runs trained with it predict exactly as before. Training tiles and prediction
-    frames both come through here.
+    frames both come through here. ``threads`` > 1 normalises a local method in row strips
+    side by side (:func:`map_row_strips`: the same values).
     """
     method = (normalization or DEFAULT_NORMALIZATION).get("method", "percentile")
     if size is None and scale is not None:
@@ -732,7 +733,12 @@ def preprocess_image(image: np.ndarray, normalization: dict | None, *, size=None
 
     if method == "percentile":
         return resize(apply_normalization(image, normalization))
-    return apply_normalization(resize(image), normalization)
+    x = resize(image)
+    reach = normalization_reach(normalization)
+    if threads <= 1 or reach is None:  # an unknown method: apply_normalization says so
+        return apply_normalization(x, normalization)
+    return map_row_strips(lambda rows: apply_normalization(rows, normalization), x, reach,
+                          threads)
 
 
 def load_pairs(

@@ -192,7 +192,7 @@ def preprocess_frame(image: np.ndarray, pre: dict, threads: int = 1) -> np.ndarr
     Percentile runs (older): resize to the stored-tile scale (area), normalise once for the
     whole frame, resize to model scale, as those runs were trained.
     ``threads`` > 1 normalises a local method in row strips side by side
-    (``microbead_io.map_row_strips``: the same values), for a frame that nothing else is
+    (``microbead_io.preprocess_image``: the same values), for a frame that nothing else is
     waiting on.
     """
     pixel_scale = float(pre["pixel_scale"])
@@ -200,10 +200,8 @@ def preprocess_frame(image: np.ndarray, pre: dict, threads: int = 1) -> np.ndarr
     norm = pre.get("normalization") or mio.DEFAULT_NORMALIZATION
     if norm.get("method", "percentile") != "percentile":
         # Local (crop-invariant) methods run at model scale, as on the training tiles.
-        size = None if math.isclose(scale, 1.0) else mio.scaled_shape(image.shape, scale)
-        x = image if size is None else mio.resize_image(image, size)
-        return mio.map_row_strips(lambda rows: mio.apply_normalization(rows, norm), x,
-                                  mio.normalization_reach(norm), threads)
+        return mio.preprocess_image(image, norm, scale=None if math.isclose(scale, 1.0)
+                                    else scale, threads=threads)
     x = image
     if not math.isclose(pixel_scale, 1.0):
         x = mio.resize_image(x, mio.scaled_shape(x.shape, pixel_scale))
