@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -454,6 +455,22 @@ def _merge_small_regions(ws: np.ndarray, min_area: float) -> np.ndarray:
     return lut[ws]
 
 
+class BeadComponents(NamedTuple):
+    """The 8-connected components :func:`label_beads_and_components` split, one entry each
+    (cv2 order): what the finisher needs to know the components of a filtered mask without
+    another pass over the frame (:func:`kept_component_areas`)."""
+
+    areas: np.ndarray  #: int64 pixel area of each component of the mask
+    boxes: np.ndarray  #: int ``(n, 4)`` bounding box ``x, y, w, h``
+    first_id: np.ndarray  #: int64 first bead id it became (ids ``first .. first + n - 1``)
+    n_ids: np.ndarray  #: int64 beads it became: 0 for noise dropped whole, 1 unsplit
+
+
+def _no_components() -> BeadComponents:
+    z = np.zeros(0, np.int64)
+    return BeadComponents(z, np.zeros((0, 4), np.int64), z, z)
+
+
 def label_beads(
     mask,
     *,
@@ -505,17 +522,36 @@ def label_beads(
     Cost is one connected-component pass over the frame plus a watershed per large
     component on its crop, so a 3840x2160 frame with thousands of beads takes about a second.
     """
+    return label_beads_and_components(
+        mask, median_area=median_area, prob=prob, min_area_fraction=min_area_fraction,
+        split_threshold=split_threshold, threads=threads)[0]
+
+
+def label_beads_and_components(
+    mask,
+    *,
+    median_area: float | None = None,
+    prob=None,
+    min_area_fraction: float = 0.25,
+    split_threshold: float = 1.5,
+    threads: int = 1,
+) -> tuple[np.ndarray, BeadComponents]:
+    """:func:`label_beads` (same arguments, same labels) and the mask's components it split
+    (:class:`BeadComponents`), from its one connected-component pass."""
     m = as_binary(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {m.shape}")
     out = np.zeros(m.shape, dtype=np.int32)
     if not m.any():
-        return out
+        return out, _no_components()
     n, lab, stats, areas, _ = _component_stats(m)
+    bbox = stats[1:, :4].astype(np.int64)
     if median_area is None or not math.isfinite(median_area) or median_area <= 0:
         median_area = estimate_bead_area(m)
     if median_area <= 0:
-        return lab  # no usable estimate: plain components (cv2 ids are already 1..n)
+        # No usable estimate: plain components (cv2 ids are already 1..n).
+        ones = np.ones(n, np.int64)
+        return lab, BeadComponents(areas, bbox, np.arange(1, n + 1, dtype=np.int64), ones)
     p = None
     if prob is not None:
         p = np.asarray(prob, dtype=np.float32)
@@ -554,7 +590,36 @@ def label_beads(
         view = out[sy, sx]
         sel = sub > 0
         view[sel] = sub[sel] + (first[k] - 1)
-    return out
+    return out, BeadComponents(areas, bbox, first.astype(np.int64), n_ids)
+
+
+def kept_component_areas(comps: BeadComponents, labels: np.ndarray,
+                         keep: np.ndarray) -> np.ndarray:
+    """Pixel areas (int64) of the 8-connected components of the mask of the kept beads.
+
+    ``labels`` and ``comps`` are :func:`label_beads_and_components`' output, ``keep`` one
+    bool per bead id ``1..N``. The result is :func:`component_areas` of
+    ``isin(labels, kept ids)`` as a multiset (components in another order): a component
+    whose beads are all kept keeps its area, one with none kept (or dropped as noise) is
+    gone, and only a component with some beads kept is labelled again, on its own box.
+    Different components never touch, so what is kept of one cannot join another. This
+    spares the finisher a connected-component pass over the filtered frame.
+    """
+    keep = np.asarray(keep, bool)
+    if comps.areas.size == 0:
+        return np.zeros(0, np.int64)
+    kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    start = np.maximum(comps.first_id - 1, 0)
+    n_kept = np.where(comps.n_ids > 0, kept_before[start + comps.n_ids] - kept_before[start], 0)
+    parts = [comps.areas[(comps.n_ids > 0) & (n_kept == comps.n_ids)]]
+    lut = np.concatenate([[False], keep])
+    for k in np.flatnonzero((n_kept > 0) & (n_kept < comps.n_ids)):
+        x, y, w, h = comps.boxes[k]
+        crop = labels[y:y + h, x:x + w]
+        first, last = comps.first_id[k], comps.first_id[k] + comps.n_ids[k]
+        sub = (crop >= first) & (crop < last) & lut[crop]
+        parts.append(component_areas(sub))
+    return np.concatenate(parts).astype(np.int64)
 
 
 def count_beads(mask, median_area: float | None = None) -> dict:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -250,25 +251,36 @@ def colour_at(rgb: np.ndarray | None, shape) -> np.ndarray | None:
     return rgb if rgb.shape[:2] == tuple(shape) else mio.resize_image(rgb, tuple(shape))
 
 
+class FilteredBeads(NamedTuple):
+    """:func:`filtered_beads`' result, at model scale."""
+
+    labels: np.ndarray  #: int32 bead ids 1..N after the object filter
+    mask: np.ndarray  #: uint8 {0, 1}: the threshold mask, less the rejected objects
+    rejected: int  #: objects the filter dropped
+    component_areas: np.ndarray  #: int64 areas of ``mask``'s 8-connected components
+
+
 def filtered_beads(prob_small: np.ndarray, post: dict, threshold: float,
                    image_small: np.ndarray | None = None, colour: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Model-scale bead labels after the object filter: ``(labels, mask, rejected)``.
+                   ) -> FilteredBeads:
+    """Model-scale bead labels after the object filter (:class:`FilteredBeads`).
 
     The split (``microbead_metrics.label_beads``) and the run's object filter, as
     :func:`finish_frame` and :func:`auto_scale_factor` both need them: the scale check and
     the ``--auto_scale`` decision judge the same objects the counts are made of.
-    ``colour`` is the native RGB frame (resized here), used only by a colour bound.
+    ``colour`` is the native RGB frame (resized here), used only by a colour bound. The
+    mask's component areas (the scale check's statistic) come from the split's own
+    component pass (``microbead_metrics.kept_component_areas``), not from another.
     """
     import microbead_metrics
 
     mask_small = microbead_metrics.above_threshold(prob_small, threshold).astype(np.uint8)
-    labels_small = microbead_metrics.label_beads(
+    labels_small, comps = microbead_metrics.label_beads_and_components(
         mask_small, median_area=float(post["median_bead_area_px"]), prob=prob_small,
         threads=SPLIT_THREADS)
     rule = post.get("object_filter")
     if not rule:
-        return labels_small, mask_small, 0
+        return FilteredBeads(labels_small, mask_small, 0, comps.areas)
     img = None if image_small is None else np.asarray(image_small, np.float32)
     if img is not None and img.ndim == 3:
         # One channel is its own mean (the same values, without a pass over the frame).
@@ -277,10 +289,11 @@ def filtered_beads(prob_small: np.ndarray, post: dict, threshold: float,
     feats = bead_filter.object_features(labels_small, prob_small, img, colour=rgb)
     keep = bead_filter.accepted(feats, rule)
     rejected = int((~keep & (feats["area_px"] > 0)).sum())
-    if rejected:
-        labels_small = bead_filter.apply_filter(labels_small, keep)
-        mask_small = (labels_small > 0).astype(np.uint8)
-    return labels_small, mask_small, rejected
+    if not rejected:
+        return FilteredBeads(labels_small, mask_small, 0, comps.areas)
+    areas = microbead_metrics.kept_component_areas(comps, labels_small, keep)
+    labels_small = bead_filter.apply_filter(labels_small, keep)
+    return FilteredBeads(labels_small, (labels_small > 0).astype(np.uint8), rejected, areas)
 
 
 def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
@@ -323,8 +336,8 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
     # area was measured (4x fewer pixels than a 2x-downscaled frame's native grid: splitting
     # dense frames at native scale cost more than the forward pass). The ids are then carried
     # to native resolution and clipped to the native mask's outline.
-    labels_small, mask_small, rejected = filtered_beads(prob_small, post, thr, image_small,
-                                                         colour)
+    labels_small, mask_small, rejected, areas = filtered_beads(prob_small, post, thr,
+                                                                image_small, colour)
     if native:
         # The split's labels are the label image: ids 1..N (label_beads, apply_filter), each
         # inside the mask, which is the (filtered) model-scale mask.
@@ -346,8 +359,7 @@ def finish_frame(prob_small: np.ndarray, native_shape, cfg: dict,
             lut = np.zeros(present.size, labels.dtype)
             lut[present] = np.arange(1, n + 1, dtype=labels.dtype)
             labels = lut[labels]
-    areas = microbead_metrics.component_areas(mask_small)
-    ratio = _area_ratio(areas, reference_bead_area(post))
+    ratio = bead_area_ratio(areas, reference_bead_area(post))
     # At scale 1 the native mask is the model-scale mask: its components are counted.
     n_comp = int(areas.size) if native else microbead_metrics.count_components(mask)
     fg = int(mask.sum())
@@ -370,21 +382,16 @@ def reference_bead_area(post: dict) -> float:
     return float(value) if value else float(post["median_bead_area_px"])
 
 
-def bead_area_ratio(mask_small: np.ndarray, median_area: float) -> float:
+def bead_area_ratio(component_areas: np.ndarray, median_area: float) -> float:
     """Median 8-connected component area of a model-scale mask / the training median area.
 
-    Components, not split beads: the split is itself guided by the training area, so it
-    would hide a scale error. On dense frames clumps pull the median up a little; single
-    beads still dominate the components. NaN with fewer than :data:`MIN_BEADS_FOR_SCALE`
-    components or no training area.
+    ``component_areas``: the mask's (``microbead_metrics.component_areas``; the finisher
+    has them from :func:`filtered_beads`). Components, not split beads: the split is itself
+    guided by the training area, so it would hide a scale error. On dense frames clumps
+    pull the median up a little; single beads still dominate the components. NaN with
+    fewer than :data:`MIN_BEADS_FOR_SCALE` components or no training area.
     """
-    import microbead_metrics
-
-    return _area_ratio(microbead_metrics.component_areas(mask_small), median_area)
-
-
-def _area_ratio(areas: np.ndarray, median_area: float) -> float:
-    """:func:`bead_area_ratio` from the component areas."""
+    areas = np.asarray(component_areas)
     if areas.size < MIN_BEADS_FOR_SCALE or not median_area > 0:
         return float("nan")
     return float(np.median(areas) / median_area)
@@ -417,8 +424,8 @@ def auto_scale_factor(prob_small: np.ndarray, cfg: dict, threshold: float | None
     """
     post = cfg["postprocessing"]
     thr = float(post["threshold"] if threshold is None else threshold)
-    _, mask_small, _ = filtered_beads(prob_small, post, thr, image_small, colour)
-    ratio = bead_area_ratio(mask_small, reference_bead_area(post))
+    areas = filtered_beads(prob_small, post, thr, image_small, colour).component_areas
+    ratio = bead_area_ratio(areas, reference_bead_area(post))
     if not scale_warning(ratio):
         return None
     return float(np.clip(ratio ** -0.5, *AUTO_SCALE_LIMITS))

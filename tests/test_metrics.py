@@ -334,6 +334,45 @@ def test_packed_split_equals_one_component_at_a_time():
     assert mm._split_components([], radius, min_area) == []
 
 
+def test_kept_component_areas_equal_a_component_pass_over_the_filtered_mask():
+    # The finisher takes the filtered mask's component areas from the split's own component
+    # pass: they must be the areas a fresh pass over the mask of the kept beads finds, also
+    # where only some beads of a clump are kept (what is left is labelled again).
+    import cv2
+
+    m, prob = _dense_touching_frame(seed=5)
+    m[3, 3] = m[3, 5] = 1  # specks below the noise size: dropped by the split
+    for args in ({"median_area": DISC_AREA, "prob": prob}, {"median_area": 0.0}):
+        labels, comps = mm.label_beads_and_components(m, **args)
+        np.testing.assert_array_equal(labels, mm.label_beads(m, **args))
+        assert sorted(comps.areas) == sorted(mm.component_areas(m))
+        n = int(labels.max())
+        partial = 0
+        for seed in range(6):
+            keep = np.random.default_rng(seed).random(n) < (0.5 if seed else 1.0)
+            kept = np.isin(labels, np.flatnonzero(keep) + 1).astype(np.uint8)
+            got = mm.kept_component_areas(comps, labels, keep)
+            assert sorted(got.tolist()) == sorted(mm.component_areas(kept).tolist())
+            counts = [int(keep[f - 1:f - 1 + k].sum()) for f, k in zip(comps.first_id,
+                                                                       comps.n_ids) if k]
+            partial += sum(0 < c < k for c, k in zip(counts, comps.n_ids[comps.n_ids > 0]))
+        if args["median_area"]:
+            assert partial >= 5  # clumps with some of their beads kept were relabelled
+            assert (comps.n_ids == 0).sum() >= 2  # and the specks dropped as noise
+    empty, none = mm.label_beads_and_components(np.zeros((4, 4)))
+    assert not empty.any() and mm.kept_component_areas(none, empty, np.zeros(0, bool)).size == 0
+    # An 8-connected clump whose kept beads touch only at a corner stays one component.
+    diag = np.zeros((9, 9), np.uint8)
+    diag[1:4, 1:4] = diag[4:7, 4:7] = 1
+    _, lab, _, _ = cv2.connectedComponentsWithStats(diag, connectivity=8)
+    comps = mm.BeadComponents(np.array([18]), np.array([[1, 1, 6, 6]]), np.array([1]),
+                              np.array([2]))
+    two = np.where(diag > 0, 1, 0)
+    two[4:7, 4:7] = 2
+    assert mm.kept_component_areas(comps, two, np.array([True, True])).tolist() == [18]
+    assert mm.kept_component_areas(comps, two, np.array([False, True])).tolist() == [9]
+
+
 def test_estimate_bead_area_rules():
     shape = (64, 64)
     singles = [disc(shape, 12, 12), disc(shape, 12, 40), disc(shape, 40, 12)]

@@ -8,6 +8,7 @@ import pytest
 
 import frame_outputs
 import microbead_io as mio
+import microbead_metrics
 import predict_microscope as pm
 import prediction
 import prediction_pipeline
@@ -406,8 +407,11 @@ def test_at_model_scale_one_the_label_image_is_the_filtered_split():
     cfg["postprocessing"]["object_filter"] = {"min_area_px": 150.0, "quantile": 0.01,
                                               "margin": 0.5, "n_matched": 14}
     res = prediction.finish_frame(prob, prob.shape, cfg)
-    labels, kept, rejected = prediction.filtered_beads(prob, cfg["postprocessing"], 0.5)
+    labels, kept, rejected, areas = prediction.filtered_beads(prob, cfg["postprocessing"], 0.5)
     assert rejected == 1 and res["rejected"] == 1
+    # The scale check's component areas are those of the filtered mask (smudge gone).
+    assert sorted(areas) == sorted(microbead_metrics.component_areas(kept))
+    assert res["n_components"] == areas.size == microbead_metrics.count_components(kept)
     np.testing.assert_array_equal(res["labels"], labels)
     np.testing.assert_array_equal(res["mask"], kept)
     ids = np.unique(res["labels"][res["labels"] > 0])
