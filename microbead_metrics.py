@@ -609,8 +609,8 @@ def kept_component_areas(comps: BeadComponents, labels: np.ndarray,
     if comps.areas.size == 0:
         return np.zeros(0, np.int64)
     kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-    start = np.maximum(comps.first_id - 1, 0)
-    n_kept = np.where(comps.n_ids > 0, kept_before[start + comps.n_ids] - kept_before[start], 0)
+    start = comps.first_id - 1  # ids first .. first + n_ids - 1 (none when n_ids is 0)
+    n_kept = kept_before[start + comps.n_ids] - kept_before[start]
     parts = [comps.areas[(comps.n_ids > 0) & (n_kept == comps.n_ids)]]
     lut = np.concatenate([[False], keep])
     for k in np.flatnonzero((n_kept > 0) & (n_kept < comps.n_ids)):

@@ -176,16 +176,17 @@ def calibrate_on_validation(prob, x_val, y_val, threshold: float, median_area: f
     (calibration dict, per-tile filtered labels). The dict has ``object_filter`` (or None),
     ``predicted_bead_area_px`` (None without objects) and ``validation`` counts.
     """
-    labels, feats, matched = [], [], []
+    labels, comps, feats, matched = [], [], [], []
     colours = [None] * len(x_val) if colour is None else colour
     for p, x, rgb in zip(prob, x_val, colours):
         p2 = np.asarray(p, np.float32)[..., 0]
-        lab = microbead_metrics.label_beads(
+        lab, comp = microbead_metrics.label_beads_and_components(
             microbead_metrics.above_threshold(p2, threshold).astype(np.uint8),
             median_area=median_area, prob=p2)
         img = np.asarray(x, np.float32).mean(axis=-1)
         f = bead_filter.object_features(lab, p2, img, colour=rgb)
         labels.append(lab)
+        comps.append(comp)
         feats.append(f)
     all_area = np.concatenate([f["area_px"] for f in feats]) if feats else np.zeros(0)
     radius = bead_filter.match_radius(float(np.median(all_area)) if all_area.size else
@@ -198,10 +199,11 @@ def calibrate_on_validation(prob, x_val, y_val, threshold: float, median_area: f
     conf = np.concatenate(matched) if matched else np.zeros(0, bool)
     rule = bead_filter.calibrate(cat, conf, quantile=quantile) if feats else None
     kept_labels, areas, keeps = [], [], []
-    for lab, f in zip(labels, feats):
+    for lab, comp, f in zip(labels, comps, feats):
         keeps.append(bead_filter.accepted(f, rule))
         kept_labels.append(bead_filter.apply_filter(lab, keeps[-1]))
-        areas.append(microbead_metrics.component_areas(kept_labels[-1] > 0))
+        # The statistic the predictor's scale check takes (prediction.filtered_beads).
+        areas.append(microbead_metrics.kept_component_areas(comp, lab, keeps[-1]))
     areas = np.concatenate(areas) if areas else np.zeros(0)
     keep = np.concatenate(keeps) if keeps else np.zeros(0, bool)
     return {
